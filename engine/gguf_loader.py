@@ -1,0 +1,195 @@
+"""Read llama.cpp gguf files: HF config, tokenizer and dequantized weights with HF names.
+
+Opening a gguf with ``gguf.GGUFReader`` takes ~2 s (it parses the whole vocabulary) and
+building the tokenizer with transformers takes ~5 s, so the first load writes a *sidecar*
+directory (config.json, generation_config.json, tokenizer files) under the pdserve cache,
+keyed by the file's name, size and mtime. Later loads read the sidecar and only open the
+gguf when the weights are iterated.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import transformers
+
+from engine.default_model import cache_dir
+
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
+_SIDECAR_VERSION = 1
+
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
+def hf_name(gguf_name: str) -> str:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    raise ValueError(f"unsupported gguf tensor {gguf_name!r}")
+
+
+class GGUFFile:
+    """One gguf checkpoint: metadata-derived config, tokenizer (via sidecar), weights."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = pathlib.Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"gguf file not found: {self.path}")
+
+    @functools.cached_property
+    def reader(self):
+        import gguf
+
+        return gguf.GGUFReader(self.path)
+
+    @property
+    def sidecar_dir(self) -> pathlib.Path:
+        st = self.path.stat()
+        key = f"{self.path.stem}-{st.st_size}-{st.st_mtime_ns}-v{_SIDECAR_VERSION}"
+        return cache_dir() / "gguf-sidecar" / key
+
+    def ensure_sidecar(self) -> pathlib.Path:
+        """The sidecar dir (an HF model dir without weights), building it on first use."""
+        final = self.sidecar_dir
+        if (final / "config.json").is_file():
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+        try:
+            config = self.build_config()
+            config.save_pretrained(tmp)
+            (tmp / "generation_config.json").write_text(
+                json.dumps({"eos_token_id": self.eos_token_ids()}, indent=2))
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(self.path.parent), gguf_file=self.path.name)
+            tokenizer.save_pretrained(tmp)
+            try:
+                os.replace(tmp, final)  # atomic; fails if another process got there first
+            except OSError:
+                if not (final / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    # --- metadata -------------------------------------------------------------------------
+
+    def field(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    @property
+    def arch(self) -> str:
+        arch = self.field("general.architecture")
+        if arch not in SUPPORTED_GGUF_ARCHS:
+            raise ValueError(f"{self.path}: unsupported gguf architecture {arch!r}; "
+                             f"supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
+        return arch
+
+    def tensor_names(self) -> set[str]:
+        return {t.name for t in self.reader.tensors}
+
+    def build_config(self) -> transformers.PretrainedConfig:
+        arch = self.arch
+        if "rope_freqs.weight" in self.tensor_names():
+            raise ValueError(f"{self.path}: per-dimension rope frequency factors (rope_freqs, "
+                             "llama3-style rope scaling in gguf) are not supported; load the HF "
+                             "checkpoint instead")
+
+        def meta(key, default=None):
+            return self.field(f"{arch}.{key}", default)
+
+        hidden = int(meta("embedding_length"))
+        heads = int(meta("attention.head_count"))
+        embd = next(t for t in self.reader.tensors if t.name == "token_embd.weight")
+        kwargs = dict(
+            vocab_size=int(embd.shape[-1]),  # gguf dims are reversed: [hidden, vocab]
+            hidden_size=hidden,
+            intermediate_size=int(meta("feed_forward_length")),
+            num_hidden_layers=int(meta("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(meta("attention.head_count_kv", heads)),
+            max_position_embeddings=int(meta("context_length")),
+            rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
+            rope_parameters=self._rope_parameters(meta),
+            tie_word_embeddings="output.weight" not in self.tensor_names(),
+            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
+            pad_token_id=self.field("tokenizer.ggml.padding_token_id"),
+        )
+        if arch == "llama":
+            return transformers.LlamaConfig(
+                head_dim=int(meta("attention.key_length", hidden // heads)),
+                architectures=["LlamaForCausalLM"], **kwargs)
+        return transformers.Qwen2Config(architectures=["Qwen2ForCausalLM"], **kwargs)
+
+    def _rope_parameters(self, meta) -> dict:
+        rope = {"rope_type": "default", "rope_theta": float(meta("rope.freq_base", 10000.0))}
+        kind = meta("rope.scaling.type", "none")
+        if kind == "linear":
+            rope.update(rope_type="linear", factor=float(meta("rope.scaling.factor")))
+        elif kind == "yarn":
+            rope.update(rope_type="yarn", factor=float(meta("rope.scaling.factor")),
+                        original_max_position_embeddings=int(
+                            meta("rope.scaling.original_context_length")))
+        elif kind != "none":
+            raise ValueError(f"{self.path}: unsupported rope scaling {kind!r}")
+        return rope
+
+    def eos_token_ids(self) -> list[int]:
+        ids = [self.field("tokenizer.ggml.eos_token_id"), self.field("tokenizer.ggml.eot_token_id")]
+        return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+    # --- weights --------------------------------------------------------------------------
+
+    def iter_weights(self, config: transformers.PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, fp32 CPU tensor) per gguf tensor, dequantized one at a time."""
+        from gguf.quants import dequantize
+
+        permute = self.arch == "llama"
+        for t in self.reader.tensors:
+            name = hf_name(t.name)
+            shape = tuple(int(d) for d in reversed(t.shape))
+            array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            if not array.flags.writeable:  # F32 tensors come back as read-only memmap views
+                array = array.copy()
+            tensor = torch.from_numpy(array.reshape(shape))
+            if permute and ".self_attn.q_proj." in name:
+                tensor = _unpermute(tensor, config.num_attention_heads)
+            elif permute and ".self_attn.k_proj." in name:
+                tensor = _unpermute(tensor, config.num_key_value_heads)
+            yield name, tensor
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation. Its converter reorders each head's rows from HF's
+    [first rotary half | second half] to interleaved pairs: reshape(n_head, 2, d/2).swapaxes(1, 2).
+    The inverse splits rows as (n_head, d/2, 2) and swaps back."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
