@@ -277,3 +277,106 @@ def test_gguf_sidecar_is_keyed_by_file_identity(tmp_path):
     path.write_bytes(b"GGUF and more")
     os.utime(path, ns=(0, 12345))
     assert len({before, touched, GGUFFile(path).sidecar_dir}) == 3
+
+
+# --- gguf files written from tiny HF models ---------------------------------------------------
+
+_TO_GGUF = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_name(name: str) -> str:
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return f"blk.{parts[2]}.{_TO_GGUF['.'.join(parts[3:-1])]}.{parts[-1]}"
+    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}[name]
+
+
+def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """What llama.cpp's converter does to llama Q/K rows (interleave the two rotary halves)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizer_fields(default_model_path):
+    import gguf
+
+    reader = gguf.GGUFReader(default_model_path)
+    return {k: (f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+            for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+
+def write_gguf(path, gguf_arch, model, qtype, tokenizer_fields):
+    import gguf
+
+    cfg = model.config
+    writer = gguf.GGUFWriter(path, gguf_arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    for key, (value, vtype, sub_type) in tokenizer_fields.items():
+        writer.add_key_value(key, value, vtype, sub_type)
+    for name, w in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if gguf_arch == "llama" and ".q_proj." in name:
+            w = llama_cpp_permute(w, cfg.num_attention_heads)
+        elif gguf_arch == "llama" and ".k_proj." in name:
+            w = llama_cpp_permute(w, cfg.num_key_value_heads)
+        array = w.numpy()
+        if w.dim() == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name(name), array)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gguf_name(name), array.astype("float16"))
+        else:
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("arch, gguf_arch, qtype", [
+    ("llama", "llama", "F32"),     # Q/K permutation with GQA (4 heads, 2 kv heads)
+    ("smollm2", "llama", "Q8_0"),  # tied embeddings, 4/4 heads, quantized
+    ("qwen2", "qwen2", "F16"),     # qkv biases, no permutation
+])
+def test_gguf_written_from_hf_model_round_trips(gguf_tokenizer_fields, default_tokenizer, tmp_path,
+                                                monkeypatch, arch, gguf_arch, qtype):
+    import gguf
+
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    model = build_tiny_model(arch)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    write_gguf(path, gguf_arch, model, gguf.GGMLQuantizationType[qtype], gguf_tokenizer_fields)
+
+    source = load_model_source(str(path))
+    assert source.name == f"tiny-{arch}"
+    assert source.config.model_type == model.config.model_type
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings"):
+        assert getattr(source.config, key) == getattr(model.config, key), key
+    assert source.eos_token_ids == [2]
+    assert source.tokenizer(SAMPLE).input_ids == default_tokenizer(SAMPLE).input_ids
+
+    got = dict(source.iter_weights())
+    expected = expected_state_dict(arch)
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == torch.float32
+        if tensor.dim() == 1 or qtype == "F32":
+            assert torch.equal(got[name], tensor), name
+        elif qtype == "F16":
+            assert torch.equal(got[name], tensor.half().float()), name
+        else:  # Q8_0: one fp16 scale per 32 values, error at most half a step
+            torch.testing.assert_close(got[name], tensor, rtol=0, atol=4e-3, msg=name)
