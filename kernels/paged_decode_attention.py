@@ -118,23 +118,23 @@ def _merge_splits_kernel(
     tl.store(out_ptr + seq * stride_o_s + head * stride_o_h + d, out.to(out_ptr.dtype.element_ty))
 
 
-_NUM_SMS: dict[int, int] = {}
+_SM_COUNT: dict[int, int] = {}
 
 
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: any small number exercises the split path
     idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _NUM_SMS:
-        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _NUM_SMS[idx]
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
 
 
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sm_count: int,
                       block_n: int = 64, min_split_tokens: int = 512, ctas_per_sm: int = 4) -> int:
     """Enough programs to keep every SM streaming, but no split shorter than min_split_tokens."""
     programs = num_seqs * num_kv_heads
-    want = math.ceil(ctas_per_sm * num_sms / programs)
+    want = math.ceil(ctas_per_sm * sm_count / programs)
     most = max(1, max_seq_len // max(min_split_tokens, block_n))
     return max(1, min(want, most))
 
@@ -174,7 +174,7 @@ def paged_decode_attention(
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, _num_sms(q.device), block_n)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device), block_n)
     split_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_seq_len, split_len)
     split = num_splits > 1

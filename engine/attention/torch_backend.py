@@ -41,7 +41,8 @@ class _StepPlan:
     write_slots: torch.Tensor  # [m] int64
     decode: _DecodeRows | None
     prefill: tuple[_PrefillRow, ...]
-    all_decode: bool  # every token of the step is a decode row, in row order
+    all_decode: bool  # every row is a decode row (token b is row b)
+    num_tokens: int  # real tokens of the step; q may have padding tokens after them
 
 
 def plan_step(md: AttentionMetadata) -> _StepPlan:
@@ -76,7 +77,7 @@ def plan_step(md: AttentionMetadata) -> _StepPlan:
             max_seq_len=max(md.seq_lens_cpu[b] for b in decode_rows),
         )
     all_decode = len(decode_rows) == md.num_seqs and starts[-1] == md.num_seqs
-    return _StepPlan(write_tokens, write_slots, decode, prefill, all_decode)
+    return _StepPlan(write_tokens, write_slots, decode, prefill, all_decode, starts[-1])
 
 
 def write_kv(
@@ -157,9 +158,10 @@ class TorchAttentionBackend(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache):
         plan = self._plan
         write_kv(k, v, k_cache, v_cache, plan)
-        if plan.all_decode:
+        if plan.all_decode and q.shape[0] == plan.num_tokens:
             return decode_attention(q, k_cache, v_cache, plan.decode, self.scale)
-        out = torch.empty_like(q)
+        # Padding tokens past the last row get zeros.
+        out = torch.empty_like(q) if q.shape[0] == plan.num_tokens else torch.zeros_like(q)
         if plan.decode is not None:
             dq = q[plan.decode.tokens]
             out[plan.decode.tokens] = decode_attention(dq, k_cache, v_cache, plan.decode, self.scale)
