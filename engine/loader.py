@@ -9,6 +9,7 @@ and the HF cache).
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 from collections.abc import Callable, Iterator
@@ -51,15 +52,17 @@ class ModelSource:
         return self.weights()
 
 
-def load_model_source(model: str | None = None, *, revision: str | None = None,
+def load_model_source(model: str | os.PathLike | None = None, *, revision: str | None = None,
                       trust_remote_code: bool = False) -> ModelSource:
+    """None: the default model; a directory; a .gguf file; or a Hub repo id (org/name)."""
     if model is None:
         return _load_gguf(default_model_path())
+    model = os.fspath(model)
     path = pathlib.Path(model).expanduser()
     if path.suffix == ".gguf":
         return _load_gguf(path)
     if path.is_dir():
-        return _load_hf_dir(path, path.name, trust_remote_code)
+        return _load_hf_dir(path, path.resolve().name, trust_remote_code)
     if path.exists():
         raise ValueError(f"{path} is neither a model directory nor a .gguf file")
     if not _REPO_ID.match(model):
@@ -160,8 +163,8 @@ def _download(repo_id: str, revision: str | None) -> pathlib.Path:
 # --- gguf ---------------------------------------------------------------------------------
 
 def _load_gguf(path: pathlib.Path) -> ModelSource:
-    gguf = GGUFFile(path)
-    sidecar = gguf.ensure_sidecar()
+    checkpoint = GGUFFile(path)
+    sidecar = checkpoint.ensure_sidecar()
     config = transformers.AutoConfig.from_pretrained(sidecar)
     tokenizer = transformers.AutoTokenizer.from_pretrained(sidecar)
     gen = _read_json(sidecar / "generation_config.json")
@@ -171,5 +174,5 @@ def _load_gguf(path: pathlib.Path) -> ModelSource:
         tokenizer=tokenizer,
         eos_token_ids=_eos_token_ids(gen, config, tokenizer),
         generation_defaults={},
-        weights=lambda: gguf.iter_weights(config),
+        weights=lambda: checkpoint.iter_weights(config),
     )

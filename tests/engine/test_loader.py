@@ -77,7 +77,7 @@ def test_stored_dtype_is_kept(make_tiny_model):
 
 
 def test_weights_are_lazy_and_reiterable(make_tiny_model):
-    source = load_model_source(str(make_tiny_model("llama")))
+    source = load_model_source(make_tiny_model("llama"))  # a Path works as well as a str
     first = next(source.iter_weights())
     again = next(source.iter_weights())
     assert first[0] == again[0] and torch.equal(first[1], again[1])
