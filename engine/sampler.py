@@ -45,6 +45,7 @@ class RowSpec:
     output_token_ids: Sequence[int]
     eos_token_ids: Sequence[int] = ()
     generator: torch.Generator | None = None  # None: made from params.seed and the step
+    index: int = 0  # which of the request's n completions (separates their seeded streams)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def _min_tokens_mask(rows: list[RowSpec], vocab_size: int):
 def _row_generator(row: RowSpec, device) -> torch.Generator | None:
     if row.generator is not None or row.params.seed is None:
         return row.generator
-    return make_generator(row.params.seed, len(row.output_token_ids), device)
+    return make_generator(row.params.seed, len(row.output_token_ids), device, row.index)
 
 
 class Sampler:
@@ -261,17 +262,28 @@ def _apply_penalties(x: Tensor, meta: SamplingMetadata) -> Tensor:
 def _apply_top_k_top_p(x: Tensor, top_k: Tensor | None, top_p: Tensor | None) -> Tensor:
     """Masks to -inf what falls outside each row's top_k (0 = off) and top_p nucleus."""
     vocab = x.shape[1]
+    if top_p is None:
+        return _apply_top_k_only(x, top_k)
     sorted_x, order = x.sort(dim=-1)  # ascending
     if top_k is not None:
         k = torch.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
         kth = sorted_x.gather(1, (vocab - k).unsqueeze(1))
         sorted_x = sorted_x.masked_fill(sorted_x < kth, _NEG_INF)
-    if top_p is not None:
-        cumulative = sorted_x.softmax(dim=-1).cumsum(dim=-1)
-        drop = cumulative <= (1.0 - top_p).unsqueeze(1)
-        drop[:, -1] = False  # the most likely token always stays
-        sorted_x = sorted_x.masked_fill(drop, _NEG_INF)
+    cumulative = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1.0 - top_p).unsqueeze(1)
+    drop[:, -1] = False  # the most likely token always stays
+    sorted_x = sorted_x.masked_fill(drop, _NEG_INF)
     return torch.empty_like(x).scatter_(1, order, sorted_x)
+
+
+def _apply_top_k_only(x: Tensor, top_k: Tensor) -> Tensor:
+    """top_k without a full sort: one topk() of the largest k in the batch."""
+    vocab = x.shape[1]
+    on = (top_k > 0) & (top_k < vocab)
+    k = torch.where(on, top_k, 1)
+    kth = x.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    kth = torch.where(on.unsqueeze(1), kth, _NEG_INF)
+    return x.masked_fill(x < kth, _NEG_INF)
 
 
 def _exponential(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:

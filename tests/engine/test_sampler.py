@@ -55,6 +55,12 @@ def test_seeded_stream_follows_seed_and_step():
     assert torch.equal(torch.rand(8, generator=g1), torch.rand(8, generator=g2))
     assert not torch.equal(torch.rand(8, generator=make_generator(5, 3, "cpu", index=1)),
                            torch.rand(8, generator=make_generator(5, 3, "cpu")))
+    # The n completions of one seeded request differ from each other.
+    p = SamplingParams(seed=123)
+    siblings = [RowSpec(p, [1], [], [0], index=i) for i in range(4)]
+    meta = SamplingMetadata.build(siblings, 1000, "cpu")
+    tokens = Sampler()(torch.zeros(4, 1000), meta).sampled_token_ids.tolist()
+    assert tokens[0] == steps[0] and len(set(tokens)) == 4
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -123,12 +129,14 @@ def test_truncation_restricts_the_support(params, support):
     assert torch.allclose(freqs[kept], expected, atol=0.015), freqs
 
 
-def test_truncation_is_per_row():
+@pytest.mark.parametrize("top_p", [1.0, 0.99])  # top_k alone, or sorted with top_p
+def test_truncation_is_per_row(top_p):
     n = 4000
-    params = [SamplingParams(top_k=1 + i % 3) for i in range(n)]
+    params = [SamplingParams(top_k=i % 4, top_p=top_p) for i in range(n)]  # 0 = off
     tokens = sample(PROBS.log().repeat(n, 1), rows_of(*params)).sampled_token_ids
     for k in (1, 2, 3):
-        assert set(tokens[k - 1::3].tolist()) == set(range(k))
+        assert set(tokens[k::4].tolist()) == set(range(k))
+    assert set(tokens[0::4].tolist()) == set(range(len(PROBS)))
 
 
 def test_penalties_hand_computed():
