@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -80,6 +81,8 @@ class GGUFFile:
         if (final / "config.json").is_file():
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
+        print(f"pdserve: reading config and tokenizer from {self.path.name} (first use only; "
+              f"cached in {final}) ...", file=sys.stderr, flush=True)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
         try:
             config = self.build_config()

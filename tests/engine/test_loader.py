@@ -219,6 +219,7 @@ def transformers_gguf_model(default_model_path):
         default_model_path.parent, gguf_file=default_model_path.name, dtype=torch.float32)
 
 
+@pytest.mark.slow  # transformers' gguf import takes ~15 s
 def test_default_gguf_config(default_source, transformers_gguf_model):
     ours, ref = default_source.config, transformers_gguf_model.config
     assert default_source.name == "SmolLM2-135M-Instruct.Q4_1"
@@ -235,6 +236,7 @@ def test_default_gguf_config(default_source, transformers_gguf_model):
     assert default_source.generation_defaults == {}
 
 
+@pytest.mark.slow  # transformers' gguf import takes ~15 s
 def test_default_gguf_weights_match_transformers(default_source, transformers_gguf_model):
     ref = transformers_gguf_model.state_dict()
     ref.pop("lm_head.weight")  # tied to the embedding; we do not yield it
@@ -347,6 +349,7 @@ def write_gguf(path, gguf_arch, model, qtype, tokenizer_fields):
     writer.close()
 
 
+@pytest.mark.slow  # builds a gguf tokenizer each (~5 s)
 @pytest.mark.parametrize("arch, gguf_arch, qtype", [
     ("llama", "llama", "F32"),     # Q/K permutation with GQA (4 heads, 2 kv heads)
     ("smollm2", "llama", "Q8_0"),  # tied embeddings, 4/4 heads, quantized
