@@ -1,7 +1,7 @@
 """Reference attention backend in plain torch (CPU and GPU).
 
 Decode rows (q_len 1) of a step are done together: one gather of their blocks
-`k_cache[block_tables]` and a masked batched attention. Rows with more than one query token
+(`k_cache[block_tables]`, into a buffer kept across layers) and a masked batched attention. Rows with more than one query token
 (prefill chunks) are done one by one with `scaled_dot_product_attention` and a causal mask
 shifted by the part of the context already cached.
 
@@ -10,6 +10,7 @@ HF transformers' eager attention does.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,33 @@ from engine.attention.base import AttentionBackend, AttentionMetadata
 
 @dataclass(frozen=True)
 class _DecodeRows:
-    rows: torch.Tensor  # [n] int64; row ids with q_len 1
-    tokens: torch.Tensor  # [n] int64; their token index in q
+    tokens: torch.Tensor  # [n] int64; token index in q of each row with q_len 1
     block_tables: torch.Tensor  # [n, max_blocks] int32
     seq_lens: torch.Tensor  # [n] int64
     max_seq_len: int
+
+
+@dataclass(frozen=True)
+class _DecodeGather:
+    """Where a step's decode rows read the cache; built at the first layer, used by all."""
+
+    blocks: torch.Tensor  # [n * num_blocks] int64; padding columns point at the row's first block
+    past_end: torch.Tensor  # [t] int64; flat gathered positions past each row's end
+    masked: torch.Tensor  # [1, n, 1, ctx] bool; positions past each row's end
+    num_blocks: int  # blocks per row; ctx = num_blocks * block_size
+
+
+def _decode_gather(rows: _DecodeRows, block_size: int) -> _DecodeGather:
+    n = rows.seq_lens.shape[0]
+    num_blocks = -(-rows.max_seq_len // block_size)
+    ctx = num_blocks * block_size
+    table = rows.block_tables[:, :num_blocks].long()
+    used = torch.arange(num_blocks, device=table.device)[None, :] * block_size < rows.seq_lens[:, None]
+    table = torch.where(used, table, table[:, :1])
+    pos = torch.arange(ctx, device=table.device)
+    masked = pos[None, :] >= rows.seq_lens[:, None]  # [n, ctx]
+    past_end = masked.flatten().nonzero().squeeze(1)
+    return _DecodeGather(table.flatten(), past_end, masked.view(1, n, 1, ctx), num_blocks)
 
 
 @dataclass(frozen=True)
@@ -70,7 +93,6 @@ def plan_step(md: AttentionMetadata) -> _StepPlan:
         rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
         tokens = torch.tensor([starts[b] for b in decode_rows], dtype=torch.long, device=device)
         decode = _DecodeRows(
-            rows=rows,
             tokens=tokens,
             block_tables=md.block_tables[rows],
             seq_lens=md.seq_lens[rows].long(),
@@ -97,27 +119,34 @@ def decode_attention(
     q: torch.Tensor,  # [n, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    rows: _DecodeRows,
+    gather: _DecodeGather,
     scale: float,
+    k_buf: torch.Tensor,  # [n * gather.num_blocks, block_size, num_kv_heads, head_dim] scratch
+    v_buf: torch.Tensor,  # same
 ) -> torch.Tensor:  # [n, num_heads, head_dim]
     n, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    num_blocks = -(-rows.max_seq_len // block_size)
-    table = rows.block_tables[:, :num_blocks].long()
-    ctx = num_blocks * block_size
-    # [n, ctx, kv, d] -> [n, kv, d, ctx] / [n, kv, ctx, d]
-    k = k_cache[table].view(n, ctx, num_kv_heads, head_dim).permute(0, 2, 3, 1)
-    pos = torch.arange(ctx, device=q.device)
-    masked = pos[None, :] >= rows.seq_lens[:, None]  # [n, ctx]
-    # Slots past the end hold whatever the cache held (maybe NaN): zero them so 0 * v stays 0.
-    v = v_cache[table].view(n, ctx, num_kv_heads, head_dim).masked_fill_(masked[:, :, None, None], 0)
-    v = v.transpose(1, 2)
+    torch.index_select(k_cache, 0, gather.blocks, out=k_buf)
+    torch.index_select(v_cache, 0, gather.blocks, out=v_buf)
+    # Slots past a row's end may hold anything (NaN in an unwritten slot): zero them in V so that
+    # 0 * v stays 0; in K the mask below overwrites whatever score they give.
+    v_buf.view(-1, num_kv_heads, head_dim).index_fill_(0, gather.past_end, 0)
+    k = k_buf.view(n, -1, num_kv_heads, head_dim)  # [n, ctx, kv, d]
+    v = v_buf.view(n, -1, num_kv_heads, head_dim)
+    ctx = k.shape[1]
     qg = q.reshape(n, num_kv_heads, group, head_dim).to(k.dtype)
-    scores = torch.matmul(qg, k) * scale  # [n, kv, group, ctx]
-    scores = scores.masked_fill(masked.view(n, 1, 1, ctx), float("-inf"))
+    # kv-head-major scores so that each head's slice is contiguous: one bmm per kv head on
+    # strided views of the gathered K/V, written in place (no copy of K/V, no stack).
+    scores = torch.empty(num_kv_heads, n, group, ctx, dtype=k.dtype, device=k.device)
+    for h in range(num_kv_heads):
+        torch.baddbmm(scores[h], qg[:, h], k[:, :, h].transpose(1, 2), beta=0, alpha=scale, out=scores[h])
+    scores.masked_fill_(gather.masked, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(probs, v).view(n, num_heads, head_dim).to(q.dtype)
+    out = torch.empty(n, num_kv_heads, group, head_dim, dtype=v.dtype, device=v.device)
+    for h in range(num_kv_heads):
+        out[:, h] = torch.bmm(probs[h], v[:, :, h])
+    return out.view(n, num_heads, head_dim).to(q.dtype)
 
 
 def prefill_row_attention(
@@ -151,20 +180,41 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        self._scratch: dict[tuple, torch.Tensor] = {}  # gather buffers, reused across layers/steps
+
     def plan(self, metadata: AttentionMetadata) -> None:
         super().plan(metadata)
         self._plan = plan_step(metadata)
+        self._gather: _DecodeGather | None = None
+
+    def _buffer(self, which: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        # Fresh large CPU allocations are page-faulted in on every use; a kept buffer is not.
+        key = (which, like.dtype, like.device)
+        numel = math.prod(shape)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._scratch[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
+
+    def _decode(self, q, k_cache, v_cache):
+        if self._gather is None:
+            self._gather = _decode_gather(self._plan.decode, k_cache.shape[1])
+        shape = (self._gather.blocks.shape[0], *k_cache.shape[1:])
+        k_buf = self._buffer("k", shape, k_cache)
+        v_buf = self._buffer("v", shape, v_cache)
+        return decode_attention(q, k_cache, v_cache, self._gather, self.scale, k_buf, v_buf)
 
     def forward(self, q, k, v, k_cache, v_cache):
         plan = self._plan
         write_kv(k, v, k_cache, v_cache, plan)
         if plan.all_decode and q.shape[0] == plan.num_tokens:
-            return decode_attention(q, k_cache, v_cache, plan.decode, self.scale)
+            return self._decode(q, k_cache, v_cache)
         # Padding tokens past the last row get zeros.
         out = torch.empty_like(q) if q.shape[0] == plan.num_tokens else torch.zeros_like(q)
         if plan.decode is not None:
-            dq = q[plan.decode.tokens]
-            out[plan.decode.tokens] = decode_attention(dq, k_cache, v_cache, plan.decode, self.scale)
+            out[plan.decode.tokens] = self._decode(q[plan.decode.tokens], k_cache, v_cache)
         table = self.metadata.block_tables
         for row in plan.prefill:
             sl = slice(row.start, row.start + row.q_len)
