@@ -39,6 +39,7 @@ class Request:
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
+    client_id: str = ""  # the id the caller used; an n > 1 request has several Requests under it
     # Set when this is sample i > 0 of an n > 1 request: waits for its parent's prompt, then forks.
     parent: "Request | None" = None
     sample_index: int = 0

@@ -1,0 +1,138 @@
+"""Offline API in vLLM's shape: `LLM(model=...).generate(prompts, SamplingParams(...))`."""
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
+from engine.outputs import CompletionOutput, RequestOutput, StepOutput
+from engine.sampling_params import SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+class LLM:
+    """Generates completions for batches of prompts in one process (role `both`)."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        kwargs.setdefault("role", "both")
+        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Text prompts, token-id prompts (`list[int]` or `{"prompt_token_ids": [...]}`), or a list
+        of either. One SamplingParams for all, or one per prompt."""
+        prompts = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompts))
+        ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            request_id = str(next(self._ids))
+            text, token_ids = _split_prompt(prompt)
+            self.engine.add_request(request_id, text, p, prompt_token_ids=token_ids,
+                                    priority=priority[i] if priority else 0)
+            ids.append(request_id)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: str | None = None) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, chat_template)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None) -> list[int]:
+        if not messages:
+            raise ValueError("messages is empty")
+        tok = self.engine.tokenizer
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                       chat_template=chat_template)
+        return tok.encode(text, add_special_tokens=False)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        pending = set(ids)
+        bar = _progress(len(ids)) if use_tqdm and len(ids) >= 32 else None
+        try:
+            while pending:
+                for out in self.engine.step():
+                    if self._collect(results, out) and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        if bar is not None:
+                            bar.update(1)
+                if not self.engine.has_unfinished_requests() and pending:
+                    raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
+        finally:
+            if bar is not None:
+                bar.close()
+            for request_id in pending:
+                self.engine.abort_request(request_id)
+        return [results[i] for i in ids]
+
+    def _collect(self, results: dict[str, RequestOutput], out: StepOutput) -> bool:
+        """Folds one step output into the request's result; True once all its sequences finished."""
+        res = results.get(out.request_id)
+        if res is None:
+            req = self.engine._groups.get(out.request_id)
+            n = len(req) if req else 1
+            first = req[0] if req else None
+            res = results[out.request_id] = RequestOutput(
+                request_id=out.request_id, prompt=first.prompt if first else None,
+                prompt_token_ids=list(first.prompt_token_ids) if first else [],
+                outputs=[CompletionOutput(i, "", [], None, None) for i in range(n)],
+                num_cached_tokens=out.num_cached_tokens)
+        comp = res.outputs[out.index]
+        comp.text += out.text_delta
+        comp.token_ids.extend(out.new_token_ids)
+        if out.new_logprobs is not None:
+            comp.logprobs = (comp.logprobs or []) + out.new_logprobs
+            comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + sum(
+                lp[t] for lp, t in zip(out.new_logprobs, out.new_token_ids))
+        if out.finished:
+            comp.finish_reason, comp.stop_reason = out.finish_reason, out.stop_reason
+        res.finished = all(c.finish_reason is not None for c in res.outputs)
+        return res.finished
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Processed prompts", unit="req")
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):  # a single token-id prompt
+        return [prompts]
+    return prompts
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+    return params
+
+
+def _split_prompt(prompt) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        return prompt["prompt"], None
+    return None, list(prompt)

@@ -1,0 +1,365 @@
+"""The engine: add requests, `step()` them forward, get per-step outputs.
+
+One engine serves three roles:
+- `both`: prompts and generation in one process (the offline `LLM` API, single-node serving);
+- `prefill`: runs the prompt, samples the first token, then keeps the request's KV blocks until
+  `export_kv()` hands them out (or `release()` drops them);
+- `decode`: `import_request()` takes a request's KV plus its first token and continues decoding.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import (CacheConfig, EngineArgs, ModelShape, SchedulerConfig, resolve_device,
+                           resolve_dtype)
+from engine.detokenizer import IncrementalDetokenizer
+from engine.loader import ModelSource, load_model_source
+from engine.model_runner import ModelRunner
+from engine.models import get_model_class
+from engine.outputs import StepOutput
+from engine.request import FinishReason, Request, RequestStatus
+from engine.sampler import RowSpec, SamplerOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, Scheduler
+
+logger = logging.getLogger("pdserve.engine")
+
+
+@dataclass(frozen=True)
+class KVExport:
+    """A prefilled request's KV, ready to move to a decode node."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    first_token_id: int
+    num_tokens: int  # tokens whose KV is in the blocks (= prompt length)
+    k: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    v: torch.Tensor
+
+
+def model_shape(config, max_model_len: int) -> ModelShape:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return ModelShape(
+        num_layers=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        max_position_embeddings=max_model_len,
+    )
+
+
+def resolve_max_model_len(config, requested: int | None) -> int:
+    limit = config.max_position_embeddings
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "mistral" and window:
+        limit = min(limit, window)  # sliding-window attention is not implemented: stay inside it
+    if requested is None:
+        return limit
+    if requested > limit:
+        raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} tokens")
+    return requested
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs, source: ModelSource | None = None):
+        self.args = args
+        self.source = source or load_model_source(args.model)
+        self.tokenizer = self.source.tokenizer
+        self.model_name = args.served_model_name or self.source.name
+        config = self.source.config
+        self.device = resolve_device(args.device)
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.max_model_len = resolve_max_model_len(config, args.max_model_len)
+        self.shape = model_shape(config, self.max_model_len)
+        self.eos_token_ids = tuple(self.source.eos_token_ids)
+        self.role = args.role
+        torch.manual_seed(args.seed)
+
+        model = self._build_model(config)
+        num_blocks = self._num_blocks()
+        batched = args.max_num_batched_tokens or (max(2048, args.max_num_seqs) if args.enable_chunked_prefill
+                                                  else self.max_model_len)
+        self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+        self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, self.max_model_len,
+                                                args.enable_chunked_prefill)
+        self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        backend = args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
+        self.runner = ModelRunner(model, self.shape, num_blocks, args.block_size, self.device, self.dtype, backend)
+        self._requests: dict[str, Request] = {}  # internal id -> request
+        self._groups: dict[str, list[Request]] = {}  # client request id -> its n sequences
+        self._prefilled: dict[str, Request] = {}  # prefill role: done, KV held until exported
+        self._ids = itertools.count()
+        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "aborts": 0, "finished": 0}
+
+    # ---- construction ------------------------------------------------------------------------
+    def _build_model(self, config) -> torch.nn.Module:
+        cls = get_model_class(config.model_type)
+        with torch.device(self.device):
+            model = cls(config, max_positions=self.max_model_len)
+        model.load_weights(self.source.iter_weights())
+        return model.to(dtype=self.dtype).eval()
+
+    def _num_blocks(self) -> int:
+        args = self.args
+        per_block = self.shape.kv_bytes_per_token(self.dtype) * args.block_size
+        useful = args.max_num_seqs * -(-self.max_model_len // args.block_size) + 1
+        if args.num_gpu_blocks is not None:
+            return args.num_gpu_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - args.gpu_memory_utilization) * total
+            # Leave room for activations of one full batch of tokens.
+            budget -= 64 * 2**20 + 4 * 2048 * self.shape.vocab_size * 4
+        else:
+            budget = args.cpu_kv_cache_gb * 2**30
+        num = int(budget // per_block)
+        if num < 2 + -(-self.max_model_len // args.block_size) // 4:
+            raise ValueError(
+                f"not enough memory for the KV cache: {budget / 2**30:.2f} GiB left fits {max(num, 0)} blocks of "
+                f"{per_block / 2**20:.2f} MiB; raise gpu_memory_utilization / cpu_kv_cache_gb or lower max_model_len")
+        return min(num, useful)
+
+    # ---- requests ------------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
+                    prompt_token_ids: list[int] | None = None, priority: int = 0) -> None:
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError("the prompt is empty")
+            prompt_token_ids = self.tokenize(prompt)
+        prompt_token_ids = self._check_prompt(prompt_token_ids)
+        max_tokens = params.verify(self.shape.vocab_size, self.max_model_len, len(prompt_token_ids))
+        parent = None
+        group = []
+        for index in range(params.n):
+            req = Request(f"{request_id}\x00{next(self._ids)}", list(prompt_token_ids), params, max_tokens,
+                          eos_token_ids=self.eos_token_ids, priority=priority, prompt=prompt,
+                          parent=parent, sample_index=index)
+            req.client_id = request_id
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
+            parent = parent or req
+            group.append(req)
+        self._groups[request_id] = group
+        for req in group:
+            self._requests[req.request_id] = req
+            self.scheduler.add_request(req)
+
+    def _check_prompt(self, ids) -> list[int]:
+        if len(ids) == 0:
+            raise ValueError("the prompt is empty")
+        vocab = self.shape.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {t!r}")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
+                             f"(prompt plus at least one new token must fit)")
+        return list(ids)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Aborts every sequence of a request; returns False if it is unknown or finished."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return self.release(request_id)
+        for req in group:
+            self._requests.pop(req.request_id, None)
+            if not req.is_finished:
+                self.scheduler.finish(req, FinishReason.ABORTED)
+        self.stats["aborts"] += 1
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ---- the step loop ---------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        sampled = [c for c in out.chunks if c.sample]
+        result = self.runner.execute(out, [self._row_spec(c.request) for c in sampled])
+        for chunk in out.chunks:
+            self.scheduler.advance(chunk)
+        return self._process_samples(sampled, result)
+
+    @staticmethod
+    def _row_spec(req: Request) -> RowSpec:
+        return RowSpec(req.sampling_params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids,
+                       index=req.sample_index)
+
+    def _process_samples(self, chunks: list[ScheduledChunk], result: SamplerOutput | None) -> list[StepOutput]:
+        if result is None:
+            return []
+        token_ids = result.sampled_token_ids.tolist()
+        outputs = []
+        for i, chunk in enumerate(chunks):
+            req = chunk.request
+            if req.is_finished:  # aborted meanwhile
+                continue
+            logprobs = self._logprobs(result, i, token_ids[i]) if req.sampling_params.logprobs is not None else None
+            outputs.append(self._append_token(req, token_ids[i], logprobs))
+        return outputs
+
+    @staticmethod
+    def _logprobs(result: SamplerOutput, row: int, token_id: int) -> dict[int, float]:
+        entry = {token_id: float(result.logprobs[row])}
+        if result.top_logprob_ids is not None:
+            for t, lp in zip(result.top_logprob_ids[row].tolist(), result.top_logprobs[row].tolist()):
+                entry.setdefault(t, lp)
+        return entry
+
+    def _append_token(self, req: Request, token_id: int, logprobs: dict[int, float] | None) -> StepOutput:
+        now = time.monotonic()
+        req.first_token_time = req.first_token_time or now
+        req.output_token_ids.append(token_id)
+        self.stats["generation_tokens"] += 1
+        if req.num_output_tokens == 1:
+            self.stats["prompt_tokens"] += req.num_prompt_tokens
+        if logprobs is not None:
+            req.logprobs = (req.logprobs or []) + [logprobs]
+            req.cumulative_logprob += logprobs[token_id]
+        reason = self._check_stop(req, token_id)
+        if reason is None and self.role == "prefill":
+            reason = FinishReason.PREFILLED
+        if reason is not None:
+            self._finish(req, reason)
+        return StepOutput(
+            request_id=req.client_id, index=req.sample_index, new_token_ids=[token_id],
+            text_delta=req.detokenizer.get_delta(finished=reason is not None),
+            finished=reason is not None, finish_reason=reason.value if reason else None,
+            stop_reason=req.stop_reason, new_logprobs=[logprobs] if logprobs is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0))
+
+    def _check_stop(self, req: Request, token_id: int) -> FinishReason | None:
+        params = req.sampling_params
+        min_reached = req.num_output_tokens > params.min_tokens
+        if min_reached and params.stop_token_ids and token_id in params.stop_token_ids:
+            req.stop_reason = token_id
+            if params.include_stop_str_in_output:
+                req.detokenizer.append(token_id)
+            return FinishReason.STOP
+        if min_reached and not params.ignore_eos and token_id in req.eos_token_ids:
+            return FinishReason.EOS
+        stop = req.detokenizer.append(token_id)
+        if min_reached and stop is not None:
+            req.stop_reason = stop
+            return FinishReason.STOP
+        if req.num_output_tokens >= req.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        keep = reason == FinishReason.PREFILLED
+        self.scheduler.finish(req, reason, free_blocks=not keep)
+        self.stats["finished"] += 1
+        if keep:
+            self._prefilled[req.client_id] = req
+        group = self._groups.get(req.client_id)
+        if group is not None and all(r.is_finished for r in group):
+            del self._groups[req.client_id]
+            for r in group:
+                self._requests.pop(r.request_id, None)
+
+    # ---- prefill role: export ---------------------------------------------------------------------
+    def export_kv(self, request_id: str) -> KVExport:
+        """The KV blocks of a prefilled request; the blocks are freed once read."""
+        req = self._prefilled.pop(request_id, None)
+        if req is None:
+            raise KeyError(f"no prefilled request {request_id!r}")
+        try:
+            n = req.num_prompt_tokens
+            blocks = req.block_table[: self.block_manager.blocks_needed(n)]
+            k, v = self.runner.read_blocks(blocks)
+            return KVExport(request_id, req.prompt_token_ids, req.output_token_ids[0], n, k, v)
+        finally:
+            self.scheduler.free_blocks(req)
+
+    def release(self, request_id: str) -> bool:
+        """Drops a prefilled request's KV without exporting it."""
+        req = self._prefilled.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.free_blocks(req)
+        return True
+
+    # ---- decode role: import ---------------------------------------------------------------------
+    def import_request(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
+                       params: SamplingParams, k: torch.Tensor, v: torch.Tensor, priority: int = 0,
+                       block_ids: list[int] | None = None) -> None:
+        """Adds a request whose prompt KV was computed elsewhere; decoding continues from its
+        first token. `block_ids` are blocks reserved earlier with `reserve_blocks` (else allocated
+        here)."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n != 1:
+            raise ValueError("imported requests carry one sequence (n == 1)")
+        prompt_token_ids = self._check_prompt(prompt_token_ids)
+        max_tokens = params.verify(self.shape.vocab_size, self.max_model_len, len(prompt_token_ids))
+        n = len(prompt_token_ids)
+        need = self.block_manager.blocks_needed(n)
+        if block_ids is None:
+            block_ids = self.reserve_blocks(n)
+            if block_ids is None:
+                raise MemoryError(f"no room for {need} KV blocks ({self.block_manager.num_free_blocks} free)")
+        if len(block_ids) != need:
+            raise ValueError(f"{n} tokens need {need} blocks, got {len(block_ids)}")
+        try:
+            self.runner.write_blocks(block_ids, k, v)
+        except Exception:
+            self.block_manager.free(block_ids)
+            raise
+        req = Request(f"{request_id}\x00{next(self._ids)}", list(prompt_token_ids), params, max_tokens,
+                      eos_token_ids=self.eos_token_ids, priority=priority)
+        req.client_id = request_id
+        req.block_table = list(block_ids)
+        req.num_computed_tokens = n
+        req.num_cached_tokens = 0
+        req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
+        req.output_token_ids.append(first_token_id)
+        req.detokenizer.append(first_token_id)
+        req.detokenizer.get_delta()  # the first token's text was streamed by the prefill side
+        self._groups[request_id] = [req]
+        self._requests[req.request_id] = req
+        self.scheduler.add_running(req)
+
+    def reserve_blocks(self, num_tokens: int) -> list[int] | None:
+        need = self.block_manager.blocks_needed(num_tokens)
+        if not self.block_manager.can_allocate(need):
+            return None
+        return self.block_manager.allocate(need)
+
+    def free_reserved(self, block_ids: list[int]) -> None:
+        self.block_manager.free(block_ids)
+
+    # ---- introspection -----------------------------------------------------------------------------
+    def load(self) -> dict:
+        bm = self.block_manager
+        return {
+            "num_waiting": len(self.scheduler.waiting), "num_running": len(self.scheduler.running),
+            "free_blocks": bm.num_free_blocks, "total_blocks": bm.num_total_blocks,
+            "num_prefilled_held": len(self._prefilled),
+            "queued_prompt_tokens": sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting),
+        }
+
+    def request_ids(self) -> set[str]:
+        return set(self._groups) | set(self._prefilled)
+
+    def check_invariants(self) -> None:
+        self.scheduler.check_invariants()

@@ -1,0 +1,45 @@
+"""What the engine hands back: per-step deltas (`StepOutput`) and vLLM-shaped final results."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one sequence (sample `index` of request `request_id`) from one step."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None  # FinishReason value
+    stop_reason: str | int | None = None  # the matched stop string or stop token id
+    new_logprobs: list[dict[int, float]] | None = None  # per new token: {token id: logprob}
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    num_cached_tokens: int = 0
+    metrics: dict = field(default_factory=dict)

@@ -1,0 +1,40 @@
+"""Reference helpers shared by engine tests: HF greedy generation and prompt makers."""
+from __future__ import annotations
+
+import random
+
+import torch
+import transformers
+
+
+def hf_model(path, **kwargs):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """HF `generate` one prompt at a time (no padding), eos disabled: the reference output."""
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    outs = []
+    for ids in prompts:
+        x = torch.tensor([ids])
+        y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens, do_sample=False)
+        outs.append(y[0, len(ids):].tolist())
+    return outs
+
+
+def random_prompts(n: int, vocab: int, lo: int = 2, hi: int = 70, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def greedy(max_tokens: int, **kw):
+    from engine import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
