@@ -33,6 +33,7 @@ def _attend(
     n0, seq_len, pos,  # first key of the step; context length; [BLOCK_M] query positions
     head_off, qk_scale, stride_c_block, stride_c_offset,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     n = n0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, HEAD_DIM)
@@ -46,7 +47,7 @@ def _attend(
         k = tl.load(k_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         k = tl.load(k_cache_ptr + tok[:, None] + d[None, :])
-    s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
     if MASK:
         s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -57,7 +58,7 @@ def _attend(
         v = tl.load(v_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
     else:
         v = tl.load(v_cache_ptr + tok[:, None] + d[None, :])
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -83,6 +84,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_M: tl.constexpr,  # tile rows = BLOCK_Q tokens * GROUP_PAD heads
     BLOCK_N: tl.constexpr,  # keys per loop step
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (unused by 16-bit)
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     tile = tl.program_id(0)
@@ -116,11 +118,11 @@ def _prefill_kernel(
     for n0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, n0, seq_len, pos,
                                 head_off, qk_scale, stride_c_block, stride_c_offset,
-                                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False)
+                                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
     for n0 in range(full_end, hi, BLOCK_N):
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_cache_ptr, v_cache_ptr, table, n0, seq_len, pos,
                                 head_off, qk_scale, stride_c_block, stride_c_offset,
-                                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True)
+                                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o = out_ptr + token[:, None] * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
@@ -216,6 +218,7 @@ def paged_prefill_attention(
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, BLOCK_M=t.cls.block_m, BLOCK_N=t.cls.block_n,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=t.cls.num_warps, num_stages=t.cls.num_stages,
         )
     return out
