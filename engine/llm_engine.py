@@ -132,7 +132,10 @@ class LLMEngine:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
-                    prompt_token_ids: list[int] | None = None, priority: int = 0) -> None:
+                    prompt_token_ids: list[int] | None = None, priority: int = 0,
+                    sample_index: int = 0) -> None:
+        """Queues a request. `sample_index` (n == 1 only) names which of a client's n completions
+        this is when another process split them, so seeded streams stay distinct."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -147,7 +150,7 @@ class LLMEngine:
         for index in range(params.n):
             req = Request(f"{request_id}\x00{next(self._ids)}", list(prompt_token_ids), params, max_tokens,
                           eos_token_ids=self.eos_token_ids, priority=priority, prompt=prompt,
-                          parent=parent, sample_index=index)
+                          parent=parent, sample_index=index if params.n > 1 else sample_index)
             req.client_id = request_id
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
             parent = parent or req
@@ -302,7 +305,7 @@ class LLMEngine:
     # ---- decode role: import ---------------------------------------------------------------------
     def import_request(self, request_id: str, prompt_token_ids: list[int], first_token_id: int,
                        params: SamplingParams, k: torch.Tensor, v: torch.Tensor, priority: int = 0,
-                       block_ids: list[int] | None = None) -> None:
+                       block_ids: list[int] | None = None, sample_index: int = 0) -> None:
         """Adds a request whose prompt KV was computed elsewhere; decoding continues from its
         first token. `block_ids` are blocks reserved earlier with `reserve_blocks` (else allocated
         here)."""
@@ -326,7 +329,7 @@ class LLMEngine:
             self.block_manager.free(block_ids)
             raise
         req = Request(f"{request_id}\x00{next(self._ids)}", list(prompt_token_ids), params, max_tokens,
-                      eos_token_ids=self.eos_token_ids, priority=priority)
+                      eos_token_ids=self.eos_token_ids, priority=priority, sample_index=sample_index)
         req.client_id = request_id
         req.block_table = list(block_ids)
         req.num_computed_tokens = n
