@@ -1,0 +1,136 @@
+"""Prometheus metrics shared by every pdserve process (router, prefill, decode, gateway).
+
+Names, meanings and histogram buckets follow vLLM's (`vllm:` -> `pdserve:`), plus our own
+KV-transfer and lease metrics. Every series carries the labels `model_name` and `role`.
+Each process builds one `Metrics` object with its own `CollectorRegistry` (never the global
+one, so tests can run several in one interpreter) and exposes it either on a metrics port
+(`start_metrics_server`) or through a web route (`Metrics.exposition()`).
+
+Exposed names (counters get prometheus' `_total` suffix):
+  gauges      pdserve:num_requests_running, pdserve:num_requests_waiting,
+              pdserve:kv_cache_usage_perc (0..1), pdserve:kv_free_blocks, pdserve:kv_total_blocks,
+              pdserve:active_leases
+  counters    pdserve:prefix_cache_queries (tokens), pdserve:prefix_cache_hits (tokens),
+              pdserve:prompt_tokens, pdserve:generation_tokens,
+              pdserve:request_success{finished_reason}, pdserve:kv_transfer_bytes, pdserve:aborts
+  histograms  pdserve:time_to_first_token_seconds, pdserve:inter_token_latency_seconds,
+              pdserve:e2e_request_latency_seconds, pdserve:request_queue_time_seconds,
+              pdserve:kv_transfer_seconds
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest, start_http_server
+
+PREFIX = "pdserve:"
+ROLES = ("router", "prefill", "decode", "both", "gateway")
+LABELS = ("model_name", "role")
+
+# vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards and SLO rules carry over.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0)
+REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# Ours: one KV hand-off moves from a few KB (tiny models, CPU) to GBs (long prompts, NCCL).
+KV_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                       5.0, 10.0, 30.0)
+
+FINISHED_REASONS = ("length", "stop", "eos", "abort", "time_limit", "error")
+
+__all__ = ["Metrics", "start_metrics_server", "CONTENT_TYPE_LATEST", "PREFIX",
+           "TTFT_BUCKETS", "ITL_BUCKETS", "REQUEST_LATENCY_BUCKETS", "KV_TRANSFER_BUCKETS"]
+
+
+class Metrics:
+    """Every pdserve metric, bound to one (model_name, role); one instance per process."""
+
+    def __init__(self, model_name: str, role: str, registry: CollectorRegistry | None = None):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.model_name, self.role = model_name, role
+        disable_created_metrics()  # as vLLM: no `_created` twin series (process-wide setting)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        labels = {"model_name": model_name, "role": role}
+
+        def gauge(name: str, doc: str):
+            return Gauge(PREFIX + name, doc, LABELS, registry=self.registry).labels(**labels)
+
+        def counter(name: str, doc: str):
+            return Counter(PREFIX + name, doc, LABELS, registry=self.registry).labels(**labels)
+
+        def histogram(name: str, doc: str, buckets):
+            return Histogram(PREFIX + name, doc, LABELS, buckets=buckets,
+                             registry=self.registry).labels(**labels)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests running (in a batch).")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to run.")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc",
+                                         "KV cache usage: 1 = every block in use.")
+        self.kv_free_blocks = gauge("kv_free_blocks", "Free KV cache blocks.")
+        self.kv_total_blocks = gauge("kv_total_blocks", "Total KV cache blocks (null block excluded).")
+        self.active_leases = gauge("active_leases",
+                                   "Open KV reservations (decode) or KV held for export (prefill).")
+        self.prefix_cache_queries = counter("prefix_cache_queries",
+                                            "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits",
+                                         "Prompt tokens found in the prefix cache.")
+        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Generation tokens produced.")
+        self.kv_transfer_bytes = counter("kv_transfer_bytes",
+                                         "KV cache bytes moved from prefill to decode nodes.")
+        self.aborts = counter("aborts", "Requests aborted (client cancel, disconnect, deadline).")
+        self._request_success = Counter(
+            PREFIX + "request_success", "Finished requests, by finish reason.",
+            LABELS + ("finished_reason",), registry=self.registry)
+        for reason in FINISHED_REASONS:  # so every series exists at 0 from the start
+            self._request_success.labels(model_name, role, reason)
+        self.time_to_first_token_seconds = histogram(
+            "time_to_first_token_seconds", "Time to first token, seconds.", TTFT_BUCKETS)
+        self.inter_token_latency_seconds = histogram(
+            "inter_token_latency_seconds", "Time between consecutive tokens, seconds.",
+            ITL_BUCKETS)
+        self.e2e_request_latency_seconds = histogram(
+            "e2e_request_latency_seconds", "Arrival to last token, seconds.",
+            REQUEST_LATENCY_BUCKETS)
+        self.request_queue_time_seconds = histogram(
+            "request_queue_time_seconds", "Time waiting before the prompt started, seconds.",
+            REQUEST_LATENCY_BUCKETS)
+        self.kv_transfer_seconds = histogram(
+            "kv_transfer_seconds", "Duration of one KV hand-off, seconds.", KV_TRANSFER_BUCKETS)
+
+    def request_success(self, finished_reason: str):
+        """The counter child for one finish reason ('length', 'stop', 'eos', 'abort', ...)."""
+        return self._request_success.labels(self.model_name, self.role, finished_reason)
+
+    def set_load(self, load: dict) -> None:
+        """Sets the gauges from an `LLMEngine.load()` dict (missing keys are left alone)."""
+        if "num_running" in load:
+            self.num_requests_running.set(load["num_running"])
+        if "num_waiting" in load:
+            self.num_requests_waiting.set(load["num_waiting"])
+        if "num_prefilled_held" in load:
+            self.active_leases.set(load["num_prefilled_held"])
+        free, total = load.get("free_blocks"), load.get("total_blocks")
+        if free is not None:
+            self.kv_free_blocks.set(free)
+        if total is not None:
+            self.kv_total_blocks.set(total)
+        if free is not None and total:
+            self.kv_cache_usage_perc.set(1.0 - free / total)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """(body, content type) of the text exposition, for a web route."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def start_metrics_server(port: int, host: str = "127.0.0.1",
+                         registry: CollectorRegistry | Metrics | None = None):
+    """Serves `registry` at http://host:port/metrics from a daemon thread.
+
+    Returns (server, bound_port); port 0 picks a free one. Stop with `server.shutdown()`."""
+    if isinstance(registry, Metrics):
+        registry = registry.registry
+    server, _thread = start_http_server(port, addr=host, registry=registry or CollectorRegistry())
+    return server, server.server_port
