@@ -1,0 +1,109 @@
+"""The one module of conversions between engine objects and pdserve.v1 protos.
+
+- `SamplingParams` <-> `node_pb2.ResolvedParams` (n is always 1 across nodes; `max_tokens` 0 on the
+  wire means "up to the context limit", i.e. None);
+- logprob dicts `{token_id: logprob}` (sampled token first, then the top candidates) <-> `TokenLogprob`;
+- finish-reason strings (engine/request.py FinishReason values) <-> the `FinishReason` enum;
+- torch dtype <-> its name on the wire ("bfloat16", ...).
+"""
+from __future__ import annotations
+
+import torch
+
+from engine.sampling_params import SamplingParams
+from protos.pdserve.v1 import generation_pb2, node_pb2
+
+FR = generation_pb2.FinishReason
+
+_FINISH_TO_PROTO = {
+    None: FR.FINISH_REASON_UNSPECIFIED,
+    "prefilled": FR.FINISH_REASON_UNSPECIFIED,  # not an end: decoding continues elsewhere
+    "length": FR.FINISH_REASON_LENGTH,
+    "stop": FR.FINISH_REASON_STOP,
+    "eos": FR.FINISH_REASON_EOS,
+    "abort": FR.FINISH_REASON_ABORTED,
+    "time_limit": FR.FINISH_REASON_TIME_LIMIT,
+    "error": FR.FINISH_REASON_ERROR,
+}
+_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items() if k != "prefilled"}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+# ---- finish reasons ------------------------------------------------------------------------------
+def finish_reason_to_proto(reason: str | None) -> int:
+    try:
+        return _FINISH_TO_PROTO[reason]
+    except KeyError:
+        raise ValueError(f"unknown finish reason {reason!r}") from None
+
+
+def finish_reason_from_proto(value: int) -> str | None:
+    try:
+        return _FINISH_FROM_PROTO[value]
+    except KeyError:
+        raise ValueError(f"unknown finish reason enum value {value}") from None
+
+
+# ---- dtypes --------------------------------------------------------------------------------------
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype name {name[:32]!r}") from None
+
+
+# ---- sampling parameters -------------------------------------------------------------------------
+def params_to_proto(params: SamplingParams, sample_index: int = 0) -> node_pb2.ResolvedParams:
+    if params.n != 1:
+        raise ValueError("only single-sequence parameters (n == 1) cross nodes; split n first")
+    msg = node_pb2.ResolvedParams(
+        temperature=params.temperature, top_p=params.top_p, top_k=max(params.top_k, 0), min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, max_tokens=params.max_tokens or 0,
+        min_tokens=params.min_tokens, stop=list(params.stop or ()), stop_token_ids=list(params.stop_token_ids or ()),
+        include_stop_str=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
+        skip_special_tokens=params.skip_special_tokens, sample_index=sample_index)
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    for token_id, bias in (params.logit_bias or {}).items():
+        msg.logit_bias[token_id] = bias
+    return msg
+
+
+def params_from_proto(msg: node_pb2.ResolvedParams) -> tuple[SamplingParams, int]:
+    """-> (SamplingParams, sample_index). Raises ValueError on invalid values."""
+    params = SamplingParams(
+        n=1, temperature=msg.temperature, top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
+        seed=msg.seed if msg.HasField("seed") else None, repetition_penalty=msg.repetition_penalty,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        max_tokens=msg.max_tokens or None, min_tokens=msg.min_tokens, stop=list(msg.stop) or None,
+        stop_token_ids=list(msg.stop_token_ids) or None, include_stop_str_in_output=msg.include_stop_str,
+        ignore_eos=msg.ignore_eos, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        skip_special_tokens=msg.skip_special_tokens, logit_bias=dict(msg.logit_bias) or None)
+    return params, msg.sample_index
+
+
+# ---- logprobs ------------------------------------------------------------------------------------
+def logprob_to_proto(entry: dict[int, float], num_top: int) -> generation_pb2.TokenLogprob:
+    """`entry` is the engine's {token_id: logprob} with the sampled token first."""
+    sampled, logprob = next(iter(entry.items()))
+    best = sorted(entry.items(), key=lambda kv: -kv[1])[:num_top]
+    return generation_pb2.TokenLogprob(
+        token_id=sampled, logprob=logprob,
+        top=[generation_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in best])
+
+
+def logprob_from_proto(msg: generation_pb2.TokenLogprob) -> dict[int, float]:
+    entry = {msg.token_id: msg.logprob}
+    for top in msg.top:
+        entry.setdefault(top.token_id, top.logprob)
+    return entry

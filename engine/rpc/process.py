@@ -1,0 +1,50 @@
+"""Process lifecycle shared by every pdserve server process.
+
+- `die_with_parent()`: the child asks Linux to SIGTERM it when its parent dies (PR_SET_PDEATHSIG),
+  and a watcher task polls `os.getppid()` as a portable fallback;
+- `stop_signals()`: an asyncio.Event set by SIGTERM / SIGINT;
+- `announce_ready(address)`: the one `READY host:port` line on stdout that spawners wait for.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Best effort: Linux only, a no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_signals(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Event:
+    """An event set on SIGTERM or SIGINT (and when the parent process goes away)."""
+    loop = loop or asyncio.get_running_loop()
+    event = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    parent = os.getppid()
+
+    async def watch_parent():
+        while not event.is_set():
+            if os.getppid() != parent:
+                event.set()
+                return
+            await asyncio.sleep(1.0)
+
+    event.watcher = loop.create_task(watch_parent())  # keep a reference
+    return event
+
+
+def announce_ready(address: str) -> None:
+    print(f"READY {address}", flush=True)
