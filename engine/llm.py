@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+from engine.chat import render_chat
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.outputs import CompletionOutput, RequestOutput, StepOutput
@@ -50,12 +51,7 @@ class LLM:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None) -> list[int]:
-        if not messages:
-            raise ValueError("messages is empty")
-        tok = self.engine.tokenizer
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                       chat_template=chat_template)
-        return tok.encode(text, add_special_tokens=False)
+        return render_chat(self.engine.tokenizer, messages, add_generation_prompt, chat_template)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
