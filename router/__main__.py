@@ -1,0 +1,129 @@
+"""`python -m router`: the public pdserve.v1.Generation API in front of prefill and decode nodes.
+
+    python -m router --prefill 127.0.0.1:50061 --decode 127.0.0.1:50071 --port 50051 --model <model>
+
+Prints `READY host:port` once listening; health turns SERVING when at least one prefill and one
+decode node answer. SIGTERM/SIGINT: health NOT_SERVING, then in-flight calls get a grace period.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from engine.cli_args import add_flag, add_server_args, env_name
+from engine.loader import load_model_source
+from engine.llm_engine import resolve_max_model_len
+from engine.rpc import process
+from engine.rpc.server import build_server, run
+from protos.pdserve.v1 import generation_pb2_grpc, node_pb2, router_pb2_grpc
+from router.auth import ApiKeyInterceptor
+from router.pipeline import PipelineConfig
+from router.prompts import ModelLimits, PromptBuilder
+from router.registry import NodeRegistry
+from router.servicer import GenerationServicer, ModelCard, Router, RouterControlServicer
+
+logger = logging.getLogger("pdserve.router")
+TRANSPORTS = {"grpc": node_pb2.KV_TRANSPORT_GRPC, "nccl": node_pb2.KV_TRANSPORT_TORCH_DIST}
+
+
+def _list_flag(p, flag: str, **kwargs) -> None:
+    """A repeatable flag whose env twin holds a comma-separated list."""
+    name = env_name(flag)
+    default = [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+    p.add_argument(flag, action="append", default=None, help=f"{kwargs.pop('help')} [env: {name}, comma-separated]",
+                   **kwargs)
+    p.set_defaults(**{flag.lstrip("-").replace("-", "_") + "_env": default})
+
+
+def _list_value(ns, name: str) -> list[str]:
+    given = getattr(ns, name)
+    values = given if given is not None else getattr(ns, name + "_env")
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve router", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _list_flag(p, "--prefill", metavar="HOST:PORT",
+             help="a prefill node's address (repeatable; nodes may also Register themselves)")
+    _list_flag(p, "--decode", metavar="HOST:PORT",
+             help="a decode node's address (repeatable; nodes may also Register themselves)")
+    add_flag(p, "--model", default=None,
+             help="model whose tokenizer and config the router loads (never its weights); "
+                  "must be the nodes' model (default: the bundled small model)")
+    add_flag(p, "--served-model-name", default=None, help="model name clients use (default: from --model)")
+    add_flag(p, "--max-model-len", type=int, default=None, help="context length; default: the model's")
+    add_flag(p, "--block-size", type=int, default=16, help="the nodes' KV block size, in tokens")
+    add_flag(p, "--dtype", default="auto", help="the nodes' dtype, reported by ModelInfo")
+    add_flag(p, "--kv-transport", default="grpc", choices=sorted(TRANSPORTS),
+             help="how prefill nodes send KV to decode nodes: grpc or nccl (torch.distributed; gloo on CPU)")
+    _list_flag(p, "--api-key", help="accepted API key (repeatable); clients send 'authorization: Bearer <key>'")
+    add_flag(p, "--kv-lease-ms", type=int, default=10_000,
+             help="a decode reservation is freed if its KV and Decode call do not arrive within this time")
+    add_flag(p, "--admission-wait-ms", type=int, default=2_000,
+             help="how long a request waits for a decode node with room before RESOURCE_EXHAUSTED")
+    add_flag(p, "--grace-period", type=float, default=5.0, help="seconds in-flight calls get on shutdown")
+    add_server_args(p, default_port=50051)
+    return p
+
+
+def _api_keys(ns) -> list[str]:
+    return _list_value(ns, "api_key")
+
+
+def build_router(ns) -> tuple[Router, NodeRegistry]:
+    source = load_model_source(ns.model)
+    max_len = resolve_max_model_len(source.config, ns.max_model_len)
+    card = ModelCard(name=ns.served_model_name or source.name, max_model_len=max_len,
+                     vocab_size=source.config.vocab_size, block_size=ns.block_size,
+                     eos_token_ids=list(source.eos_token_ids),
+                     dtype="float32" if ns.dtype == "auto" else ns.dtype)
+    builder = PromptBuilder(source.tokenizer, ModelLimits(card.vocab_size, max_len), source.generation_defaults)
+    config = PipelineConfig(block_size=ns.block_size, transport=TRANSPORTS[ns.kv_transport],
+                            lease_ms=ns.kv_lease_ms, admission_wait_s=ns.admission_wait_ms / 1000.0)
+    registry = NodeRegistry()
+    for address in _list_value(ns, "prefill"):
+        registry.add(address, "prefill")
+    for address in _list_value(ns, "decode"):
+        registry.add(address, "decode")
+    return Router(registry, builder, card, config), registry
+
+
+async def serve(ns) -> None:
+    stop = process.stop_signals()
+    router, registry = build_router(ns)
+    keys = _api_keys(ns)
+    server = build_server([(generation_pb2_grpc.add_GenerationServicer_to_server, GenerationServicer(router)),
+                           (router_pb2_grpc.add_RouterControlServicer_to_server, RouterControlServicer(router))],
+                          port=ns.port, host=ns.host, interceptors=[ApiKeyInterceptor(keys)] if keys else ())
+    await server.start()
+    registry.start()
+    process.announce_ready(server.address)
+    serving = False
+    while not stop.is_set():
+        if registry.ready != serving:
+            serving = registry.ready
+            await server.set_serving(serving)
+            logger.info("health: %s", "SERVING" if serving else "NOT_SERVING")
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=0.2)
+        except asyncio.TimeoutError:
+            pass
+    logger.info("shutting down (grace %.1fs)", ns.grace_period)
+    await server.stop(ns.grace_period)
+    await registry.close()
+
+
+def main(argv=None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("PDSERVE_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process.die_with_parent()
+    run(lambda: serve(ns))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""GenerateRequest -> validated prompts (token ids) and SamplingParams.
+
+Every check a client can fail happens here, before any node is involved, and raises ValueError
+naming the field and its limit (the error interceptor makes that INVALID_ARGUMENT).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.chat import render_chat
+from engine.sampling_params import SamplingParams
+from protos.pdserve.v1 import generation_pb2
+
+MAX_PROMPTS = 64  # prompts in one Generate call
+MAX_CHAT_MESSAGES = 1024
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    vocab_size: int
+    max_model_len: int
+
+
+@dataclass
+class Prompt:
+    token_ids: list[int]
+    params: SamplingParams  # n == this prompt's completions; max_tokens resolved
+    max_tokens: int  # effective: clipped to the context
+
+
+class PromptBuilder:
+    """Tokenizes and validates the prompts of a request for one model."""
+
+    def __init__(self, tokenizer, limits: ModelLimits, generation_defaults: dict | None = None):
+        self.tokenizer = tokenizer
+        self.limits = limits
+        self.defaults = {**OPENAI_DEFAULTS, **(generation_defaults or {})}
+
+    # ---- inputs -----------------------------------------------------------------------------
+    def inputs(self, request: generation_pb2.GenerateRequest) -> list[list[int]]:
+        single = request.WhichOneof("input")
+        if single and request.inputs:
+            raise ValueError("set either the single prompt (text / token_ids / chat) or inputs, not both")
+        if single:
+            return [self._tokens(request, single)]
+        if not request.inputs:
+            raise ValueError("the prompt is empty: set text, token_ids, chat or inputs")
+        if len(request.inputs) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(request.inputs)}")
+        return [self._tokens(item, item.WhichOneof("kind")) for item in request.inputs]
+
+    def _tokens(self, holder, kind: str | None) -> list[int]:
+        if kind == "text":
+            if not holder.text:
+                raise ValueError("the prompt is empty")
+            ids = self.tokenizer.encode(holder.text, add_special_tokens=True)
+        elif kind == "token_ids":
+            ids = list(holder.token_ids.ids)
+        elif kind == "chat":
+            ids = self.chat(holder.chat.messages, add_generation_prompt=(
+                holder.chat.add_generation_prompt if holder.chat.HasField("add_generation_prompt") else True))
+        else:
+            raise ValueError("the prompt is empty: set text, token_ids or chat")
+        return self.check_prompt(ids)
+
+    def check_prompt(self, ids: list[int]) -> list[int]:
+        limits = self.limits
+        if not ids:
+            raise ValueError("the prompt is empty")
+        bad = next((t for t in ids if t >= limits.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"prompt token ids must be < vocab size {limits.vocab_size}, got {bad}")
+        if len(ids) >= limits.max_model_len:
+            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {limits.max_model_len} "
+                             "(prompt plus at least one new token must fit)")
+        return list(ids)
+
+    def chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Renders with the chat template; special-token strings inside message contents are
+        tokenized as plain text (engine.chat), so a user can never inject control tokens."""
+        if len(messages) > MAX_CHAT_MESSAGES:
+            raise ValueError(f"at most {MAX_CHAT_MESSAGES} chat messages, got {len(messages)}")
+        turns = [{"role": m.role or "user", "content": m.content} for m in messages]
+        return render_chat(self.tokenizer, turns, add_generation_prompt=add_generation_prompt)
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def params(self, request: generation_pb2.GenerateRequest) -> SamplingParams:
+        s, stop = request.sampling, request.stopping
+
+        def pick(name):
+            return getattr(s, name) if s.HasField(name) else self.defaults.get(name)
+
+        return SamplingParams(
+            n=request.n or 1,
+            temperature=pick("temperature"),
+            top_p=pick("top_p"),
+            top_k=pick("top_k"),
+            min_p=pick("min_p"),
+            repetition_penalty=pick("repetition_penalty"),
+            presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
+            frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
+            seed=s.seed if s.HasField("seed") else None,
+            logit_bias=dict(s.logit_bias) or None,
+            max_tokens=stop.max_new_tokens if stop.HasField("max_new_tokens") else None,
+            min_tokens=stop.min_new_tokens,
+            stop=list(stop.stop) or None,
+            stop_token_ids=list(stop.stop_token_ids) or None,
+            include_stop_str_in_output=stop.include_stop_str,
+            ignore_eos=stop.ignore_eos,
+            logprobs=request.logprobs if request.HasField("logprobs") else None,
+            skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
+        )
+
+    def build(self, request: generation_pb2.GenerateRequest) -> list[Prompt]:
+        params = self.params(request)
+        prompts = []
+        for ids in self.inputs(request):
+            max_tokens = params.verify(self.limits.vocab_size, self.limits.max_model_len, len(ids))
+            prompts.append(Prompt(ids, params, max_tokens))
+        return prompts
