@@ -1,0 +1,245 @@
+"""`pdserve`: one command for every pdserve process.
+
+    pdserve serve [flags]      router + prefill + decode nodes (+ HTTP gateway) on this machine
+    pdserve router [flags]     the gRPC router only            (python -m router)
+    pdserve prefill [flags]    one prefill node                 (python -m prefill_node)
+    pdserve decode [flags]     one decode node                  (python -m decode_node)
+    pdserve gateway [flags]    the OpenAI-compatible HTTP gateway (python -m gateway)
+
+`pdserve <command> --help` explains each command's flags; every flag has a PDSERVE_* env twin.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from engine.cli_args import add_engine_args, add_flag
+
+DELEGATES = {"router": "router", "prefill": "prefill_node", "decode": "decode_node", "gateway": "gateway"}
+ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_model_len", "gpu_memory_utilization",
+                "cpu_kv_cache_gb", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
+                "seed", "kv_transport")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    from engine.rpc.process import die_with_parent
+
+    die_with_parent(signal.SIGTERM)
+
+
+class _Append(argparse.Action):
+    """Like action="append", also when the default is a string from the env twin."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest)
+        current = [current] if isinstance(current, str) else list(current or [])
+        setattr(namespace, self.dest, current + [values])
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    address: str | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, echo: bool) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", *self.argv], stdout=subprocess.PIPE, text=True,
+                                     bufsize=1, preexec_fn=_set_pdeathsig)
+        threading.Thread(target=self._pump, args=(echo,), daemon=True).start()
+
+    def _pump(self, echo: bool) -> None:
+        """Reads the child's stdout: the READY line, then everything else (so the pipe never fills)."""
+        for line in self.proc.stdout:
+            if self.address is None and line.startswith("READY "):
+                self.address = line.split(None, 1)[1].strip()
+                self.ready.set()
+            elif echo:
+                sys.stdout.write(f"[{self.name}] {line}")
+        self.ready.set()  # EOF: the child died
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+def wait_ready(children: list[Child], timeout: float) -> None:
+    """Waits for each child's READY line and health SERVING; raises RuntimeError otherwise."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    for child in children:
+        if not child.ready.wait(max(deadline - time.monotonic(), 0)) or child.address is None:
+            raise RuntimeError(f"{child.name} did not become ready"
+                               f"{'' if child.alive() else f' (exit code {child.proc.returncode})'}")
+        if child.name.startswith("gateway"):
+            continue
+        with grpc.insecure_channel(child.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline or not child.alive():
+                    raise RuntimeError(f"{child.name} at {child.address} never reported SERVING")
+                time.sleep(0.1)
+
+
+def stop_all(children: list[Child], grace: float) -> None:
+    """SIGTERM in reverse start order (front doors first), then SIGKILL whatever outlives `grace`."""
+    for child in reversed(children):
+        if child.alive():
+            child.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for child in children:
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(max(deadline - time.monotonic(), 0.01))
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
+
+
+def _engine_argv(ns) -> list[str]:
+    argv = []
+    for name in ENGINE_FLAGS:
+        value = getattr(ns, name)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    argv.append("--enable-prefix-caching" if ns.enable_prefix_caching else "--no-enable-prefix-caching")
+    return argv
+
+
+def plan(ns) -> list[Child]:
+    """The processes of `pdserve serve`, nodes first, on free loopback ports."""
+    engine = _engine_argv(ns)
+    local = "127.0.0.1"
+    children = [Child(f"prefill-{i}", ["prefill_node", *engine, "--host", local, "--port", str(free_port())])
+                for i in range(ns.num_prefill)]
+    children += [Child(f"decode-{i}", ["decode_node", *engine, "--host", local, "--port", str(free_port())])
+                 for i in range(ns.num_decode)]
+    router = ["router", "--host", ns.host, "--port", str(ns.port), "--block-size", str(ns.block_size),
+              "--dtype", ns.dtype, "--kv-transport", ns.kv_transport, "--grace-period", str(ns.grace_period)]
+    for flag in ("model", "served_model_name", "max_model_len"):
+        if getattr(ns, flag) is not None:
+            router += [f"--{flag.replace('_', '-')}", str(getattr(ns, flag))]
+    for c in children:
+        router += [f"--{c.name.split('-')[0]}", f"{local}:{c.argv[-1]}"]
+    keys = [k for item in ns.api_key or () for k in item.split(",") if k]
+    for key in keys:
+        router += ["--api-key", key]
+    children.append(Child("router", router))
+    if ns.gateway and importlib.util.find_spec("gateway.__main__") is not None:
+        router_address = f"{'127.0.0.1' if ns.host in ('0.0.0.0', '::') else ns.host}:{ns.port}"
+        gateway = ["gateway", "--router", router_address, "--host", ns.gateway_host, "--port", str(ns.gateway_port)]
+        for key in keys:
+            gateway += ["--api-key", key]
+        children.append(Child("gateway", gateway))
+    return children
+
+
+def build_serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve serve", description=(
+        "Runs a whole pdserve stack on this machine: the gRPC router on --port, --num-prefill prefill "
+        "nodes and --num-decode decode nodes on free loopback ports, and the OpenAI-compatible HTTP "
+        "gateway on --gateway-port. Ctrl-C or SIGTERM stops everything."))
+    add_engine_args(p, default_port=50051)  # engine flags go to every node; --host/--port are the router's
+    g = p.add_argument_group("stack")
+    add_flag(g, "--num-prefill", type=int, default=1, help="prefill nodes to start")
+    add_flag(g, "--num-decode", type=int, default=1, help="decode nodes to start")
+    add_flag(g, "--gateway", action=argparse.BooleanOptionalAction, default=True,
+             help="also start the HTTP gateway (--no-gateway: gRPC only)")
+    add_flag(g, "--gateway-port", type=int, default=8000, help="port of the HTTP gateway")
+    add_flag(g, "--gateway-host", default="127.0.0.1", help="address the HTTP gateway listens on")
+    add_flag(g, "--api-key", action=_Append, default=None,
+             help="API key required by the router and the gateway (repeatable, or comma-separated)")
+    add_flag(g, "--startup-timeout", type=float, default=600.0,
+             help="seconds to wait for every process to load its model and report SERVING")
+    add_flag(g, "--grace-period", type=float, default=5.0,
+             help="seconds each process gets to finish in-flight work on shutdown before it is killed")
+    return p
+
+
+def serve(argv) -> int:
+    ns = build_serve_parser().parse_args(argv)
+    if isinstance(ns.api_key, str):
+        ns.api_key = [ns.api_key]
+    if ns.num_prefill < 1 or ns.num_decode < 1:
+        raise SystemExit("--num-prefill and --num-decode must be >= 1")
+    children = plan(ns)
+    stop = threading.Event()
+    received = []
+
+    def on_signal(signum, _frame):
+        received.append(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    code = 0
+    try:
+        nodes = [c for c in children if c.name.startswith(("prefill", "decode"))]
+        front = [c for c in children if c not in nodes]
+        for child in nodes:
+            child.start(echo=True)
+        wait_ready(nodes, ns.startup_timeout)
+        for child in front:
+            child.start(echo=True)
+            wait_ready([child], ns.startup_timeout)
+        for child in children:
+            print(f"{child.name:10s} {child.address} pid {child.proc.pid}", flush=True)
+        print(f"READY {children[[c.name for c in children].index('router')].address}", flush=True)
+        reported = set()
+        while not stop.wait(0.5):
+            for child in children:
+                if not child.alive() and child.name not in reported:
+                    reported.add(child.name)
+                    print(f"{child.name} exited with code {child.proc.returncode}", file=sys.stderr, flush=True)
+            if any(c.name in reported for c in front):  # without its front door the stack is useless
+                code = 1
+                break
+    except RuntimeError as exc:
+        print(f"pdserve serve: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        stop_all(children, ns.grace_period)
+    return code
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ["serve", *DELEGATES]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve(rest)
+    if command not in DELEGATES:
+        print(f"pdserve: unknown command {command!r}; choose one of {', '.join(commands)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"{DELEGATES[command]}.__main__")
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
