@@ -1,0 +1,118 @@
+"""`python -m gateway --router host:port [--port 8000] [--api-key KEY ...] [--host 127.0.0.1]`
+
+Serves the OpenAI-compatible HTTP API (uvicorn + uvloop) in front of a pdserve router, prints
+`READY host:port` once the router answered and the port is listening, and on SIGTERM / SIGINT
+(or when its parent process goes away) stops taking connections and lets in-flight requests
+finish for up to --shutdown-grace seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvicorn
+
+from engine.rpc.process import announce_ready
+from engine.rpc.server import run
+from gateway.app import MAX_BODY_BYTES, Settings, create_app
+
+
+def env_name(flag: str) -> str:
+    return "PDSERVE_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _flag(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """A flag whose default comes from its PDSERVE_<FLAG> twin (read now, once), as engine/cli_args."""
+    name = env_name(flag)
+    kwargs["help"] = f"{kwargs.get('help', '')} [env: {name}]"
+    if name in os.environ:
+        try:
+            kwargs["default"] = kwargs.get("type", str)(os.environ[name])
+        except ValueError as exc:
+            raise SystemExit(f"{name}={os.environ[name]!r}: {exc}") from None
+    parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve gateway",
+                                description="OpenAI-compatible HTTP gateway onto a pdserve router.")
+    _flag(p, "--router", default="127.0.0.1:50051", help="host:port of the router's pdserve.v1.Generation")
+    _flag(p, "--host", default="127.0.0.1", help="HTTP listen address (0.0.0.0 to serve other hosts)")
+    _flag(p, "--port", type=int, default=8000, help="HTTP port (0 = any free port)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="accepted API key (`Authorization: Bearer KEY`), repeatable; every route but "
+                        "/health needs one when any is set [env: PDSERVE_API_KEY, comma-separated]")
+    _flag(p, "--router-api-key", default=None,
+          help="key the gateway presents to the router (default: the first --api-key)")
+    _flag(p, "--request-timeout", type=float, default=600.0,
+          help="deadline of each generation call to the router, seconds (expiry -> HTTP 504)")
+    _flag(p, "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (-> HTTP 413)")
+    _flag(p, "--router-wait", type=float, default=60.0,
+          help="how long to wait at startup for the router to answer, seconds")
+    _flag(p, "--shutdown-grace", type=float, default=10.0,
+          help="seconds in-flight requests may take to finish after SIGTERM")
+    _flag(p, "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+          help="log level")
+    return p
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(args.api_key or [])
+    keys += [k.strip() for k in os.environ.get("PDSERVE_API_KEY", "").split(",") if k.strip()]
+    return tuple(dict.fromkeys(keys))
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pdserve")
+    except Exception:
+        return "0.1.0"
+
+
+async def _serve(server: uvicorn.Server) -> int:
+    task = asyncio.ensure_future(server.serve())
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if not server.started:
+        await task
+        return 1
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    announce_ready(f"{host}:{port}")
+    parent = os.getppid()
+    while not task.done():
+        if os.getppid() != parent:  # parent died: shut down like on SIGTERM
+            server.should_exit = True
+        await asyncio.wait({task}, timeout=1.0)
+    await task
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(router=args.router, api_keys=api_keys(args), router_api_key=args.router_api_key,
+                        request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                        version=_version())
+    app = create_app(settings, router_wait_s=args.router_wait)
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    config = uvicorn.Config(app, host=args.host, port=args.port, loop=loop, log_level=args.log_level,
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=args.shutdown_grace,
+                            server_header=False)
+    # uvicorn re-raises the signal it caught once it has shut down; a Python handler here turns
+    # that into a normal return (exit code 0) instead of death by the default SIGTERM action.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    return run(lambda: _serve(uvicorn.Server(config)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""The OpenAI-compatible HTTP app: thin routes from JSON bodies to `pdserve.v1.Generation` calls.
+
+    app = create_app(Settings(router="127.0.0.1:50051"))
+
+Every error is an OpenAI error object (gateway/errors.py); status codes never include 422.
+Client disconnects cancel the gRPC call, which makes the router abort the request.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.metrics import Metrics
+from gateway import protocol as P
+from gateway import responses as R
+from gateway.errors import APIError, from_grpc
+from gateway.router_client import RouterClient
+from protos.pdserve.v1 import generation_pb2 as pb
+
+logger = logging.getLogger("pdserve.gateway")
+
+MAX_BODY_BYTES = 8 * 2**20
+MAX_JSON_DEPTH = 32
+_DRAIN_LIMIT = 8 * MAX_BODY_BYTES  # read (and drop) at most this much of an oversized body
+OPEN_PATHS = frozenset({"/health"})
+
+
+@dataclass(frozen=True)
+class Settings:
+    router: str
+    api_keys: tuple[str, ...] = ()
+    router_api_key: str | None = None  # default: the first of api_keys
+    request_timeout_s: float = 600.0
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_json_depth: int = MAX_JSON_DEPTH
+    version: str = "0.1.0"
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before the reply was ready."""
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+class APIKeyMiddleware:
+    """`Authorization: Bearer <key>` on every route but /health (pure ASGI: streams untouched).
+    Keys are compared as SHA-256 digests with hmac.compare_digest, all of them, no early exit."""
+
+    def __init__(self, app, keys: tuple[str, ...]):
+        self.app = app
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def allowed(self, header: bytes | None) -> bool:
+        scheme, _, token = (header or b"").decode("latin-1").partition(" ")
+        digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
+        ok = False
+        for d in self.digests:
+            ok |= hmac.compare_digest(d, digest)
+        return ok and scheme.lower() == "bearer"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.digests or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization")
+        if self.allowed(header):
+            return await self.app(scope, receive, send)
+        err = APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                       code="invalid_api_key")
+        await JSONResponse(err.body(), status_code=401,
+                           headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+
+
+# -- request bodies ------------------------------------------------------------------------------
+
+async def read_json(request: Request, settings: Settings) -> dict:
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    too_big = APIError(413, f"request body exceeds the limit of {limit} bytes", code="body_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _drain(request)
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            await _drain(request)
+            raise too_big
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks))
+    except RecursionError:
+        raise APIError(400, f"JSON nesting exceeds the limit of {settings.max_json_depth} levels",
+                       code="json_too_deep") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise APIError(400, f"invalid JSON body: {str(exc)[:200]}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "request body must be a JSON object", code="invalid_json")
+    _check_tree(data, 0, settings.max_json_depth)
+    return data
+
+
+async def _drain(request: Request) -> None:
+    """Reads an oversized body to its end (up to a bound) so the client can read our 413."""
+    seen = 0
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > _DRAIN_LIMIT:
+                return
+    except Exception:  # client gone, stream already consumed
+        return
+
+
+def _check_tree(obj, depth: int, max_depth: int) -> None:
+    """JSON nesting depth bound; strings must be encodable (no lone surrogates from \\ud800 escapes)."""
+    if depth > max_depth:
+        raise APIError(400, f"JSON nesting exceeds the limit of {max_depth} levels", code="json_too_deep")
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "strings must be valid Unicode (found a lone surrogate)",
+                           code="invalid_unicode") from None
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_tree(key, depth + 1, max_depth)
+            _check_tree(value, depth + 1, max_depth)
+    elif isinstance(obj, list):
+        for value in obj:
+            _check_tree(value, depth + 1, max_depth)
+
+
+# -- calls ---------------------------------------------------------------------------------------
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, awaitable):
+    """Awaits `awaitable` unless the client disconnects first (then it is cancelled: ClientGone)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone()
+    try:
+        return task.result()
+    except grpc.aio.AioRpcError as err:
+        raise from_grpc(err) from None
+
+
+class Gateway:
+    """Route handlers; owns the router client and the metrics."""
+
+    def __init__(self, settings: Settings, client: RouterClient, info: pb.ModelInfoResponse,
+                 metrics: Metrics):
+        self.settings, self.client, self.info, self.metrics = settings, client, info, metrics
+        self.started = int(time.time())
+
+    def check_model(self, model: str | None) -> None:
+        if model and model != self.info.model:
+            raise APIError(404, f"The model `{model[:200]}` does not exist.", param="model",
+                           code="model_not_found")
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def completions(self, request: Request):
+        req = P.parse(P.CompletionRequest, await read_json(request, self.settings))
+        self.check_model(req.model)
+        if req.echo or req.suffix:
+            raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        params = P.check_sampling(req, max_tokens, req.logprobs)
+        inputs = P.completion_inputs(req.prompt, self.info.vocab_size)
+        grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs)
+        return await self.generate(request, grpc_req, req, chat=False, num_prompts=len(inputs))
+
+    async def chat(self, request: Request):
+        req = P.parse(P.ChatCompletionRequest, await read_json(request, self.settings))
+        self.check_model(req.model)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = P.check_sampling(req, max_tokens, logprobs)
+        chat = pb.ChatInput(messages=P.chat_messages(req.messages),
+                            add_generation_prompt=req.add_generation_prompt)
+        grpc_req = P.sampling_proto(req, params, max_tokens, logprobs, [pb.Input(chat=chat)])
+        return await self.generate(request, grpc_req, req, chat=True, num_prompts=1)
+
+    async def legacy_generate(self, request: Request):
+        req = P.parse(P.LegacyGenerateRequest, await read_json(request, self.settings))
+        self.check_model(req.model)
+        if req.stream:
+            raise APIError(400, "stream is not supported on /generate; use /v1/completions",
+                           param="stream")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        params = P.check_sampling(req, max_tokens, req.logprobs)
+        inputs = P.completion_inputs(req.prompt, self.info.vocab_size)
+        grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs)
+        reply = await self.unary(request, grpc_req)
+        return {"text": [c.text for c in reply.completions],
+                "usage": R.usage(reply.usage.prompt_tokens, reply.usage.completion_tokens, details=False),
+                "model": self.info.model}
+
+    async def generate(self, request: Request, grpc_req: pb.GenerateRequest, req, *, chat: bool,
+                       num_prompts: int):
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return await self.stream(request, grpc_req, chat, num_prompts, req.n, include_usage)
+        reply = await self.unary(request, grpc_req)
+        shape = R.Shape(chat, reply.request_id, self.info.model)
+        strings = {}
+        if grpc_req.HasField("logprobs"):
+            strings = await self.client.token_strings(
+                set().union(*(R.token_ids_of(c.logprobs) for c in reply.completions)))
+        choices = []
+        for c in reply.completions:
+            logprobs = None
+            if grpc_req.HasField("logprobs"):
+                logprobs = (R.chat_logprobs(c.logprobs, strings) if chat
+                            else R.completion_logprobs(c.logprobs, strings, 0))
+            choices.append(shape.choice(c.prompt_index * req.n + c.index, c.text,
+                                        R.FINISH_REASONS[c.finish_reason], R.stop_reason(c), logprobs))
+        u = reply.usage
+        return shape.full(choices, R.usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens))
+
+    async def unary(self, request: Request, grpc_req: pb.GenerateRequest) -> pb.GenerateResponse:
+        m, start = self.metrics, time.monotonic()
+        m.num_requests_running.inc()
+        try:
+            reply = await until_disconnect(request, self.client.generate(grpc_req))
+        except ClientGone:
+            m.aborts.inc()
+            raise
+        finally:
+            m.num_requests_running.dec()
+        m.e2e_request_latency_seconds.observe(time.monotonic() - start)
+        m.prompt_tokens.inc(reply.usage.prompt_tokens)
+        m.generation_tokens.inc(reply.usage.completion_tokens)
+        for c in reply.completions:
+            m.request_success(R.METRIC_REASONS.get(c.finish_reason, "error")).inc()
+        if reply.completions:
+            timings = reply.completions[0].timings
+            if timings.ttft_ms > 0:
+                m.time_to_first_token_seconds.observe(timings.ttft_ms / 1e3)
+            if timings.queue_ms > 0:
+                m.request_queue_time_seconds.observe(timings.queue_ms / 1e3)
+        if any(c.finish_reason == R.FR.FINISH_REASON_ERROR for c in reply.completions):
+            raise APIError(500, "generation failed on a node (internal error)", code="generation_error")
+        return reply
+
+    async def stream(self, request: Request, grpc_req: pb.GenerateRequest, chat: bool,
+                     num_prompts: int, n: int, include_usage: bool):
+        """Opens one GenerateStream per prompt and waits for each one's first chunk, so that
+        errors the router reports at once still become plain HTTP errors (400, 404, 429, ...)."""
+        if num_prompts == 1:
+            calls = [self.client.generate_stream(grpc_req)]
+        else:
+            calls = []
+            for item in grpc_req.inputs:
+                one = pb.GenerateRequest()
+                one.CopyFrom(grpc_req)
+                one.ClearField("inputs")
+                one.MergeFrom(P.single_input(item))
+                calls.append(self.client.generate_stream(one))
+        start = time.monotonic()
+        self.metrics.num_requests_running.inc()
+        try:
+            firsts = await until_disconnect(request, asyncio.gather(*(c.read() for c in calls)))
+        except BaseException as exc:
+            for c in calls:
+                c.cancel()
+            self.metrics.num_requests_running.dec()
+            if isinstance(exc, ClientGone):
+                self.metrics.aborts.inc()
+            raise
+        if any(f is grpc.aio.EOF for f in firsts):
+            for c in calls:
+                c.cancel()
+            self.metrics.num_requests_running.dec()
+            raise APIError(500, "the router closed the stream without output (internal error)")
+        body = SSEStream(self, calls, firsts, chat, n, include_usage, start,
+                         grpc_req.HasField("logprobs"))
+        return StreamingResponse(body.events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # -- other routes --------------------------------------------------------------------------
+
+    async def models(self):
+        card = {"id": self.info.model, "object": "model", "created": self.started, "owned_by": "pdserve",
+                "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    async def tokenize(self, request: Request):
+        req = P.parse(P.TokenizeBody, await read_json(request, self.settings))
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            grpc_req = pb.TokenizeRequest(messages=P.chat_messages(req.messages),
+                                          add_special_tokens=req.add_special_tokens)
+        else:
+            grpc_req = pb.TokenizeRequest(text=req.prompt, add_special_tokens=req.add_special_tokens)
+        reply = await until_disconnect(request, self.client.tokenize(grpc_req))
+        return {"count": len(reply.token_ids), "max_model_len": reply.max_model_len or self.info.max_model_len,
+                "tokens": list(reply.token_ids), "token_strs": list(reply.tokens) or None}
+
+    async def detokenize(self, request: Request):
+        req = P.parse(P.DetokenizeBody, await read_json(request, self.settings))
+        self.check_model(req.model)
+        P.check_token_ids("tokens", req.tokens, self.info.vocab_size)
+        reply = await until_disconnect(request, self.client.detokenize(pb.DetokenizeRequest(token_ids=req.tokens)))
+        return {"prompt": reply.text}
+
+    async def health(self):
+        if await self.client.healthy():
+            return Response(status_code=200)
+        return JSONResponse(APIError(503, "router is not serving").body(), status_code=503)
+
+    async def metrics_text(self):
+        body, content_type = self.metrics.exposition()
+        return Response(body, media_type=content_type)
+
+
+async def _rest(call):
+    """The remaining messages of a stream whose first one was taken with read() (the read API and
+    the iterator API may not be mixed on one call)."""
+    while (msg := await call.read()) is not grpc.aio.EOF:
+        yield msg
+
+
+class SSEStream:
+    """The body of one streamed response: chunks of every prompt's stream, in arrival order."""
+
+    def __init__(self, gw: Gateway, calls, firsts, chat: bool, n: int, include_usage: bool,
+                 start: float, logprobs: bool):
+        self.gw, self.calls, self.firsts = gw, calls, firsts
+        self.chat, self.n, self.include_usage, self.start = chat, n, include_usage, start
+        self.logprobs = logprobs
+        self.shape = R.Shape(chat, firsts[0].request_id, gw.info.model)
+        self.prompt_tokens = [0] * len(calls)
+        self.cached_tokens = [0] * len(calls)
+        self.completion_tokens: dict[int, int] = {}
+        self.last_token_at: dict[int, float] = {}
+        self.text_offset: dict[int, int] = {}
+
+    async def _merged(self):
+        if len(self.calls) == 1:
+            yield 0, self.firsts[0]
+            async for msg in _rest(self.calls[0]):
+                yield 0, msg
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, call, first):
+            try:
+                await queue.put((i, first))
+                async for msg in _rest(call):
+                    await queue.put((i, msg))
+                await queue.put((i, None))
+            except BaseException as exc:  # the error travels to the consumer
+                await queue.put((i, exc))
+
+        tasks = [asyncio.ensure_future(pump(i, c, f)) for i, (c, f) in enumerate(zip(self.calls, self.firsts))]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                i, item = await queue.get()
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def events(self):
+        m = self.gw.metrics
+        shape, finished = self.shape, False
+        try:
+            if self.chat:
+                for index in range(self.n * len(self.calls)):
+                    yield R.sse(shape.chunk(index, None, None, None, None, role=True,
+                                            with_usage=self.include_usage))
+            async for prompt_index, msg in self._merged():
+                yield R.sse(await self._chunk(prompt_index, msg))
+            finished = True
+            if self.include_usage:
+                yield R.sse(shape.usage_chunk(self._usage()))
+        except grpc.aio.AioRpcError as err:
+            finished = True
+            yield R.sse(from_grpc(err).body())
+        except (asyncio.CancelledError, GeneratorExit):  # client gone: calls cancelled below
+            m.aborts.inc()
+            raise
+        finally:
+            for c in self.calls:
+                c.cancel()
+            m.num_requests_running.dec()
+            if finished:
+                m.e2e_request_latency_seconds.observe(time.monotonic() - self.start)
+                m.prompt_tokens.inc(sum(self.prompt_tokens))
+                m.generation_tokens.inc(sum(self.completion_tokens.values()))
+        yield R.SSE_DONE
+
+    async def _chunk(self, prompt_index: int, msg: pb.GenerateStreamResponse) -> dict:
+        m, now = self.gw.metrics, time.monotonic()
+        index = prompt_index * self.n + msg.index
+        self.prompt_tokens[prompt_index] = msg.prompt_tokens
+        self.cached_tokens[prompt_index] = msg.cached_tokens
+        self.completion_tokens[index] = msg.completion_tokens
+        if msg.token_ids:
+            last = self.last_token_at.get(index)
+            if last is None:
+                if index == 0:
+                    m.time_to_first_token_seconds.observe(now - self.start)
+            else:
+                m.inter_token_latency_seconds.observe(now - last)
+            self.last_token_at[index] = now
+        finish = R.FINISH_REASONS[msg.finish_reason]
+        if finish is not None:
+            m.request_success(R.METRIC_REASONS[msg.finish_reason]).inc()
+            if msg.timings.queue_ms > 0 and msg.index == 0:
+                m.request_queue_time_seconds.observe(msg.timings.queue_ms / 1e3)
+        if finish == "error":
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, None, None,
+                                       details="internal error: generation failed on a node")
+        logprobs = None
+        if self.logprobs:
+            strings = await self.gw.client.token_strings(R.token_ids_of(msg.logprobs))
+            if self.chat:
+                logprobs = R.chat_logprobs(msg.logprobs, strings)
+            else:
+                offset = self.text_offset.get(index, 0)
+                logprobs = R.completion_logprobs(msg.logprobs, strings, offset)
+        self.text_offset[index] = self.text_offset.get(index, 0) + len(msg.text)
+        return self.shape.chunk(index, msg.text, finish, R.stop_reason(msg), logprobs,
+                                with_usage=self.include_usage)
+
+    def _usage(self) -> dict:
+        return R.usage(sum(self.prompt_tokens), sum(self.completion_tokens.values()),
+                       sum(self.cached_tokens))
+
+
+# -- app -----------------------------------------------------------------------------------------
+
+async def connect(settings: Settings, wait_s: float = 60.0) -> tuple[RouterClient, pb.ModelInfoResponse]:
+    """A client whose router answered ModelInfo (retried until `wait_s` runs out)."""
+    router_key = settings.router_api_key or (settings.api_keys[0] if settings.api_keys else None)
+    client = RouterClient(settings.router, api_key=router_key, timeout_s=settings.request_timeout_s)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return client, await client.model_info()
+        except grpc.aio.AioRpcError as err:
+            if time.monotonic() > deadline or err.code() not in (
+                    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                await client.close()
+                raise RuntimeError(f"router {settings.router} did not answer ModelInfo: "
+                                   f"{err.code().name} {err.details()}") from None
+            await asyncio.sleep(0.2)
+
+
+def create_app(settings: Settings, router_wait_s: float = 60.0) -> FastAPI:
+    holder: dict[str, Gateway] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        client, info = await connect(settings, router_wait_s)
+        holder["gw"] = Gateway(settings, client, info, Metrics(info.model, "gateway"))
+        try:
+            yield
+        finally:
+            await client.close()
+
+    app = FastAPI(title="pdserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def gw() -> Gateway:
+        return holder["gw"]
+
+    @app.exception_handler(APIError)
+    async def _api_error(_req, exc: APIError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_req, _exc):
+        return JSONResponse(APIError(499, "client disconnected").body(), status_code=499)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req, exc: RequestValidationError):
+        return JSONResponse(APIError(400, str(exc.errors()[:1])).body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_req, exc: StarletteHTTPException):
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_req, exc: Exception):
+        logger.error("unhandled error", exc_info=exc)
+        return JSONResponse(APIError(500, "internal error").body(), status_code=500)
+
+    async def completions(request: Request):
+        return await gw().completions(request)
+
+    async def chat(request: Request):
+        return await gw().chat(request)
+
+    async def generate(request: Request):
+        return await gw().legacy_generate(request)
+
+    async def tokenize(request: Request):
+        return await gw().tokenize(request)
+
+    async def detokenize(request: Request):
+        return await gw().detokenize(request)
+
+    async def models():
+        return await gw().models()
+
+    async def health():
+        return await gw().health()
+
+    async def metrics():
+        return await gw().metrics_text()
+
+    async def version():
+        return {"version": settings.version}
+
+    for path, endpoint, method in (
+            ("/v1/completions", completions, "POST"), ("/v1/chat/completions", chat, "POST"),
+            ("/generate", generate, "POST"), ("/tokenize", tokenize, "POST"),
+            ("/detokenize", detokenize, "POST"), ("/v1/models", models, "GET"),
+            ("/health", health, "GET"), ("/metrics", metrics, "GET"), ("/version", version, "GET")):
+        app.add_api_route(path, endpoint, methods=[method])
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    return app
+

@@ -1,0 +1,128 @@
+"""Router replies -> OpenAI JSON: completion / chat objects, stream chunks, logprobs, usage."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+from protos.pdserve.v1 import generation_pb2 as pb
+
+FR = pb.FinishReason
+FINISH_REASONS = {
+    FR.FINISH_REASON_UNSPECIFIED: None,
+    FR.FINISH_REASON_LENGTH: "length",
+    FR.FINISH_REASON_STOP: "stop",
+    FR.FINISH_REASON_EOS: "stop",
+    FR.FINISH_REASON_ABORTED: "abort",
+    FR.FINISH_REASON_TIME_LIMIT: "time_limit",
+    FR.FINISH_REASON_ERROR: "error",
+}
+# the engine's names, for pdserve:request_success{finished_reason}
+METRIC_REASONS = {FR.FINISH_REASON_LENGTH: "length", FR.FINISH_REASON_STOP: "stop",
+                  FR.FINISH_REASON_EOS: "eos", FR.FINISH_REASON_ABORTED: "abort",
+                  FR.FINISH_REASON_TIME_LIMIT: "time_limit", FR.FINISH_REASON_ERROR: "error"}
+MIN_LOGPROB = -9999.0  # JSON has no -inf
+
+
+def sse(obj) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def stop_reason(msg) -> str | int | None:
+    """The matched stop string or stop token id of a Completion / last stream chunk."""
+    if msg.stop_sequence:
+        return msg.stop_sequence
+    if msg.HasField("stop_token_id"):
+        return msg.stop_token_id
+    return None
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, details: bool = True) -> dict:
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "total_tokens": prompt_tokens + completion_tokens}
+    if details:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
+def _lp(x: float) -> float:
+    return MIN_LOGPROB if math.isnan(x) or x < MIN_LOGPROB else float(x)
+
+
+def token_ids_of(logprobs) -> set[int]:
+    ids = set()
+    for entry in logprobs:
+        ids.add(entry.token_id)
+        ids.update(t.token_id for t in entry.top)
+    return ids
+
+
+def completion_logprobs(logprobs, strings: dict[int, str], text_offset: int) -> dict:
+    """/v1/completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for entry in logprobs:
+        token = strings[entry.token_id]
+        out["tokens"].append(token)
+        out["token_logprobs"].append(_lp(entry.logprob))
+        out["top_logprobs"].append({strings[t.token_id]: _lp(t.logprob) for t in entry.top})
+        out["text_offset"].append(text_offset)
+        text_offset += len(token)
+    return out
+
+
+def chat_logprobs(logprobs, strings: dict[int, str]) -> dict:
+    """/v1/chat/completions shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def item(token_id: int, logprob: float) -> dict:
+        token = strings[token_id]
+        return {"token": token, "logprob": _lp(logprob), "bytes": list(token.encode("utf-8", "replace"))}
+
+    return {"content": [{**item(e.token_id, e.logprob),
+                         "top_logprobs": [item(t.token_id, t.logprob) for t in e.top]}
+                        for e in logprobs]}
+
+
+class Shape:
+    """Object names and choice layout of one endpoint (completions or chat)."""
+
+    def __init__(self, chat: bool, request_id: str, model: str):
+        self.chat, self.model = chat, model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + request_id
+        self.created = int(time.time())
+
+    def _envelope(self, obj: str, choices: list) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+
+    def full(self, choices: list, usage_: dict) -> dict:
+        out = self._envelope("chat.completion" if self.chat else "text_completion", choices)
+        out["usage"] = usage_
+        return out
+
+    def choice(self, index: int, text: str, finish: str | None, stop, logprobs) -> dict:
+        if self.chat:
+            return {"index": index, "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
+                "stop_reason": stop}
+
+    def chunk(self, index: int, text: str | None, finish: str | None, stop, logprobs,
+              role: bool = False, with_usage: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = stop
+        out = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
+        if with_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, usage_: dict) -> dict:
+        out = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
+        out["usage"] = usage_
+        return out
