@@ -133,10 +133,9 @@ def plan(ns) -> list[Child]:
     """The processes of `pdserve serve`, nodes first, on free loopback ports."""
     engine = _engine_argv(ns)
     local = "127.0.0.1"
-    children = [Child(f"prefill-{i}", ["prefill_node", *engine, "--host", local, "--port", str(free_port())])
-                for i in range(ns.num_prefill)]
-    children += [Child(f"decode-{i}", ["decode_node", *engine, "--host", local, "--port", str(free_port())])
-                 for i in range(ns.num_decode)]
+    children = [Child(f"{role}-{i}", [f"{role}_node", *engine, "--node-id", f"{role}-{i}", "--host", local,
+                                      "--port", str(free_port())])
+                for role, count in (("prefill", ns.num_prefill), ("decode", ns.num_decode)) for i in range(count)]
     router = ["router", "--host", ns.host, "--port", str(ns.port), "--block-size", str(ns.block_size),
               "--dtype", ns.dtype, "--kv-transport", ns.kv_transport, "--grace-period", str(ns.grace_period)]
     for flag in ("model", "served_model_name", "max_model_len"):

@@ -256,7 +256,7 @@ class Pipeline:
     async def _watch_transfer(self, prefill: Node, call, decode_call) -> RpcError | None:
         """Reads the prefill stream's TransferDone. A failure there fails the decode call too."""
         try:
-            async for event in call:
+            while (event := await call.read()) is not grpc.aio.EOF:  # read(): the first event was read() too
                 if event.HasField("transfer_done"):
                     self.timings.kv_transfer_ms = event.transfer_done.ms
                     self.timings.kv_transfer_bytes = event.transfer_done.bytes
