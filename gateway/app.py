@@ -190,7 +190,7 @@ class Gateway:
         if req.echo or req.suffix:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = P.check_sampling(req, max_tokens, req.logprobs)
+        params = P.check_sampling(req, max_tokens, req.logprobs, self.info.vocab_size)
         inputs = P.completion_inputs(req.prompt, self.info.vocab_size)
         grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs)
         return await self.generate(request, grpc_req, req, chat=False, num_prompts=len(inputs))
@@ -202,7 +202,7 @@ class Gateway:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = P.check_sampling(req, max_tokens, logprobs)
+        params = P.check_sampling(req, max_tokens, logprobs, self.info.vocab_size)
         chat = pb.ChatInput(messages=P.chat_messages(req.messages),
                             add_generation_prompt=req.add_generation_prompt)
         grpc_req = P.sampling_proto(req, params, max_tokens, logprobs, [pb.Input(chat=chat)])
@@ -215,7 +215,7 @@ class Gateway:
             raise APIError(400, "stream is not supported on /generate; use /v1/completions",
                            param="stream")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = P.check_sampling(req, max_tokens, req.logprobs)
+        params = P.check_sampling(req, max_tokens, req.logprobs, self.info.vocab_size)
         inputs = P.completion_inputs(req.prompt, self.info.vocab_size)
         grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs)
         reply = await self.unary(request, grpc_req)

@@ -119,7 +119,8 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetitio
                     "presence_penalty", "frequency_penalty")
 
 
-def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None,
+                   vocab_size: int | None = None) -> SamplingParams:
     """Validates every sampling / stopping field with the engine's rules (ValueError -> 400)."""
     given = {f: getattr(req, f) for f in _SAMPLING_FIELDS if getattr(req, f) is not None}
     bias = None
@@ -142,7 +143,7 @@ def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None)
         message = str(exc)
         raise APIError(400, message, param=message.split(" ", 1)[0]) from None
     for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", bias or ())):
-        check_token_ids(name, ids)
+        check_token_ids(name, ids, vocab_size)
     return params
 
 

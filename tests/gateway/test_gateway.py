@@ -1,0 +1,372 @@
+"""The HTTP gateway on a real stack (router + prefill + decode + gateway processes on loopback,
+tiny random llama): OpenAI SDK, raw SSE framing, /generate, auth, metrics, bad inputs."""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from protos.pdserve.v1 import generation_pb2 as pb
+from tests.services.stack import start_stack
+
+KEY = "sk-test-gateway"
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def stack(make_tiny_model):
+    with start_stack(make_tiny_model("llama"), gateway=True, extra_args=("--api-key", KEY)) as s:
+        assert s.gateway_url, "".join(s.output[-40:])
+        yield s
+
+
+@pytest.fixture(scope="module")
+def url(stack) -> str:
+    return stack.gateway_url
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    with httpx.Client(base_url=url, headers=HEADERS, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model(http) -> str:
+    return http.get("/v1/models").json()["data"][0]["id"]
+
+
+@pytest.fixture(scope="module")
+def sdk(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+CHAT = [{"role": "user", "content": "Tell me a story about a cat."}]
+
+
+# -- OpenAI SDK ------------------------------------------------------------------------------------
+
+def test_models_version_health(http, model):
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["object"] == "model"
+    assert models["data"][0]["max_model_len"] == 256
+    assert isinstance(http.get("/version").json()["version"], str)
+    assert httpx.get(http.base_url.join("/health")).status_code == 200  # no key needed
+
+
+def test_completions_stream_equals_non_stream_greedy(sdk, model):
+    full = sdk.completions.create(model=model, prompt="The capital of France is", max_tokens=12,
+                                  temperature=0)
+    choice = full.choices[0]
+    assert full.object == "text_completion" and full.id.startswith("cmpl-")
+    assert choice.finish_reason in ("length", "stop")
+    assert full.usage.completion_tokens <= 12 and full.usage.prompt_tokens > 0
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    chunks = list(sdk.completions.create(model=model, prompt="The capital of France is", max_tokens=12,
+                                         temperature=0, stream=True,
+                                         stream_options={"include_usage": True}))
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1] and chunks[-1].choices == []
+    assert usage_chunks[0].usage.completion_tokens == full.usage.completion_tokens
+    text_chunks = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].text for c in text_chunks) == choice.text
+    assert len(text_chunks) == full.usage.completion_tokens  # one token per chunk
+    assert text_chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_chat_stream_equals_non_stream_greedy(sdk, model):
+    full = sdk.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    chunks = list(sdk.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_seed_n_and_stop(sdk, model):
+    a = sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=7)
+    b = sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+    two = sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=4, n=2, temperature=1.0,
+                                 seed=3)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    chat_two = sdk.chat.completions.create(model=model, messages=CHAT, max_tokens=3, n=2, seed=5)
+    assert sorted(c.index for c in chat_two.choices) == [0, 1]
+    greedy = sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=16, temperature=0)
+    text = greedy.choices[0].text
+    assert len(text) >= 6, text
+    stop = text[3:6]
+    stopped = sdk.completions.create(model=model, prompt="Once upon a time", max_tokens=16, temperature=0,
+                                     stop=[stop])
+    assert stopped.choices[0].text == text[:text.find(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_logprobs(sdk, model):
+    comp = sdk.completions.create(model=model, prompt="Hello", max_tokens=5, temperature=0, logprobs=2)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == comp.usage.completion_tokens
+    assert all(x <= 0 for x in lp.token_logprobs)
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)
+    # greedy: the sampled token is the most likely one
+    assert all(abs(max(top.values()) - x) < 1e-4 for top, x in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = sdk.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)
+    streamed = list(sdk.chat.completions.create(model=model, messages=CHAT, max_tokens=4, temperature=0,
+                                                logprobs=True, top_logprobs=1, stream=True))
+    tokens = [c.choices[0].logprobs.content[0].token for c in streamed[1:]]
+    assert tokens == [c.token for c in content]
+
+
+# -- raw SSE framing -------------------------------------------------------------------------------
+
+def _events(body: bytes) -> list[bytes]:
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert body.count(b"data: [DONE]") == 1
+    events = body.split(b"\n\n")
+    assert events[-1] == b""
+    for e in events[:-1]:
+        assert e.startswith(b"data: ") and b"\n" not in e, e
+    return events[:-1]
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 5, "temperature": 0, "stream": True}),
+    ("/v1/completions", {"prompt": "Hi there", "max_tokens": 5, "temperature": 0, "stream": True,
+                         "stream_options": {"include_usage": True}}),
+])
+def test_sse_framing_bytewise(http, model, route, body):
+    with http.stream("POST", route, json={"model": model, **body}) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(r.iter_raw())
+    events = _events(raw)
+    payloads = [json.loads(e[len(b"data: "):]) for e in events[:-1]]
+    if route == "/v1/chat/completions":
+        assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert all(p["object"] == "chat.completion.chunk" for p in payloads)
+        finishes = [p["choices"][0]["finish_reason"] for p in payloads]
+    else:
+        assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] >= 1
+        finishes = [p["choices"][0]["finish_reason"] for p in payloads[:-1]]
+    assert finishes[-1] in ("length", "stop") and all(f is None for f in finishes[:-1])
+    assert len({p["id"] for p in payloads}) == 1
+
+
+# -- legacy /generate --------------------------------------------------------------------------------
+
+def test_legacy_generate_shape(http, model):
+    r = http.post("/generate", json={"prompt": "Hello", "model": model, "max_tokens": 4, "temperature": 0,
+                                     "top_p": 1.0, "n": 2})
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) == {"text", "usage", "model"}
+    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert body["model"] == model and len(body["text"]) == 2 and all(isinstance(t, str) for t in body["text"])
+    assert body["text"][0] == body["text"][1]  # greedy: both samples equal
+    u = body["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["completion_tokens"] <= 8
+
+
+def test_tokenize_detokenize_roundtrip(http, model):
+    tok = http.post("/tokenize", json={"model": model, "prompt": "Hello world", "add_special_tokens": False}).json()
+    assert tok["count"] == len(tok["tokens"]) >= 2 and tok["max_model_len"] == 256
+    assert http.post("/detokenize", json={"model": model, "tokens": tok["tokens"]}).json() == {"prompt": "Hello world"}
+
+
+# -- auth ------------------------------------------------------------------------------------------
+
+PROTECTED = [("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/version", None),
+             ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+             ("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 1}),
+             ("POST", "/generate", {"prompt": "hi", "max_tokens": 1}),
+             ("POST", "/tokenize", {"prompt": "hi"}), ("POST", "/detokenize", {"tokens": [1]})]
+
+
+def test_api_keys_on_every_route(url, stack):
+    with httpx.Client(base_url=url, timeout=30) as anon:
+        for method, path, body in PROTECTED:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                            {"Authorization": f"Basic {KEY}"}):
+                r = anon.request(method, path, json=body, headers=headers)
+                assert r.status_code == 401, (path, headers, r.text)
+                err = r.json()["error"]
+                assert set(err) == {"message", "type", "param", "code"} and "API key" in err["message"]
+        assert anon.get("/health").status_code == 200
+        assert anon.get("/v1/models", headers=HEADERS).status_code == 200
+    stub = stack.stub()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.ModelInfo(pb.ModelInfoRequest(), timeout=10,
+                          metadata=(("authorization", f"Bearer {KEY}"),)).max_model_len == 256
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+def _scrape(http) -> dict:
+    r = http.get("/metrics")
+    assert r.status_code == 200
+    return {(s.name, s.labels.get("finished_reason"), s.labels.get("le")): s.value
+            for f in text_string_to_metric_families(r.text) for s in f.samples
+            if s.labels.get("role") == "gateway"}
+
+
+def test_metrics_move_by_request_count(http, model, sdk):
+    before = _scrape(http)
+    usages = []
+    for i in range(3):
+        usages.append(sdk.completions.create(model=model, prompt=f"Count {i}", max_tokens=3,
+                                             temperature=0, extra_body={"ignore_eos": True}).usage)
+    for i in range(2):
+        chunks = list(sdk.completions.create(model=model, prompt=f"Stream {i}", max_tokens=4, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True}))
+        usages.append(chunks[-1].usage)
+    after = _scrape(http)
+
+    def moved(name, reason=None, le=None):
+        return after.get((name, reason, le), 0) - before.get((name, reason, le), 0)
+
+    assert moved("pdserve:request_success_total", "length") == 5
+    assert moved("pdserve:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert moved("pdserve:generation_tokens_total") == sum(u.completion_tokens for u in usages) == 3 * 3 + 2 * 4
+    assert moved("pdserve:e2e_request_latency_seconds_count") == 5
+    assert moved("pdserve:time_to_first_token_seconds_count") >= 2
+    assert moved("pdserve:inter_token_latency_seconds_count") == 2 * 3  # 4 tokens -> 3 gaps per stream
+    assert moved("pdserve:e2e_request_latency_seconds_bucket", le="+Inf") == 5
+    assert after[("pdserve:num_requests_running", None, None)] == 0
+    names = {k[0] for k in after}
+    for name in ("pdserve:num_requests_waiting", "pdserve:kv_cache_usage_perc", "pdserve:aborts_total",
+                 "pdserve:prefix_cache_queries_total", "pdserve:prefix_cache_hits_total",
+                 "pdserve:request_queue_time_seconds_count", "pdserve:kv_transfer_bytes_total",
+                 "pdserve:kv_transfer_seconds_count", "pdserve:kv_free_blocks", "pdserve:kv_total_blocks",
+                 "pdserve:active_leases"):
+        assert name in names, name
+
+
+# -- bad inputs (RELIABILITY.md) -------------------------------------------------------------------
+
+C, CH = "/v1/completions", "/v1/chat/completions"
+BAD = [
+    (C, {"prompt": ""}, 400, "prompt must not be empty"),
+    (C, {"prompt": []}, 400, "prompt must not be empty"),
+    (CH, {"messages": []}, 400, "messages must not be empty"),
+    (C, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be in [1, 2147483647]"),
+    (C, {"prompt": "x", "max_tokens": -1}, 400, "max_tokens must be in [1, 2147483647]"),
+    (C, {"prompt": "x", "max_tokens": 2**31}, 400, "max_tokens must be in [1, 2147483647]"),
+    (C, {"prompt": "x", "max_tokens": 2**63}, 400, "max_tokens must be in [1, 2147483647]"),
+    (C, {"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens: Input should be a valid integer"),
+    (C, {"prompt": "x", "max_tokens": "16"}, 400, "max_tokens: Input should be a valid integer"),
+    (C, {"prompt": "x", "max_tokens": 300}, 400, "exceeds the max model length 256"),
+    (C, {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens must be <= max_tokens (4)"),
+    (C, {"prompt": "x", "n": 0}, 400, "n must be in [1, 128]"),
+    (C, {"prompt": "x", "n": 10**9}, 400, "n must be in [1, 128]"),
+    (C, {"prompt": "x", "temperature": -0.5}, 400, "temperature must be >= 0"),
+    (C, {"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    (C, {"prompt": "x", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    (C, {"prompt": "x", "top_k": -2}, 400, "top_k must be in [-1,"),
+    (C, {"prompt": "x", "logprobs": 10**6}, 400, "logprobs must be in [0, 20]"),
+    (CH, {"messages": CHAT, "logprobs": True, "top_logprobs": -1}, 400, "logprobs must be in [0, 20]"),
+    (C, {"prompt": "x", "stop": ["s"] * 10**4}, 400, "stop may hold at most 64 strings"),
+    (C, {"prompt": "x", "stop": "y" * 2**20}, 400, "stop strings must be at most 1024 characters"),
+    (C, {"prompt": "x", "stop": [""]}, 400, "stop strings must not be empty"),
+    (C, {"prompt": "x", "stop_token_ids": [49152]}, 400, "stop_token_ids must hold token ids in [0, 49152)"),
+    (C, {"prompt": [1, 2, 10**6]}, 400, "prompt must hold token ids in [0, 49152)"),
+    (C, {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias keys must be token ids"),
+    (C, {"prompt": "x", "model": "no-such-model"}, 404, "does not exist"),
+    (CH, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role must be one of"),
+    (C, {"prompt": "x", "echo": True}, 400, "echo and suffix are not supported"),
+    (C, {}, 400, "prompt: Field required"),
+    ("/generate", {"prompt": "x", "stream": True}, 400, "stream is not supported on /generate"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens must hold token ids"),
+]
+RAW_BAD = [
+    (C, b'{"prompt": "x", "temperature": NaN}', 400, "temperature must be finite"),
+    (C, b'{"prompt": "x", "presence_penalty": Infinity}', 400, "presence_penalty must be finite"),
+    (C, b'{"prompt": "x", "max_tokens": ', 400, "invalid JSON body"),
+    (C, b'["not", "an", "object"]', 400, "request body must be a JSON object"),
+    (C, b'{"prompt": "\\ud800"}', 400, "lone surrogate"),
+    (C, b'{"prompt": "\xff\xfe"}', 400, "invalid JSON body"),
+    (C, b'{"prompt": ' + b"[" * 100 + b"]" * 100 + b"}", 400, "JSON nesting exceeds the limit of 32 levels"),
+    (C, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "JSON nesting exceeds the limit"),
+    (C, b'{"prompt": "' + b"a" * (9 * 2**20) + b'"}', 413, "exceeds the limit of 8388608 bytes"),
+]
+
+
+def _bystander(sdk, model, expected: str, results: list):
+    try:
+        for _ in range(3):
+            chunks = sdk.completions.create(model=model, prompt="Bystander prompt", max_tokens=8, temperature=0,
+                                            stream=True)
+            results.append("".join(c.choices[0].text for c in chunks) == expected)
+    except Exception as exc:  # reported by the assertion in the test
+        results.append(exc)
+
+
+def test_bad_inputs_clear_errors_bystander_unharmed(http, sdk, model):
+    expected = sdk.completions.create(model=model, prompt="Bystander prompt", max_tokens=8,
+                                      temperature=0).choices[0].text
+    results: list = []
+    bystander = threading.Thread(target=_bystander, args=(sdk, model, expected, results))
+    bystander.start()
+    failures = []
+    for route, body, status, message in BAD:
+        r = http.post(route, json={"model": model, **body} if "model" not in body else body)
+        try:
+            err = r.json()["error"]
+        except Exception:
+            failures.append((route, body, r.status_code, r.text[:200]))
+            continue
+        if r.status_code != status or message not in err["message"]:
+            failures.append((route, str(body)[:80], r.status_code, err["message"][:200]))
+        assert set(err) == {"message", "type", "param", "code"}
+        assert not re.search(r"Traceback|File \"|0x[0-9a-f]{6,}|/work/", err["message"])
+    for route, raw, status, message in RAW_BAD:
+        r = http.post(route, content=raw, headers={"content-type": "application/json"})
+        err = r.json()["error"]
+        if r.status_code != status or message not in err["message"]:
+            failures.append((route, raw[:40], r.status_code, err["message"][:200]))
+    bystander.join(120)
+    assert not failures, failures
+    assert results == [True, True, True]
+    with http.stream("POST", C, json={"model": model, "prompt": "x", "max_tokens": 0, "stream": True}) as r:
+        assert r.status_code == 400  # a streamed request's bad input is a plain HTTP error too
+
+
+def test_client_disconnect_aborts_request(http, model, stack):
+    before = _scrape(http)
+    with http.stream("POST", C, json={"model": model, "prompt": "Long story", "max_tokens": 200,
+                                      "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert got[0].startswith("data: ")
+    stub = stack.stub()
+    meta = (("authorization", f"Bearer {KEY}"),)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=10, metadata=meta)
+        if not loads.router_request_ids and all(not n.load.request_ids for n in loads.nodes):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"request still tracked after the client left: {loads}")
+    after = _scrape(http)
+    key = ("pdserve:aborts_total", None, None)
+    assert after[key] - before.get(key, 0) == 1
+    assert after[("pdserve:num_requests_running", None, None)] == 0
