@@ -45,8 +45,10 @@ def _decode_kernel(
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (unused by 16-bit)
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # kv head fastest: the programs of one sequence run together and read whole token rows
+    # (all kv heads of a token are adjacent in the cache).
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     start = split * split_len
@@ -85,7 +87,7 @@ def _decode_kernel(
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        row = (seq.to(tl.int64) * (GROUP * tl.num_programs(1)) + heads) * num_splits + split
+        row = (seq.to(tl.int64) * (GROUP * tl.num_programs(0)) + heads) * num_splits + split
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=head_ok[:, None])
         tl.store(part_lse_ptr + row, lse, mask=head_ok)
     else:
@@ -132,11 +134,15 @@ def num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sm_count: int,
-                      block_n: int = 64, min_split_tokens: int = 512, ctas_per_sm: int = 4) -> int:
-    """Enough programs to keep every SM streaming, but no split shorter than min_split_tokens."""
+                      min_split_tokens: int = 2048, ctas_per_sm: int = 2) -> int:
+    """Split only when (sequence, kv head) pairs are too few to keep every SM streaming.
+
+    Tuned on the H100 (bench/kernels_bench.py --sweep, 2026-11-23): batch 64 x 4k and 32 x 8k are
+    best unsplit, 8 x 32k with 4-16 splits, 1 x 32k with 16. A power of two keeps splits equal.
+    """
     programs = num_seqs * num_kv_heads
-    want = math.ceil(ctas_per_sm * sm_count / programs)
-    most = max(1, max_seq_len // max(min_split_tokens, block_n))
+    want = triton.next_power_of_2(math.ceil(ctas_per_sm * sm_count / programs))
+    most = max(1, max_seq_len // min_split_tokens)
     return max(1, min(want, most))
 
 
@@ -153,7 +159,7 @@ def paged_decode_attention(
     num_splits: int | None = None,  # None = heuristic
     block_n: int = 64,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -175,7 +181,7 @@ def paged_decode_attention(
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device), block_n)
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device))
     split_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_seq_len, split_len)
     split = num_splits > 1
@@ -184,7 +190,7 @@ def paged_decode_attention(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # not touched
-    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
         scale * _LOG2E, split_len, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),

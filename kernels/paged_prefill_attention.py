@@ -85,10 +85,15 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,  # tile rows = BLOCK_Q tokens * GROUP_PAD heads
     BLOCK_N: tl.constexpr,  # keys per loop step
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (unused by 16-bit)
+    KV_FASTEST: tl.constexpr,  # grid (kv heads, tiles) instead of (tiles, kv heads)
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if KV_FASTEST:
+        kv_head = tl.program_id(0)
+        tile = tl.program_id(1)
+    else:
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
     seq = tl.load(tile_seq_ptr + tile)
     q0 = tl.load(tile_q_ptr + tile)
     q_begin = tl.load(query_start_loc_ptr + seq)
@@ -135,12 +140,16 @@ class TileClass:
     block_n: int
     num_warps: int
     num_stages: int
+    # Short rows are bound by memory: run the kv heads of one tile together so that they read
+    # whole token rows of the cache. Long rows are bound by compute: run a kv head's tiles
+    # together so that its K/V stay in L2.
+    kv_fastest: bool = False
 
 
 # Tile heights tried smallest first: a row goes to the first class whose tile holds its q_len tokens.
 TILE_CLASSES = (
-    TileClass(block_m=16, block_n=64, num_warps=4, num_stages=2),
-    TileClass(block_m=64, block_n=64, num_warps=4, num_stages=2),
+    TileClass(block_m=16, block_n=64, num_warps=4, num_stages=3, kv_fastest=True),
+    TileClass(block_m=64, block_n=64, num_warps=4, num_stages=3, kv_fastest=True),
     TileClass(block_m=128, block_n=64, num_warps=8, num_stages=3),
 )
 
@@ -211,14 +220,17 @@ def paged_prefill_attention(
         assert max(query_lens) <= max_query_len, (query_lens, max_query_len)
         tiles = plan_tiles(query_lens, group, q.device)
     for t in tiles:
-        _prefill_kernel[(t.tile_seq.shape[0], num_kv_heads)](
+        num_tiles = t.tile_seq.shape[0]
+        grid = (num_kv_heads, num_tiles) if t.cls.kv_fastest else (num_tiles, num_kv_heads)
+        assert grid[1] < 65536, grid  # CUDA's limit on the second grid dimension
+        _prefill_kernel[grid](
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, t.tile_seq, t.tile_q, out,
             scale * _LOG2E,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, BLOCK_M=t.cls.block_m, BLOCK_N=t.cls.block_n,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FASTEST=t.cls.kv_fastest,
             num_warps=t.cls.num_warps, num_stages=t.cls.num_stages,
         )
     return out

@@ -48,7 +48,8 @@ def test_decode_block_size_8_and_no_padding_columns():
 
 def test_choose_num_splits():
     sms = 132
-    assert choose_num_splits(256, 8, 4096, sms) == 1  # already 2048 programs
-    assert choose_num_splits(8, 8, 32768, sms) >= 8  # 64 programs: split the context
+    assert choose_num_splits(64, 8, 4096, sms) == 1  # 512 programs already
+    assert choose_num_splits(32, 8, 8192, sms) <= 2
+    assert choose_num_splits(8, 8, 32768, sms) in (4, 8, 16)  # 64 programs: split the context
+    assert choose_num_splits(1, 8, 32768, sms) == 16  # capped: no split under 2048 tokens
     assert choose_num_splits(8, 8, 300, sms) == 1  # too short to be worth splitting
-    assert choose_num_splits(1, 8, 32768, sms) * 512 <= 32768

@@ -43,7 +43,8 @@ def test_prefill_one_tile_class_small_blocks(block_n):
     # Every row through one tile height, with key steps both shorter and longer than a cache block.
     case = make_case(QUERY_LENS, SEQ_LENS, 8, 2, 64, block_size=32 if block_n == 16 else 8,
                      dtype=torch.float16, seed=6)
-    tiles = plan_tiles(case.query_lens, 4, case.q.device, classes=[TileClass(32, block_n, 4, 2)])
+    cls = TileClass(32, block_n, 4, 2, kv_fastest=block_n == 16)  # both grid orders
+    tiles = plan_tiles(case.query_lens, 4, case.q.device, classes=[cls])
     _check(case, tiles)
 
 
