@@ -1,0 +1,154 @@
+"""Decode side: assembles one reservation's KV frames into a staging buffer.
+
+Every header is checked before anything is allocated or copied:
+    reservation id  == this reservation          seq          == the next expected frame
+    total_frames    == the first frame's, and within what the reservation can hold
+    kind in {K, V}, layer < num_layers           dtype        == the receiver's cache dtype
+    shape           == [n, block_size, kv_heads, head_dim], 1 <= n, product bounded by the reservation
+    block_start + n <= reserved blocks, and those blocks not already filled (no replays)
+    payload length  == product * element size    CRC32        == header.crc32
+A transfer is complete only when the last frame arrived and every block of every layer of K and V
+is filled exactly once. Anything else leaves `complete` False: decode never runs on partial KV.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.kv_transfer.base import K, V, KVSpec, crc32
+from engine.rpc import convert
+from protos.pdserve.v1 import node_pb2
+
+
+class TransferError(ValueError):
+    """A frame that must be rejected (INVALID_ARGUMENT)."""
+
+
+class KVStaging:
+    def __init__(self, reservation_id: str, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu"):
+        self.reservation_id = reservation_id
+        self.spec = spec
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        self.k: torch.Tensor | None = None  # allocated after the first frame is validated
+        self.v: torch.Tensor | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Drops whatever arrived; a new transfer starts again from seq 0."""
+        self.next_seq = 0
+        self.total_frames: int | None = None
+        self.filled = np.zeros((2, self.spec.num_layers, self.num_blocks), dtype=bool)
+        self.bytes_received = 0
+        self.frames = 0
+        self.k = self.v = None
+
+    @property
+    def max_frames(self) -> int:
+        return 2 * self.spec.num_layers * self.num_blocks
+
+    @property
+    def complete(self) -> bool:
+        return self.total_frames is not None and self.next_seq == self.total_frames and bool(self.filled.all())
+
+    @property
+    def started(self) -> bool:
+        return self.next_seq > 0
+
+    # ---- validation -----------------------------------------------------------------------------
+    def check(self, frame: node_pb2.KVFrame, with_payload: bool = True) -> tuple[int, int, int, int, int]:
+        """Validates a frame's header (not its payload CRC); returns (kind, layer, start, n, nbytes)."""
+        spec = self.spec
+        if frame.reservation_id != self.reservation_id:
+            raise TransferError("frame belongs to another reservation")
+        if self.complete:
+            raise TransferError("the reservation's KV is already complete (replayed frame)")
+        if frame.seq != self.next_seq:
+            raise TransferError(f"frame seq {frame.seq} out of order (expected {self.next_seq}): stale or replayed")
+        if not 1 <= frame.total_frames <= self.max_frames:
+            raise TransferError(f"total_frames {frame.total_frames} outside [1, {self.max_frames}] for "
+                                f"{self.num_blocks} reserved blocks")
+        if self.total_frames is not None and frame.total_frames != self.total_frames:
+            raise TransferError(f"total_frames changed from {self.total_frames} to {frame.total_frames}")
+        h = frame.header
+        if h.kind not in (K, V):
+            raise TransferError(f"header kind must be 0 (K) or 1 (V), got {h.kind}")
+        if h.layer >= spec.num_layers:
+            raise TransferError(f"layer {h.layer} out of range (the cache has {spec.num_layers} layers)")
+        expected_dtype = convert.dtype_name(spec.dtype)
+        if h.dtype != expected_dtype:
+            raise TransferError(f"dtype {h.dtype[:32]!r} differs from the receiver's {expected_dtype!r}")
+        shape = list(h.shape)
+        if len(shape) != 4 or tuple(shape[1:]) != spec.block_shape or shape[0] < 1:
+            raise TransferError(f"shape {shape[:8]} does not match [n >= 1, {', '.join(map(str, spec.block_shape))}]")
+        n = shape[0]
+        elems = n * spec.block_size * spec.num_kv_heads * spec.head_dim  # python ints: no overflow
+        if elems > self.num_blocks * spec.block_size * spec.num_kv_heads * spec.head_dim:
+            raise TransferError("shape larger than the reservation")
+        if h.block_start + n > self.num_blocks:
+            raise TransferError(f"blocks [{h.block_start}, {h.block_start + n}) outside the {self.num_blocks} "
+                                f"reserved blocks")
+        if self.filled[h.kind, h.layer, h.block_start:h.block_start + n].any():
+            raise TransferError("frame overwrites blocks already received (replayed)")
+        nbytes = elems * spec.elem_size
+        if with_payload and len(frame.data) != nbytes:
+            raise TransferError(f"payload has {len(frame.data)} bytes; the header declares {nbytes}")
+        if not with_payload and frame.data:
+            raise TransferError("a header-only frame must carry no payload")
+        if frame.seq == frame.total_frames - 1:
+            covered = int(self.filled.sum()) + n
+            if covered != self.filled.size:
+                raise TransferError(f"last frame leaves {self.filled.size - covered} blocks missing "
+                                    f"(wrong total_frames)")
+        return h.kind, h.layer, h.block_start, n, nbytes
+
+    # ---- filling ----------------------------------------------------------------------------------
+    def _allocate(self) -> None:
+        if self.k is None:
+            shape = (self.spec.num_layers, self.num_blocks, *self.spec.block_shape)
+            self.k = torch.empty(shape, dtype=self.spec.dtype, device=self.device)
+            self.v = torch.empty(shape, dtype=self.spec.dtype, device=self.device)
+
+    def _commit(self, frame: node_pb2.KVFrame, kind: int, layer: int, start: int, n: int, nbytes: int) -> None:
+        self.filled[kind, layer, start:start + n] = True
+        self.total_frames = frame.total_frames
+        self.next_seq += 1
+        self.frames += 1
+        self.bytes_received += nbytes
+
+    def _slot(self, kind: int, layer: int, start: int, n: int) -> torch.Tensor:
+        return (self.k if kind == K else self.v)[layer, start:start + n]
+
+    def add_frame(self, frame: node_pb2.KVFrame) -> None:
+        """gRPC transport: header + payload in one frame."""
+        kind, layer, start, n, nbytes = self.check(frame, with_payload=True)
+        if crc32(frame.data) != frame.header.crc32:
+            raise TransferError(f"CRC32 mismatch in frame {frame.seq}")
+        self._allocate()
+        dst = self._slot(kind, layer, start, n)
+        if dst.device.type == "cpu":
+            dst.view(torch.uint8).reshape(-1).numpy()[:] = np.frombuffer(frame.data, dtype=np.uint8)
+        else:
+            src = torch.from_numpy(np.frombuffer(frame.data, dtype=np.uint8).copy())
+            dst.view(torch.uint8).reshape(-1).copy_(src)
+        self._commit(frame, kind, layer, start, n, nbytes)
+
+    def receive_buffer(self, frame: node_pb2.KVFrame) -> tuple[torch.Tensor, tuple]:
+        """torch.distributed transport: validates a header-only frame and returns a uint8 buffer of the
+        declared size to receive the payload into, plus a token for `add_received`."""
+        kind, layer, start, n, nbytes = self.check(frame, with_payload=False)
+        self._allocate()
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return buf, (frame, kind, layer, start, n, nbytes)
+
+    def add_received(self, buf: torch.Tensor, token: tuple) -> None:
+        frame, kind, layer, start, n, nbytes = token
+        if crc32(buf) != frame.header.crc32:
+            raise TransferError(f"CRC32 mismatch in frame {frame.seq}")
+        self._slot(kind, layer, start, n).view(torch.uint8).reshape(-1).copy_(buf)
+        self._commit(frame, kind, layer, start, n, nbytes)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.complete:
+            raise TransferError("the KV transfer is incomplete")
+        return self.k, self.v

@@ -1,0 +1,256 @@
+"""KV over torch.distributed point-to-point between one prefill/decode pair.
+
+No `init_process_group`: each pair is its own 2-rank group built on demand from the decode
+node's TCPStore (`rendezvous` in ReserveResponse), under a `PrefixStore` naming the pair:
+
+    prefill (rank 0)                                   decode (rank 1)
+    PushKV header-only frame (dtype, shape, crc)  ──►  validate header, allocate the declared size
+    group.send(raw uint8 view)                    ──►  group.recv(buffer), check CRC32, stage
+    ... one frame per layer per K/V ...
+    done_writing                                  ──►  PushKVResponse once every block is staged
+
+ProcessGroupGloo on CPU, ProcessGroupNCCL on CUDA (same code path). Every operation has a timeout;
+a pair group that failed once is dropped on both sides and rebuilt under a new generation.
+Transfers on one pair are serialized (the sender holds the pair until PushKV answers), so
+send/recv order always matches, also for NCCL which ignores tags.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import socket
+import threading
+import uuid
+import zlib
+from dataclasses import dataclass
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from engine.kv_transfer.base import K, V, KVSender, KVSpec, crc32, make_header
+from engine.kv_transfer.grpc_transport import Channels
+from engine.kv_transfer.staging import KVStaging
+from engine.rpc.errors import Unavailable
+from protos.pdserve.v1 import node_pb2
+
+logger = logging.getLogger("pdserve.kv_transfer")
+
+PAIR_METADATA_KEY = "x-pdserve-kv-pair"  # "<prefill instance>/<generation>"
+SENDER_RANK, RECEIVER_RANK = 0, 1
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(seconds, 0.5))
+
+
+def make_pair_group(store, rank: int, timeout: float, device: torch.device, host: str):
+    """A 2-rank group on `store` without init_process_group: NCCL on CUDA, gloo otherwise."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = _timedelta(timeout)
+        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = _timedelta(timeout)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+    return dist.ProcessGroupGloo(store, rank, 2, opts)
+
+
+def transfer_tag(reservation_id: str) -> int:
+    return zlib.crc32(reservation_id.encode()) & 0x7FFFFFFF
+
+
+def _short(exc: BaseException) -> str:
+    """A gloo/NCCL error without the source paths they carry."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if "] " in text:
+        text = text.split("] ", 1)[1]
+    return text[:200]
+
+
+@dataclass
+class _Pair:
+    key: str
+    group: object
+    store: object
+    lock: asyncio.Lock
+
+
+class TorchDistKVSender(KVSender):
+    """Prefill side (rank 0 of every pair)."""
+
+    def __init__(self, node_id: str, device: torch.device | str = "cpu", host: str = "127.0.0.1",
+                 channels: Channels | None = None):
+        self.instance = f"{node_id}-{uuid.uuid4().hex[:8]}"  # a restarted node never reuses old store keys
+        self.device = torch.device(device)
+        self.host = host
+        self.channels = channels or Channels()
+        self._pairs: dict[str, _Pair] = {}  # decode node id -> pair
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._generation = 0
+
+    def _lock(self, decode_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(decode_id, asyncio.Lock())
+
+    async def _build(self, target: node_pb2.KVTarget, key: str, timeout: float) -> _Pair:
+        host, _, port = target.rendezvous.rpartition(":")
+
+        def build():
+            store = dist.TCPStore(host, int(port), None, False, _timedelta(timeout))
+            prefixed = dist.PrefixStore(f"pdserve/kv/{key}", store)
+            return store, make_pair_group(prefixed, SENDER_RANK, timeout, self.device, self.host)
+        store, group = await asyncio.get_running_loop().run_in_executor(None, build)
+        return _Pair(key, group, store, asyncio.Lock())
+
+    async def send(self, target: node_pb2.KVTarget, k: torch.Tensor, v: torch.Tensor, timeout: float) -> int:
+        if not target.rendezvous or ":" not in target.rendezvous:
+            raise ValueError("the KV target has no torch.distributed rendezvous")
+        spec = KVSpec.from_proto(target.layout)
+        num_blocks = spec.check_tensors(k, v)
+        decode_id = target.decode_node_id or target.decode_address
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with self._lock(decode_id):  # one transfer at a time per pair
+            pair = self._pairs.get(decode_id)
+            key = pair.key if pair else f"{self.instance}/{self._next_generation()}"
+            call = self.channels.stub(target.decode_address).PushKV(
+                timeout=timeout, metadata=((PAIR_METADATA_KEY, key),))
+            plan = [(kind, layer) for layer in range(spec.num_layers) for kind in (K, V)]
+            tag = transfer_tag(target.reservation_id)
+            sent = 0
+            try:
+                for seq, (kind, layer) in enumerate(plan):
+                    payload = (k if kind == K else v)[layer].to(self.device).contiguous().view(torch.uint8).reshape(-1)
+                    header = make_header(spec, kind, layer, 0, num_blocks, crc32(payload))
+                    await call.write(node_pb2.KVFrame(reservation_id=target.reservation_id, seq=seq,
+                                                      total_frames=len(plan), header=header))
+                    if pair is None:  # the decode side joins when it sees the first header
+                        pair = self._pairs[decode_id] = await self._build(target, key, deadline - loop.time())
+                    await loop.run_in_executor(None, _send, pair.group, payload, tag, deadline - loop.time())
+                    sent += payload.numel()
+                await call.done_writing()
+                await call
+            except grpc.aio.AioRpcError as exc:
+                self._drop(decode_id)
+                raise Unavailable(f"KV transfer to the decode node failed: {exc.code().name}: {exc.details()}") from None
+            except asyncio.CancelledError:
+                call.cancel()
+                self._drop(decode_id)
+                raise
+            except RuntimeError as exc:  # gloo / NCCL / store errors, timeouts included
+                call.cancel()
+                self._drop(decode_id)
+                raise Unavailable(f"KV transfer over torch.distributed failed: {_short(exc)}") from None
+        return sent
+
+    def _next_generation(self) -> int:
+        self._generation += 1
+        return self._generation
+
+    def _drop(self, decode_id: str) -> None:
+        pair = self._pairs.pop(decode_id, None)
+        if pair is not None:
+            logger.warning("dropping the KV pair group %s", pair.key)
+            _abort(pair.group)
+
+    async def close(self) -> None:
+        for decode_id in list(self._pairs):
+            self._drop(decode_id)
+        await self.channels.close()
+
+
+def _send(group, payload: torch.Tensor, tag: int, timeout: float) -> None:
+    group.send([payload], RECEIVER_RANK, tag).wait(_timedelta(timeout))
+
+
+def _recv(group, buf: torch.Tensor, tag: int, timeout: float) -> None:
+    group.recv([buf], SENDER_RANK, tag).wait(_timedelta(timeout))
+
+
+def _abort(group) -> None:
+    for name in ("abort", "shutdown"):
+        fn = getattr(group, name, None)
+        if fn is not None:
+            try:
+                fn()
+                return
+            except Exception:  # best effort: the group is being thrown away
+                continue
+
+
+class TorchDistHost:
+    """Decode side (rank 1 of every pair): hosts the TCPStore and receives into staging buffers."""
+
+    def __init__(self, host: str = "127.0.0.1", device: torch.device | str = "cpu", store_timeout: float = 60.0):
+        self.host = host
+        self.device = torch.device(device)
+        self.store_timeout = store_timeout
+        self._store = None
+        self._port = 0
+        self._groups: dict[str, object] = {}  # pair key -> group
+        self._building: dict[str, asyncio.Future] = {}
+        self._mutex = threading.Lock()
+
+    @property
+    def rendezvous(self) -> str:
+        """host:port of the TCPStore (started on first use, bound to `host` only)."""
+        with self._mutex:
+            if self._store is None:
+                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.bind((self.host, 0))
+                sock.listen(128)
+                self._port = sock.getsockname()[1]
+                self._store = dist.TCPStore(self.host, self._port, None, True, _timedelta(self.store_timeout),
+                                            wait_for_workers=False, master_listen_fd=sock.fileno())
+                sock.detach()  # the store owns the listening socket now
+            return f"{self.host}:{self._port}"
+
+    async def _group(self, key: str, timeout: float):
+        if key in self._groups:
+            return self._groups[key]
+        if key not in self._building:
+            instance = key.rsplit("/", 1)[0]
+            for old in [k for k in self._groups if k.rsplit("/", 1)[0] == instance]:
+                self.drop(old)  # the sender moved to a new generation: the old group is broken
+            store = dist.PrefixStore(f"pdserve/kv/{key}", self._store_or_fail())
+            loop = asyncio.get_running_loop()
+            self._building[key] = loop.run_in_executor(
+                None, make_pair_group, store, RECEIVER_RANK, timeout, self.device, self.host)
+        try:
+            group = await self._building[key]
+        finally:
+            self._building.pop(key, None)
+        self._groups[key] = group
+        return group
+
+    def _store_or_fail(self):
+        if self._store is None:
+            raise Unavailable("no torch.distributed rendezvous was handed out by this node")
+        return self._store
+
+    async def receive(self, staging: KVStaging, frame: node_pb2.KVFrame, key: str, timeout: float) -> int:
+        """Validates a header-only frame, receives its payload over the pair group, stages it."""
+        buf, token = staging.receive_buffer(frame)  # raises TransferError before any allocation
+        try:
+            group = await self._group(key, timeout)
+            await asyncio.get_running_loop().run_in_executor(
+                None, _recv, group, buf, transfer_tag(staging.reservation_id), timeout)
+        except RuntimeError as exc:
+            self.drop(key)
+            raise Unavailable(f"KV receive over torch.distributed failed: {_short(exc)}") from None
+        staging.add_received(buf, token)
+        return buf.numel()
+
+    def drop(self, key: str) -> None:
+        group = self._groups.pop(key, None)
+        if group is not None:
+            logger.warning("dropping the KV pair group %s", key)
+            _abort(group)
+
+    def close(self) -> None:
+        for key in list(self._groups):
+            self.drop(key)
+        self._store = None  # closes the listening socket

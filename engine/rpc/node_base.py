@@ -1,0 +1,128 @@
+"""State and helpers both node servicers share (engine handle, stats, background cleanups)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from engine.async_engine import AsyncEngine
+from engine.kv_transfer.base import KVSpec
+from engine.rpc.errors import InvalidArgument, Unavailable
+from protos.pdserve.v1 import generation_pb2
+
+logger = logging.getLogger("pdserve.node")
+
+MAX_REQUEST_ID_CHARS = 256
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass
+class NodeStats:
+    """Plain counters (S3 exports them to Prometheus)."""
+
+    requests: int = 0
+    finished: int = 0
+    aborts: int = 0
+    errors: int = 0
+    kv_transfers: int = 0
+    kv_transfer_failures: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
+    leases_expired: int = 0
+    rejected_frames: int = 0
+    reservations_refused: int = 0
+
+
+def check_request_id(request_id: str) -> str:
+    if not request_id:
+        raise InvalidArgument("request_id is empty")
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    return request_id
+
+
+def time_left(context, default: float = DEFAULT_TIMEOUT_S) -> float:
+    remaining = context.time_remaining()
+    return default if remaining is None else max(0.0, remaining)
+
+
+class NodeServicerBase:
+    role = "both"
+
+    def __init__(self):
+        self.engine: AsyncEngine | None = None
+        self.spec: KVSpec | None = None
+        self.stats = NodeStats()
+        self.model_name = ""
+        self.max_model_len = 0
+        self.node_id = ""
+        self._tasks: set[asyncio.Task] = set()
+        self._active: dict[str, asyncio.Task] = {}  # request id -> the RPC task serving it
+        self.draining = False
+
+    def attach(self, engine: AsyncEngine, ns) -> None:
+        self.engine = engine
+        self.spec = KVSpec.of_engine(engine.engine)
+        self.model_name = engine.engine.model_name
+        self.max_model_len = engine.engine.max_model_len
+        self.node_id = ns.node_id
+
+    def ready_engine(self) -> AsyncEngine:
+        if self.engine is None:
+            raise Unavailable("the node is still loading its model")
+        if not self.engine.healthy:
+            raise Unavailable("the node's engine has failed")
+        if self.draining:
+            raise Unavailable("the node is shutting down")
+        return self.engine
+
+    def layout_proto(self):
+        return self.spec.to_proto()
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Runs a cleanup in the background (safe from finally blocks of cancelled RPCs)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def track(self, request_id: str) -> None:
+        if request_id in self._active:
+            raise InvalidArgument(f"request id {request_id[:64]!r} is already active on this node")
+        self._active[request_id] = asyncio.current_task()
+
+    def untrack(self, request_id: str) -> None:
+        if self._active.get(request_id) is asyncio.current_task():
+            del self._active[request_id]
+
+    def cancel_active(self, request_id: str) -> bool:
+        task = self._active.pop(request_id, None)
+        if task is not None and not task.done():
+            task.cancel()
+            return True
+        return False
+
+    async def load_dict(self) -> dict:
+        return await self.engine.load() if self.engine is not None and self.engine.healthy else {}
+
+    def node_load(self, load: dict, extra_ids: set[str], leases: int) -> generation_pb2.NodeLoad:
+        ids = set(load.get("request_ids", ())) | extra_ids | set(self._active)
+        return generation_pb2.NodeLoad(
+            num_waiting=load.get("num_waiting", 0), num_running=load.get("num_running", 0),
+            free_blocks=load.get("free_blocks", 0), total_blocks=load.get("total_blocks", 0),
+            active_leases=leases, queued_prompt_tokens=load.get("queued_prompt_tokens", 0),
+            request_ids=sorted(ids))
+
+    async def drain(self, grace: float) -> None:
+        """Stops taking work; waits up to `grace` seconds for in-flight requests."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while self._active and loop.time() < end:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for task in list(self._active.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
