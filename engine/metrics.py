@@ -19,6 +19,8 @@ Exposed names (counters get prometheus' `_total` suffix):
 """
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest, start_http_server
 
@@ -39,7 +41,7 @@ KV_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 
 FINISHED_REASONS = ("length", "stop", "eos", "abort", "time_limit", "error")
 
-__all__ = ["Metrics", "start_metrics_server", "CONTENT_TYPE_LATEST", "PREFIX",
+__all__ = ["Metrics", "StreamTracker", "start_metrics_server", "CONTENT_TYPE_LATEST", "PREFIX",
            "TTFT_BUCKETS", "ITL_BUCKETS", "REQUEST_LATENCY_BUCKETS", "KV_TRANSFER_BUCKETS"]
 
 
@@ -120,6 +122,10 @@ class Metrics:
         if free is not None and total:
             self.kv_cache_usage_perc.set(1.0 - free / total)
 
+    def track(self, arrival: float | None = None) -> "StreamTracker":
+        """A tracker for one request relayed by this process (see StreamTracker)."""
+        return StreamTracker(self, arrival)
+
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of the text exposition, for a web route."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -134,3 +140,63 @@ def start_metrics_server(port: int, host: str = "127.0.0.1",
         registry = registry.registry
     server, _thread = start_http_server(port, addr=host, registry=registry or CollectorRegistry())
     return server, server.server_port
+
+
+_FINISH_ENUM_NAMES = {1: "length", 2: "stop", 3: "eos", 4: "abort", 5: "time_limit", 6: "error"}
+
+
+class StreamTracker:
+    """Request-level metrics of one request whose tokens pass through this process (router, gateway).
+
+        tracker = metrics.track()
+        for chunk in stream: tracker.chunk(chunk)   # .index .token_ids .finish_reason .prompt_tokens
+        tracker.close(aborted=...)                  #  .completion_tokens [.timings]
+
+    `finish_reason` may be an engine string or a pdserve.v1.FinishReason enum value."""
+
+    def __init__(self, metrics: Metrics, arrival: float | None = None):
+        self.m = metrics
+        self.arrival = time.monotonic() if arrival is None else arrival
+        self.first_token_seen = False
+        self.last_token_at: dict[int, float] = {}
+        self.prompt_tokens: dict[int, int] = {}   # prompt index -> tokens
+        self.completion_tokens: dict[tuple[int, int], int] = {}
+        self.closed = False
+        metrics.num_requests_running.inc()
+
+    def chunk(self, chunk, prompt_index: int | None = None) -> None:
+        now = time.monotonic()
+        p = getattr(chunk, "prompt_index", 0) if prompt_index is None else prompt_index
+        key = (p, chunk.index)
+        if chunk.token_ids:
+            last = self.last_token_at.get(key)
+            if not self.first_token_seen:
+                self.first_token_seen = True
+                self.m.time_to_first_token_seconds.observe(now - self.arrival)
+            elif last is not None:
+                self.m.inter_token_latency_seconds.observe(now - last)
+            self.last_token_at[key] = now
+        self.prompt_tokens[p] = chunk.prompt_tokens
+        self.completion_tokens[key] = chunk.completion_tokens
+        reason = chunk.finish_reason
+        if reason:
+            name = _FINISH_ENUM_NAMES.get(reason, "error") if isinstance(reason, int) else str(reason)
+            self.m.request_success(name).inc()
+            timings = getattr(chunk, "timings", None)
+            if timings is not None and timings.queue_ms > 0 and chunk.index == 0:
+                self.m.request_queue_time_seconds.observe(timings.queue_ms / 1e3)
+            if timings is not None and timings.kv_transfer_bytes:
+                self.m.kv_transfer_bytes.inc(timings.kv_transfer_bytes)
+                self.m.kv_transfer_seconds.observe(timings.kv_transfer_ms / 1e3)
+
+    def close(self, aborted: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.m.num_requests_running.dec()
+        self.m.prompt_tokens.inc(sum(self.prompt_tokens.values()))
+        self.m.generation_tokens.inc(sum(self.completion_tokens.values()))
+        if aborted:
+            self.m.aborts.inc()
+        else:
+            self.m.e2e_request_latency_seconds.observe(time.monotonic() - self.arrival)
