@@ -15,6 +15,7 @@ import os
 from engine.cli_args import add_flag, add_server_args, env_name
 from engine.loader import load_model_source
 from engine.llm_engine import resolve_max_model_len
+from engine.metrics import Metrics, start_metrics_server
 from engine.rpc import process
 from engine.rpc.server import build_server, run
 from protos.pdserve.v1 import generation_pb2_grpc, node_pb2, router_pb2_grpc
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--admission-wait-ms", type=int, default=2_000,
              help="how long a request waits for a decode node with room before RESOURCE_EXHAUSTED")
     add_flag(p, "--grace-period", type=float, default=5.0, help="seconds in-flight calls get on shutdown")
+    add_flag(p, "--metrics-port", type=int, default=None,
+             help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     add_server_args(p, default_port=50051)
     return p
 
@@ -94,6 +97,9 @@ def build_router(ns) -> tuple[Router, NodeRegistry]:
 async def serve(ns) -> None:
     stop = process.stop_signals()
     router, registry = build_router(ns)
+    if ns.metrics_port is not None:
+        router.metrics = Metrics(router.card.name, "router")
+        start_metrics_server(ns.metrics_port, ns.host, router.metrics)
     keys = _api_keys(ns)
     server = build_server([(generation_pb2_grpc.add_GenerationServicer_to_server, GenerationServicer(router)),
                            (router_pb2_grpc.add_RouterControlServicer_to_server, RouterControlServicer(router))],

@@ -41,6 +41,7 @@ class Router:
     def __init__(self, registry: NodeRegistry, builder: PromptBuilder, card: ModelCard, config: PipelineConfig):
         self.registry, self.builder, self.card, self.config = registry, builder, card, config
         self.ledger = Ledger()
+        self.metrics = None  # engine.metrics.Metrics when --metrics-port is set
 
     def check_model(self, name: str) -> None:
         if name and name != self.card.name:
@@ -67,16 +68,21 @@ class Router:
                      for p, prompt in enumerate(prompts) for i in range(prompt.params.n)]
         run.tasks = [loop.create_task(self._feed(run, pipe, queue)) for pipe in pipelines]
         timer = loop.call_at(deadline, run.end, FR.FINISH_REASON_TIME_LIMIT)
+        tracker = self.metrics.track(arrival) if self.metrics is not None else None
+        pending = len(pipelines)
         try:
-            pending = len(pipelines)
             while pending:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item.finish_reason:
                     pending -= 1
+                if tracker is not None:
+                    tracker.chunk(item)
                 yield run, item
         finally:
+            if tracker is not None:
+                tracker.close(aborted=pending > 0)
             timer.cancel()
             for task in run.tasks:
                 task.cancel()
