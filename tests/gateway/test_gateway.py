@@ -14,16 +14,20 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.pdserve.v1 import generation_pb2 as pb
-from tests.services.stack import start_stack
+from tests.services.stack import free_port, start_stack
 
 KEY = "sk-test-gateway"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
 pytestmark = pytest.mark.timeout(300)
 
 
+ROUTER_METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def stack(make_tiny_model):
-    with start_stack(make_tiny_model("llama"), gateway=True, extra_args=("--api-key", KEY)) as s:
+    with start_stack(make_tiny_model("llama"), gateway=True, extra_args=("--api-key", KEY),
+                     env={"PDSERVE_METRICS_PORT": str(ROUTER_METRICS_PORT)}) as s:  # the router's
         assert s.gateway_url, "".join(s.output[-40:])
         yield s
 
@@ -218,12 +222,32 @@ def test_api_keys_on_every_route(url, stack):
 
 # -- metrics ---------------------------------------------------------------------------------------
 
-def _scrape(http) -> dict:
-    r = http.get("/metrics")
+def _scrape(http, url: str = "/metrics", role: str = "gateway") -> dict:
+    r = http.get(url)
     assert r.status_code == 200
     return {(s.name, s.labels.get("finished_reason"), s.labels.get("le")): s.value
             for f in text_string_to_metric_families(r.text) for s in f.samples
-            if s.labels.get("role") == "gateway"}
+            if s.labels.get("role") == role}
+
+
+def test_router_metrics_port(http, sdk, model):
+    router_url = f"http://127.0.0.1:{ROUTER_METRICS_PORT}/metrics"
+    before = _scrape(http, router_url, "router")
+    usages = [sdk.completions.create(model=model, prompt=f"Router {i}", max_tokens=3, temperature=0,
+                                     extra_body={"ignore_eos": True}).usage for i in range(2)]
+    after = _scrape(http, router_url, "router")
+
+    def moved(name, reason=None):
+        return after.get((name, reason, None), 0) - before.get((name, reason, None), 0)
+
+    assert moved("pdserve:request_success_total", "length") == 2
+    assert moved("pdserve:generation_tokens_total") == 6
+    assert moved("pdserve:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert moved("pdserve:time_to_first_token_seconds_count") == 2
+    assert moved("pdserve:inter_token_latency_seconds_count") == 4
+    assert moved("pdserve:e2e_request_latency_seconds_count") == 2
+    assert moved("pdserve:kv_transfer_seconds_count") == 2 and moved("pdserve:kv_transfer_bytes_total") > 0
+    assert after[("pdserve:num_requests_running", None, None)] == 0
 
 
 def test_metrics_move_by_request_count(http, model, sdk):
