@@ -1,0 +1,212 @@
+"""KV transfer framing and validation: round trips are byte-exact for fp32/bf16/fp16, forged
+traffic is rejected before anything is allocated, and a real decode node answers junk on PushKV
+with INVALID_ARGUMENT without touching its blocks."""
+from __future__ import annotations
+
+import pickle
+import zlib
+
+import grpc
+import pytest
+import torch
+
+from engine.kv_transfer import KVSpec, KVStaging, TransferError, plan_frames
+from engine.kv_transfer.base import MAX_FRAME_BYTES
+from engine.kv_transfer.grpc_transport import grpc_frames
+from protos.pdserve.v1 import node_pb2, node_pb2_grpc
+from tests.services.test_nodes import start_node
+
+SPEC = KVSpec(num_layers=3, block_size=16, num_kv_heads=2, head_dim=8, dtype=torch.float32)
+
+
+def random_kv(spec: KVSpec, num_blocks: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (spec.num_layers, num_blocks, *spec.block_shape)
+    return (torch.randn(shape, generator=g).to(spec.dtype), torch.randn(shape, generator=g).to(spec.dtype))
+
+
+def frames_for(spec: KVSpec, num_blocks: int, reservation="r", max_frame_bytes=None, seed=0):
+    k, v = random_kv(spec, num_blocks, seed)
+    return k, v, list(grpc_frames(reservation, spec, k, v, max_frame_bytes))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("max_frame_bytes", [MAX_FRAME_BYTES, 3000])
+def test_grpc_framing_round_trip_is_byte_exact(dtype, max_frame_bytes):
+    spec = KVSpec(3, 16, 2, 8, dtype)
+    k, v, frames = frames_for(spec, 5, max_frame_bytes=max_frame_bytes)
+    assert all(len(f.data) <= max(max_frame_bytes, spec.block_bytes) for f in frames)
+    assert len(frames) == len(plan_frames(spec, 5, max_frame_bytes))
+    staging = KVStaging("r", spec, 5)
+    for frame in frames:
+        assert not staging.complete
+        staging.add_frame(frame)
+    assert staging.complete
+    k2, v2 = staging.tensors()
+    assert k2.dtype == dtype and torch.equal(k2.view(torch.uint8), k.view(torch.uint8))
+    assert torch.equal(v2.view(torch.uint8), v.view(torch.uint8))
+    assert staging.bytes_received == 2 * k.numel() * k.element_size()
+
+
+def test_frames_are_at_most_one_mib():
+    spec = KVSpec(2, 16, 8, 128, torch.float32)  # 64 KiB per block and layer
+    plan = plan_frames(spec, 40)
+    assert {n for *_, n in plan} == {16, 8}  # 16 blocks = 1 MiB, then the rest
+    assert len(plan) == 2 * 2 * 3
+
+
+def test_incomplete_transfer_is_never_usable():
+    _, _, frames = frames_for(SPEC, 4)
+    staging = KVStaging("r", SPEC, 4)
+    for frame in frames[:-1]:
+        staging.add_frame(frame)
+    assert not staging.complete
+    with pytest.raises(TransferError):
+        staging.tensors()
+
+
+def forged(mutate, num_blocks=4, at=0):
+    """Feeds frames up to `at`, then frame `at` changed by `mutate`; returns the staging."""
+    _, _, frames = frames_for(SPEC, num_blocks, max_frame_bytes=2 * SPEC.block_bytes)
+    staging = KVStaging("r", SPEC, num_blocks)
+    for frame in frames[:at]:
+        staging.add_frame(frame)
+    bad = node_pb2.KVFrame()
+    bad.CopyFrom(frames[at])
+    mutate(bad, frames)
+    return staging, bad
+
+
+def _set_shape(shape):
+    def mutate(f, _):
+        del f.header.shape[:]
+        f.header.shape.extend(shape)
+    return mutate
+
+
+FORGERIES = {
+    "foreign reservation": lambda f, _: setattr(f, "reservation_id", "someone-else"),
+    "out-of-range block": lambda f, _: setattr(f.header, "block_start", 3),
+    "block far out of range": lambda f, _: setattr(f.header, "block_start", 2**31),
+    "out-of-range layer": lambda f, _: setattr(f.header, "layer", 3),
+    "bad kind": lambda f, _: setattr(f.header, "kind", 2),
+    "replayed seq": lambda f, frames: f.CopyFrom(frames[0]),
+    "skipped seq": lambda f, _: setattr(f, "seq", f.seq + 1),
+    "wrong total": lambda f, _: setattr(f, "total_frames", f.total_frames + 1),
+    "total over the reservation": lambda f, _: setattr(f, "total_frames", 10**6),
+    "shape product overflows": _set_shape([2**32 - 1] * 4),
+    "shape of another model": _set_shape([2, 16, 4, 8]),
+    "shape larger than reserved": _set_shape([5, 16, 2, 8]),
+    "dtype mismatch": lambda f, _: setattr(f.header, "dtype", "bfloat16"),
+    "unknown dtype": lambda f, _: setattr(f.header, "dtype", "object"),
+    "bad crc": lambda f, _: setattr(f.header, "crc32", f.header.crc32 ^ 1),
+    "flipped payload bit": lambda f, _: setattr(f, "data", bytes([f.data[0] ^ 1]) + f.data[1:]),
+    "short payload": lambda f, _: setattr(f, "data", f.data[:-4]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORGERIES))
+def test_forged_frames_are_rejected_before_allocation(name):
+    at = 1 if name in ("replayed seq", "wrong total") else 0
+    staging, bad = forged(FORGERIES[name], at=at)
+    allocated = staging.k
+    if at == 0:
+        assert allocated is None
+    with pytest.raises(TransferError):
+        staging.add_frame(bad)
+    assert staging.k is allocated  # nothing (re)allocated for the forged frame
+    assert staging.frames == at and not staging.complete
+
+
+def test_last_frame_with_missing_blocks_is_wrong_total():
+    _, _, frames = frames_for(SPEC, 4, max_frame_bytes=2 * SPEC.block_bytes)
+    staging = KVStaging("r", SPEC, 4)
+    short = [node_pb2.KVFrame() for _ in frames[:3]]
+    for f, src in zip(short, frames):
+        f.CopyFrom(src)
+        f.total_frames = 3  # claims 3 frames, but 3 frames do not cover every block
+    staging.add_frame(short[0])
+    staging.add_frame(short[1])
+    with pytest.raises(TransferError, match="missing"):
+        staging.add_frame(short[2])
+    assert not staging.complete
+
+
+def test_header_only_frame_checks_crc_of_received_payload():
+    spec = SPEC
+    staging = KVStaging("r", spec, 2)
+    k, v = random_kv(spec, 2)
+    payload = k[0].contiguous().view(torch.uint8).reshape(-1)
+    header = node_pb2.TensorHeader(kind=0, layer=0, block_start=0, dtype="float32", shape=[2, 16, 2, 8],
+                                   crc32=zlib.crc32(payload.numpy().tobytes()))
+    frame = node_pb2.KVFrame(reservation_id="r", seq=0, total_frames=6, header=header)
+    buf, token = staging.receive_buffer(frame)
+    assert buf.numel() == payload.numel()
+    buf.copy_(payload)
+    buf[0] ^= 1  # corrupted on the wire
+    with pytest.raises(TransferError, match="CRC32"):
+        staging.add_received(buf, token)
+    with pytest.raises(TransferError, match="no payload"):
+        staging.receive_buffer(node_pb2.KVFrame(reservation_id="r", seq=0, total_frames=6, header=header, data=b"x"))
+
+
+# ---- a real decode node ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def decode(make_tiny_model):
+    node = start_node("decode", make_tiny_model("llama"))
+    yield node
+    assert node.stop() == 0
+
+
+def raw_push(channel, payloads: list[bytes]):
+    call = channel.stream_unary("/pdserve.v1.DecodeNode/PushKV", request_serializer=lambda b: b,
+                                response_deserializer=node_pb2.PushKVResponse.FromString)
+    return call(iter(payloads), timeout=5)
+
+
+@pytest.mark.timeout(300)
+def test_junk_on_push_kv_is_invalid_argument_without_side_effects(decode):
+    with decode.channel() as ch:
+        stub = node_pb2_grpc.DecodeNodeStub(ch)
+        res = stub.Reserve(node_pb2.ReserveRequest(request_id="victim", num_prompt_tokens=30, lease_ms=20_000),
+                           timeout=5)
+        before = decode.load()
+        blobs = {
+            "pickle": pickle.dumps({"reservation_id": res.reservation_id, "data": torch.zeros(4)}),
+            "random": torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1),
+                                    dtype=torch.uint8).numpy().tobytes(),
+        }
+        for name, blob in blobs.items():
+            with pytest.raises(grpc.RpcError) as err:
+                raw_push(ch, [blob])
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        # frames naming a reservation that does not exist
+        spec = KVSpec.from_proto(res.layout)
+        _, _, frames = frames_for(spec, 2, reservation="not-a-reservation")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushKV(iter(frames), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        # forged frames for the real reservation: wrong dtype, then a block outside it
+        _, _, frames = frames_for(KVSpec(spec.num_layers, spec.block_size, spec.num_kv_heads, spec.head_dim,
+                                         torch.bfloat16), 2, reservation=res.reservation_id)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushKV(iter(frames), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "dtype" in err.value.details()
+        _, _, frames = frames_for(spec, 2, reservation=res.reservation_id)
+        frames[0].header.block_start = 1
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushKV(iter(frames), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        after = decode.load()
+        assert (after.free_blocks, list(after.request_ids), after.active_leases) == \
+               (before.free_blocks, list(before.request_ids), before.active_leases)
+        # the reservation still takes a correct transfer afterwards, and a replay of it is refused
+        _, _, frames = frames_for(spec, 2, reservation=res.reservation_id)
+        reply = stub.PushKV(iter(frames), timeout=5)
+        assert reply.frames == len(frames) and reply.bytes_received == sum(len(f.data) for f in frames)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.PushKV(iter(frames), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already complete" in err.value.details()
+        assert stub.Abort(node_pb2.NodeAbortRequest(request_id="victim"), timeout=5).found
+    load = decode.wait_idle()
+    assert load.free_blocks == load.total_blocks and not load.request_ids
