@@ -120,6 +120,7 @@ class TorchDistKVSender(KVSender):
             plan = [(kind, layer) for layer in range(spec.num_layers) for kind in (K, V)]
             tag = transfer_tag(target.reservation_id)
             sent = 0
+            answer = asyncio.ensure_future(_finish(call))  # completes early if the decode side refuses
             try:
                 for seq, (kind, layer) in enumerate(plan):
                     payload = (k if kind == K else v)[layer].to(self.device).contiguous().view(torch.uint8).reshape(-1)
@@ -127,11 +128,13 @@ class TorchDistKVSender(KVSender):
                     await call.write(node_pb2.KVFrame(reservation_id=target.reservation_id, seq=seq,
                                                       total_frames=len(plan), header=header))
                     if pair is None:  # the decode side joins when it sees the first header
-                        pair = self._pairs[decode_id] = await self._build(target, key, deadline - loop.time())
-                    await loop.run_in_executor(None, _send, pair.group, payload, tag, deadline - loop.time())
+                        pair = self._pairs[decode_id] = await _race(
+                            answer, self._build(target, key, deadline - loop.time()))
+                    await _race(answer, loop.run_in_executor(None, _send, pair.group, payload, tag,
+                                                             deadline - loop.time()))
                     sent += payload.numel()
                 await call.done_writing()
-                await call
+                await answer
             except grpc.aio.AioRpcError as exc:
                 self._drop(decode_id)
                 raise Unavailable(f"KV transfer to the decode node failed: {exc.code().name}: {exc.details()}") from None
@@ -143,6 +146,9 @@ class TorchDistKVSender(KVSender):
                 call.cancel()
                 self._drop(decode_id)
                 raise Unavailable(f"KV transfer over torch.distributed failed: {_short(exc)}") from None
+            finally:
+                if not answer.done():
+                    answer.cancel()
         return sent
 
     def _next_generation(self) -> int:
@@ -159,6 +165,23 @@ class TorchDistKVSender(KVSender):
         for decode_id in list(self._pairs):
             self._drop(decode_id)
         await self.channels.close()
+
+
+async def _finish(call):
+    return await call
+
+
+async def _race(answer: asyncio.Future, work):
+    """Awaits `work` unless the PushKV call ends first (the decode side refused): then raises its
+    error instead of waiting for a peer that will never join or receive."""
+    work = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({answer, work}, return_when=asyncio.FIRST_COMPLETED)
+    if work in done:
+        return work.result()
+    work.cancel()  # the executor thread runs on until its own timeout; its result is dropped
+    work.add_done_callback(lambda f: f.cancelled() or f.exception())
+    answer.result()  # raises the call's error
+    raise Unavailable("the decode node ended the KV transfer early")
 
 
 def _send(group, payload: torch.Tensor, tag: int, timeout: float) -> None:
@@ -241,6 +264,9 @@ class TorchDistHost:
         except RuntimeError as exc:
             self.drop(key)
             raise Unavailable(f"KV receive over torch.distributed failed: {_short(exc)}") from None
+        except asyncio.CancelledError:  # the sender went away: a receive may still be pending on the group
+            self.drop(key)
+            raise
         staging.add_received(buf, token)
         return buf.numel()
 

@@ -83,11 +83,14 @@ def _pdeathsig():
     die_with_parent(signal.SIGKILL)
 
 
-def start_node(role: str, model: str, *extra: str, env: dict | None = None, timeout: float = 120.0) -> Node:
-    """Starts `python -m <role>_node` on a free loopback port; watches health until READY."""
+def start_node(role: str, model: str, *extra: str, env: dict | None = None, timeout: float = 120.0,
+               launcher: list[str] | None = None) -> Node:
+    """Starts `python -m <role>_node` (or `python <launcher>`) on a free loopback port; watches
+    health until READY."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", f"{role}_node", "--model", str(model), "--port", str(port), *NODE_ARGS, *extra],
+        [sys.executable, *(launcher or ["-m", f"{role}_node"]), "--model", str(model), "--port", str(port),
+         *NODE_ARGS, *extra],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_pdeathsig,
         env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
     node = Node(role, proc, f"127.0.0.1:{port}")
