@@ -200,3 +200,58 @@ class StreamTracker:
             self.m.aborts.inc()
         else:
             self.m.e2e_request_latency_seconds.observe(time.monotonic() - self.arrival)
+
+
+class NodeExporter:
+    """Copies a node's state into its metrics: gauges from its NodeLoad, counters from the growth of
+    its NodeStats (engine/rpc/node_base.py) since the previous update."""
+
+    COUNTERS = (("aborts", "aborts"), ("kv_transfer_bytes", "kv_transfer_bytes"),
+                ("prompt_tokens", "prompt_tokens"), ("prompt_tokens", "prefix_cache_queries"),
+                ("cached_tokens", "prefix_cache_hits"), ("generation_tokens", "generation_tokens"))
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+        self.last: dict[str, float] = {}
+
+    def _growth(self, stats, attr: str) -> float:
+        value = getattr(stats, attr, 0)
+        grown = value - self.last.get(attr, 0)
+        self.last[attr] = value
+        return max(grown, 0)
+
+    def update(self, load, stats) -> None:
+        m = self.m
+        m.set_load({"num_running": load.num_running, "num_waiting": load.num_waiting,
+                    "free_blocks": load.free_blocks, "total_blocks": load.total_blocks})
+        m.active_leases.set(load.active_leases)
+        grown = {}
+        for attr, _ in self.COUNTERS:
+            grown.setdefault(attr, self._growth(stats, attr))
+        for attr, name in self.COUNTERS:
+            if grown[attr]:
+                getattr(m, name).inc(grown[attr])
+        transfers = self._growth(stats, "kv_transfers")
+        seconds = self._growth(stats, "kv_transfer_seconds")
+        for _ in range(int(transfers) if seconds > 0 else 0):  # NodeStats keeps sums only: each transfer of the interval
+            m.kv_transfer_seconds.observe(seconds / transfers)  # counts at the interval's mean
+
+
+async def export_node_metrics(servicer, role: str, port: int, host: str = "127.0.0.1",
+                              interval_s: float = 1.0) -> None:
+    """Serves a node's metrics on host:port and refreshes them every `interval_s` (runs until cancelled).
+    `servicer`: a node servicer with `model_name`, `stats` and `async load_proto()`."""
+    import asyncio
+
+    metrics = Metrics(servicer.model_name, role)
+    server, _ = start_metrics_server(port, host, metrics)
+    exporter = NodeExporter(metrics)
+    try:
+        while True:
+            try:
+                exporter.update(await servicer.load_proto(), servicer.stats)
+            except Exception:  # a failing engine shows in health, not here; keep serving the last values
+                pass
+            await asyncio.sleep(interval_s)
+    finally:
+        server.shutdown()
