@@ -195,6 +195,7 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
             async for out in stream:
                 if out.finish_reason == "error":
                     raise Unavailable("the decode node's engine failed")
+                self.stats.generation_tokens += len(out.new_token_ids)
                 yield self._event(out, params)
             done = True
         finally:

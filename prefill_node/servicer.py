@@ -59,6 +59,9 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
             stream = await engine.add_request(rid, list(request.prompt_token_ids), params, request.priority,
                                               sample_index)
             out = await anext(stream)
+            self.stats.prompt_tokens += len(request.prompt_token_ids)
+            self.stats.cached_tokens += out.num_cached_tokens
+            self.stats.generation_tokens += len(out.new_token_ids)
             if out.finish_reason == "error":
                 raise Unavailable("the prefill node's engine failed")
             if out.finish_reason == "abort":

@@ -31,6 +31,9 @@ class NodeStats:
     leases_expired: int = 0
     rejected_frames: int = 0
     reservations_refused: int = 0
+    prompt_tokens: int = 0  # prompt tokens prefilled (prefill nodes)
+    cached_tokens: int = 0  # of which served from the prefix cache
+    generation_tokens: int = 0  # tokens generated (decode nodes; prefill nodes count first tokens)
 
 
 def check_request_id(request_id: str) -> str:

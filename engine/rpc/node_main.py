@@ -32,6 +32,8 @@ def node_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     add_flag(g, "--router", default=None, help="host:port of a router to register with (optional)")
     add_flag(g, "--shutdown-grace", type=float, default=10.0,
              help="seconds in-flight requests get to finish on SIGTERM")
+    add_flag(g, "--metrics-port", type=int, default=None,
+             help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
     add_flag(g, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     return parser
 
@@ -69,6 +71,9 @@ async def serve_node(role: str, ns: argparse.Namespace, servicer, add_fn: Callab
         engine.start()
         servicer.attach(engine, ns)
         await servicer.probe()
+        if ns.metrics_port is not None:
+            from engine.metrics import export_node_metrics
+            metrics_task = loop.create_task(export_node_metrics(servicer, role, ns.metrics_port, ns.host))  # noqa: F841
         await server.set_serving(True)
         announce_ready(server.address)
         registration = loop.create_task(_register_forever(role, ns, servicer, stop)) if ns.router else None
