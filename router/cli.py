@@ -129,15 +129,22 @@ def _engine_argv(ns) -> list[str]:
     return argv
 
 
+def _metrics_argv(ns, offset: int) -> list[str]:
+    """--metrics-port P: the router serves metrics on P, the k-th node (prefill first) on P + k."""
+    return [] if ns.metrics_port is None else ["--metrics-port", str(ns.metrics_port + offset)]
+
+
 def plan(ns) -> list[Child]:
     """The processes of `pdserve serve`, nodes first, on free loopback ports."""
     engine = _engine_argv(ns)
     local = "127.0.0.1"
-    children = [Child(f"{role}-{i}", [f"{role}_node", *engine, "--node-id", f"{role}-{i}", "--host", local,
-                                      "--port", str(free_port())])
-                for role, count in (("prefill", ns.num_prefill), ("decode", ns.num_decode)) for i in range(count)]
+    nodes = [(role, i) for role, count in (("prefill", ns.num_prefill), ("decode", ns.num_decode)) for i in range(count)]
+    children = [Child(f"{role}-{i}", [f"{role}_node", *engine, *_metrics_argv(ns, 1 + j), "--node-id", f"{role}-{i}",
+                                      "--host", local, "--port", str(free_port())])
+                for j, (role, i) in enumerate(nodes)]
     router = ["router", "--host", ns.host, "--port", str(ns.port), "--block-size", str(ns.block_size),
-              "--dtype", ns.dtype, "--kv-transport", ns.kv_transport, "--grace-period", str(ns.grace_period)]
+              "--dtype", ns.dtype, "--kv-transport", ns.kv_transport, "--grace-period", str(ns.grace_period),
+              *_metrics_argv(ns, 0)]
     for flag in ("model", "served_model_name", "max_model_len"):
         if getattr(ns, flag) is not None:
             router += [f"--{flag.replace('_', '-')}", str(getattr(ns, flag))]
@@ -171,6 +178,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
     add_flag(g, "--gateway-host", default="127.0.0.1", help="address the HTTP gateway listens on")
     add_flag(g, "--api-key", action=_Append, default=None,
              help="API key required by the router and the gateway (repeatable, or comma-separated)")
+    add_flag(g, "--metrics-port", type=int, default=None,
+             help="Prometheus metrics: the router on this port, node k (prefill nodes first) on port + k "
+                  "(the gateway always serves /metrics on its own port)")
     add_flag(g, "--startup-timeout", type=float, default=600.0,
              help="seconds to wait for every process to load its model and report SERVING")
     add_flag(g, "--grace-period", type=float, default=5.0,
