@@ -21,13 +21,13 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 pytestmark = pytest.mark.timeout(300)
 
 
-ROUTER_METRICS_PORT = free_port()
+METRICS_PORT = free_port()  # the router's; prefill-0 on +1, decode-0 on +2 (pdserve serve --metrics-port)
 
 
 @pytest.fixture(scope="module")
 def stack(make_tiny_model):
-    with start_stack(make_tiny_model("llama"), gateway=True, extra_args=("--api-key", KEY),
-                     env={"PDSERVE_METRICS_PORT": str(ROUTER_METRICS_PORT)}) as s:  # the router's
+    with start_stack(make_tiny_model("llama"), gateway=True,
+                     extra_args=("--api-key", KEY, "--metrics-port", str(METRICS_PORT))) as s:
         assert s.gateway_url, "".join(s.output[-40:])
         yield s
 
@@ -230,9 +230,12 @@ def _scrape(http, url: str = "/metrics", role: str = "gateway") -> dict:
             if s.labels.get("role") == role}
 
 
-def test_router_metrics_port(http, sdk, model):
-    router_url = f"http://127.0.0.1:{ROUTER_METRICS_PORT}/metrics"
+def test_router_and_node_metrics_ports(http, sdk, model):
+    router_url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    prefill_url, decode_url = (f"http://127.0.0.1:{METRICS_PORT + k}/metrics" for k in (1, 2))
+    time.sleep(1.2)  # nodes refresh their metrics every second
     before = _scrape(http, router_url, "router")
+    p_before, d_before = _scrape(http, prefill_url, "prefill"), _scrape(http, decode_url, "decode")
     usages = [sdk.completions.create(model=model, prompt=f"Router {i}", max_tokens=3, temperature=0,
                                      extra_body={"ignore_eos": True}).usage for i in range(2)]
     after = _scrape(http, router_url, "router")
@@ -248,6 +251,29 @@ def test_router_metrics_port(http, sdk, model):
     assert moved("pdserve:e2e_request_latency_seconds_count") == 2
     assert moved("pdserve:kv_transfer_seconds_count") == 2 and moved("pdserve:kv_transfer_bytes_total") > 0
     assert after[("pdserve:num_requests_running", None, None)] == 0
+    prompt_tokens = sum(u.prompt_tokens for u in usages)
+    deadline = time.monotonic() + 10
+    while True:
+        p_after, d_after = _scrape(http, prefill_url, "prefill"), _scrape(http, decode_url, "decode")
+        p_moved = {k: v - p_before.get(k, 0) for k, v in p_after.items()}
+        d_moved = {k: v - d_before.get(k, 0) for k, v in d_after.items()}
+        settled = (p_moved.get(("pdserve:prompt_tokens_total", None, None)) == prompt_tokens
+                   and d_moved.get(("pdserve:generation_tokens_total", None, None)) == 2 * 2)
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert p_moved[("pdserve:prompt_tokens_total", None, None)] == prompt_tokens
+    assert p_moved[("pdserve:prefix_cache_queries_total", None, None)] == prompt_tokens
+    assert p_moved[("pdserve:generation_tokens_total", None, None)] == 2  # first tokens
+    assert d_moved[("pdserve:generation_tokens_total", None, None)] == 2 * 2  # the rest
+    assert p_moved[("pdserve:kv_transfer_bytes_total", None, None)] > 0
+    assert d_moved[("pdserve:kv_transfer_bytes_total", None, None)] == \
+        p_moved[("pdserve:kv_transfer_bytes_total", None, None)]
+    assert p_moved[("pdserve:kv_transfer_seconds_count", None, None)] == 2  # the sender times transfers
+    for node in (p_after, d_after):  # I1: idle node, every block free
+        assert node[("pdserve:kv_free_blocks", None, None)] == node[("pdserve:kv_total_blocks", None, None)] > 0
+        assert node[("pdserve:kv_cache_usage_perc", None, None)] == 0
+        assert node[("pdserve:num_requests_running", None, None)] == 0
 
 
 def test_metrics_move_by_request_count(http, model, sdk):
@@ -372,7 +398,22 @@ def test_bad_inputs_clear_errors_bystander_unharmed(http, sdk, model):
         assert r.status_code == 400  # a streamed request's bad input is a plain HTTP error too
 
 
+def _wait_idle(stub, seconds: float):
+    """GetLoads until neither the router nor any node tracks a request; returns the last reply."""
+    meta = (("authorization", f"Bearer {KEY}"),)
+    deadline = time.monotonic() + seconds
+    while True:
+        loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=10, metadata=meta)
+        idle = not loads.router_request_ids and all(not n.load.request_ids for n in loads.nodes)
+        if idle or time.monotonic() > deadline:
+            return idle, loads
+        time.sleep(0.2)
+
+
 def test_client_disconnect_aborts_request(http, model, stack):
+    stub = stack.stub()
+    idle, loads = _wait_idle(stub, 10)
+    assert idle, f"requests tracked before the test: {loads}"
     before = _scrape(http)
     with http.stream("POST", C, json={"model": model, "prompt": "Long story", "max_tokens": 200,
                                       "temperature": 0, "ignore_eos": True, "stream": True}) as r:
@@ -380,16 +421,8 @@ def test_client_disconnect_aborts_request(http, model, stack):
         lines = r.iter_lines()
         got = [next(lines) for _ in range(3)]
         assert got[0].startswith("data: ")
-    stub = stack.stub()
-    meta = (("authorization", f"Bearer {KEY}"),)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=10, metadata=meta)
-        if not loads.router_request_ids and all(not n.load.request_ids for n in loads.nodes):
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"request still tracked after the client left: {loads}")
+    idle, loads = _wait_idle(stub, 20)
+    assert idle, f"request still tracked after the client left: {loads}"
     after = _scrape(http)
     key = ("pdserve:aborts_total", None, None)
     assert after[key] - before.get(key, 0) == 1
