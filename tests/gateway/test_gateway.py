@@ -398,31 +398,30 @@ def test_bad_inputs_clear_errors_bystander_unharmed(http, sdk, model):
         assert r.status_code == 400  # a streamed request's bad input is a plain HTTP error too
 
 
-def _wait_idle(stub, seconds: float):
-    """GetLoads until neither the router nor any node tracks a request; returns the last reply."""
-    meta = (("authorization", f"Bearer {KEY}"),)
-    deadline = time.monotonic() + seconds
-    while True:
-        loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=10, metadata=meta)
-        idle = not loads.router_request_ids and all(not n.load.request_ids for n in loads.nodes)
-        if idle or time.monotonic() > deadline:
-            return idle, loads
-        time.sleep(0.2)
+def _tracked(stub, request_id: str) -> list[str]:
+    """Where the router or a node still holds state for `request_id` (node ids are '<id>.<p>.<i>')."""
+    loads = stub.GetLoads(pb.GetLoadsRequest(), timeout=10, metadata=(("authorization", f"Bearer {KEY}"),))
+    held = [f"router:{r}" for r in loads.router_request_ids if r == request_id]
+    held += [f"{n.node_id}:{r}" for n in loads.nodes for r in n.load.request_ids
+             if r == request_id or r.startswith(request_id + ".")]
+    return held
 
 
 def test_client_disconnect_aborts_request(http, model, stack):
     stub = stack.stub()
-    idle, loads = _wait_idle(stub, 10)
-    assert idle, f"requests tracked before the test: {loads}"
     before = _scrape(http)
     with http.stream("POST", C, json={"model": model, "prompt": "Long story", "max_tokens": 200,
                                       "temperature": 0, "ignore_eos": True, "stream": True}) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
-        got = [next(lines) for _ in range(3)]
-        assert got[0].startswith("data: ")
-    idle, loads = _wait_idle(stub, 20)
-    assert idle, f"request still tracked after the client left: {loads}"
+        got = [json.loads(line[len("data: "):]) for line in (next(lines) for _ in range(5)) if line]
+        assert got[0]["choices"][0]["text"] is not None
+    request_id = got[0]["id"].removeprefix("cmpl-")
+    assert request_id
+    deadline = time.monotonic() + 20
+    while (held := _tracked(stub, request_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not held, f"still tracked after the client left: {held}"
     after = _scrape(http)
     key = ("pdserve:aborts_total", None, None)
     assert after[key] - before.get(key, 0) == 1
