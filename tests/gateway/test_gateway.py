@@ -426,3 +426,24 @@ def test_client_disconnect_aborts_request(http, model, stack):
     key = ("pdserve:aborts_total", None, None)
     assert after[key] - before.get(key, 0) == 1
     assert after[("pdserve:num_requests_running", None, None)] == 0
+
+
+def test_mid_stream_failure_is_an_error_event(http, model, stack):
+    """Last in this module: it kills the decode node. The stream ends with an error object and
+    [DONE], never with a normal-looking finish."""
+    with http.stream("POST", C, json={"model": model, "prompt": "Doomed story", "max_tokens": 200,
+                                      "temperature": 0, "ignore_eos": True, "stream": True}) as r:
+        assert r.status_code == 200
+        raw, killed = b"", False
+        for part in r.iter_raw():
+            raw += part
+            if raw.count(b"\n\n") >= 3 and not killed:
+                stack.kill("decode-0")
+                killed = True
+    events = _events(raw)
+    payloads = [json.loads(e[len(b"data: "):]) for e in events[:-1]]
+    assert "error" in payloads[-1], payloads[-1]
+    err = payloads[-1]["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == "unavailable"
+    assert all(p["choices"][0]["finish_reason"] is None for p in payloads[:-1])
+    assert not re.search(r"Traceback|File \"|/work/", err["message"])
