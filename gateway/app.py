@@ -416,6 +416,9 @@ class SSEStream:
         except (asyncio.CancelledError, GeneratorExit):  # client gone: calls cancelled below
             m.aborts.inc()
             raise
+        except Exception as exc:  # a bug of ours: still a well-formed end of stream
+            logger.error("stream failed", exc_info=exc)
+            yield R.sse(APIError(500, "internal error").body())
         finally:
             for c in self.calls:
                 c.cancel()
