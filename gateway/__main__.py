@@ -18,7 +18,7 @@ import uvicorn
 
 from engine.rpc.process import announce_ready
 from engine.rpc.server import run
-from gateway.app import MAX_BODY_BYTES, Settings, create_app
+from gateway.app import MAX_BODY_BYTES, Settings, connect, create_app
 
 
 def env_name(flag: str) -> str:
@@ -74,7 +74,13 @@ def _version() -> str:
         return "0.1.0"
 
 
-async def _serve(server: uvicorn.Server) -> int:
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        connected = await connect(settings, args.router_wait)
+    except RuntimeError as exc:
+        print(f"gateway: {exc}", file=sys.stderr, flush=True)
+        return 1
+    server = uvicorn.Server(_uvicorn_config(create_app(settings, connected=connected), args))
     task = asyncio.ensure_future(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
@@ -98,20 +104,17 @@ def main(argv=None) -> int:
     settings = Settings(router=args.router, api_keys=api_keys(args), router_api_key=args.router_api_key,
                         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
                         version=_version())
-    app = create_app(settings, router_wait_s=args.router_wait)
-    try:
-        import uvloop  # noqa: F401
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
-    config = uvicorn.Config(app, host=args.host, port=args.port, loop=loop, log_level=args.log_level,
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=args.shutdown_grace,
-                            server_header=False)
     # uvicorn re-raises the signal it caught once it has shut down; a Python handler here turns
     # that into a normal return (exit code 0) instead of death by the default SIGTERM action.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    return run(lambda: _serve(uvicorn.Server(config)))
+    return run(lambda: _serve(settings, args))
+
+
+def _uvicorn_config(app, args: argparse.Namespace) -> uvicorn.Config:
+    # the event loop is already running (uvloop when installed, see engine.rpc.server.run)
+    return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                          lifespan="on", timeout_graceful_shutdown=args.shutdown_grace, server_header=False)
 
 
 if __name__ == "__main__":

@@ -487,12 +487,14 @@ async def connect(settings: Settings, wait_s: float = 60.0) -> tuple[RouterClien
             await asyncio.sleep(0.2)
 
 
-def create_app(settings: Settings, router_wait_s: float = 60.0) -> FastAPI:
+def create_app(settings: Settings, router_wait_s: float = 60.0,
+               connected: tuple[RouterClient, pb.ModelInfoResponse] | None = None) -> FastAPI:
+    """The app; it connects to the router at startup unless `connected` (from `connect()`) is given."""
     holder: dict[str, Gateway] = {}
 
     @asynccontextmanager
     async def lifespan(_app):
-        client, info = await connect(settings, router_wait_s)
+        client, info = connected or await connect(settings, router_wait_s)
         holder["gw"] = Gateway(settings, client, info, Metrics(info.model, "gateway"))
         try:
             yield
