@@ -177,7 +177,7 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
                                   f"covers {res.num_tokens}")
         params, sample_index = convert.params_from_proto(request.params)
         res.decoding = True  # the lease no longer applies: the stream (and its deadline) owns the request
-        self.track(rid)
+        tracked = self.track(rid)
         self.stats.requests += 1
         done = False
         try:
@@ -196,10 +196,11 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
                 if out.finish_reason == "error":
                     raise Unavailable("the decode node's engine failed")
                 self.stats.generation_tokens += len(out.new_token_ids)
+                done = out.finished  # the engine is done with it even if the client leaves now
                 yield self._event(out, params)
             done = True
         finally:
-            self.untrack(rid)
+            self.untrack(rid, tracked)
             if done:
                 self.stats.finished += 1
             else:

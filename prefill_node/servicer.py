@@ -52,7 +52,7 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
         rid = check_request_id(request.request_id)
         params, sample_index = convert.params_from_proto(request.params)
         start = time.monotonic()
-        self.track(rid)
+        tracked = self.track(rid)
         self.stats.requests += 1
         done = False
         try:
@@ -78,7 +78,7 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
             done = True
             yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes=bytes_sent, ms=ms))
         finally:
-            self.untrack(rid)
+            self.untrack(rid, tracked)
             if done:
                 self.stats.finished += 1
             else:

@@ -89,13 +89,18 @@ class NodeServicerBase:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def track(self, request_id: str) -> None:
+    def track(self, request_id: str) -> asyncio.Task:
+        """Registers the RPC serving `request_id`; returns the token `untrack` needs."""
         if request_id in self._active:
             raise InvalidArgument(f"request id {request_id[:64]!r} is already active on this node")
-        self._active[request_id] = asyncio.current_task()
+        task = self._active[request_id] = asyncio.current_task()
+        return task
 
-    def untrack(self, request_id: str) -> None:
-        if self._active.get(request_id) is asyncio.current_task():
+    def untrack(self, request_id: str, task: asyncio.Task) -> None:
+        """Forgets the RPC that `track` registered. The finally block of a streaming handler may run
+        in another task (an async generator closed by the event loop's finalizer), so the entry is
+        matched against the task returned by `track`, not the current one."""
+        if self._active.get(request_id) is task:
             del self._active[request_id]
 
     def cancel_active(self, request_id: str) -> bool:
