@@ -28,10 +28,10 @@ def make_prompts(tokenizer, n: int) -> list[list[int]]:
     return [tokenizer.encode(seeds[i % len(seeds)] + " and then" * (i % 7)) for i in range(n)]
 
 
-def bench_pdserve(model: str, prompts, new_tokens: int, device: str) -> dict:
+def bench_pdserve(model: str, prompts, new_tokens: int, device: str, dtype: str) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model, device=device, max_num_seqs=256)
+    llm = LLM(model, device=device, dtype=dtype, max_num_seqs=256)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], SamplingParams(max_tokens=4), use_tqdm=False)
     t = time.perf_counter()
@@ -42,11 +42,12 @@ def bench_pdserve(model: str, prompts, new_tokens: int, device: str) -> dict:
     return {"seconds": dt, "output_tok_s": n_out / dt, "total_tok_s": (n_in + n_out) / dt}
 
 
-def bench_hf(model_path, gguf_file, prompts, new_tokens: int, batch: int, device: str) -> dict:
+def bench_hf(model_path, gguf_file, prompts, new_tokens: int, batch: int, device: str, dtype: str) -> dict:
     import transformers
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     m = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs).to(device).eval()
     m.generation_config.eos_token_id = None
     m.generation_config.pad_token_id = 0
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--hf-batch-sizes", default="8,32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="both engines' dtype (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args(argv)
 
@@ -84,12 +87,12 @@ def main(argv=None) -> int:
     path = pathlib.Path(model)
     hf_path, gguf = (str(path.parent), path.name) if path.suffix == ".gguf" else (model, None)
 
-    ours = bench_pdserve(model, prompts, args.new_tokens, args.device)
-    hf = [bench_hf(hf_path, gguf, prompts, args.new_tokens, int(b), args.device)
+    ours = bench_pdserve(model, prompts, args.new_tokens, args.device, args.dtype)
+    hf = [bench_hf(hf_path, gguf, prompts, args.new_tokens, int(b), args.device, args.dtype)
           for b in args.hf_batch_sizes.split(",")]
     best = max(hf, key=lambda r: r["output_tok_s"])
     ratio = ours["output_tok_s"] / best["output_tok_s"]
-    print(f"\n{args.num_prompts} prompts x {args.new_tokens} new tokens, greedy, eos ignored, device {args.device}")
+    print(f"\n{args.num_prompts} prompts x {args.new_tokens} new tokens, greedy, eos ignored, device {args.device}, dtype {args.dtype}")
     print(f"{'engine':<22}{'seconds':>10}{'output tok/s':>15}{'total tok/s':>14}")
     print(f"{'pdserve LLM.generate':<22}{ours['seconds']:>10.1f}{ours['output_tok_s']:>15.1f}{ours['total_tok_s']:>14.1f}")
     for r in hf:
@@ -98,7 +101,7 @@ def main(argv=None) -> int:
     print(f"pdserve / best HF (output tok/s): {ratio:.2f}x")
     if args.json:
         device = args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads, {platform.machine()})"
-        result = {"device": device, "date": datetime.date.today().isoformat(),
+        result = {"device": device, "dtype": args.dtype, "date": datetime.date.today().isoformat(),
                   "command": "python " + " ".join(sys.argv),
                   "metrics": {"offline_output_tok_s": ours["output_tok_s"], "offline_total_tok_s": ours["total_tok_s"],
                               "hf_output_tok_s": best["output_tok_s"], "hf_total_tok_s": best["total_tok_s"],
