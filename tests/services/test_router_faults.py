@@ -87,3 +87,26 @@ def test_kill_decode_mid_stream_then_kill_prefill(stack):
         r = stub.Generate(greedy_request(LONG, 4), timeout=60).completions[0]
         assert r.timings.prefill_node == "prefill-1"
     assert_idle(stub)
+
+
+@pytest.mark.timeout(150)
+def test_prefill_killed_with_requests_in_flight_is_retried(make_tiny_model):
+    """Requests sitting on a prefill node when it dies are retried on the other one (nothing had
+    reached the client yet), with the same greedy output; nothing is left held anywhere."""
+    import concurrent.futures
+
+    with start_stack(make_tiny_model("llama"), num_prefill=2, num_decode=1) as s:
+        stub = s.stub()
+        texts = [f"{LONG} {i}" for i in range(6)]
+        expected = [list(stub.Generate(greedy_request(t, 6), timeout=60).completions[0].token_ids) for t in texts]
+        s.kill("prefill-0", signal.SIGSTOP)  # frozen: calls placed on it hang until it dies
+        with concurrent.futures.ThreadPoolExecutor(len(texts)) as pool:
+            futures = [pool.submit(stub.Generate, greedy_request(t, 6), timeout=60) for t in texts]
+            time.sleep(1.5)
+            s.kill("prefill-0", signal.SIGKILL)
+            results = [f.result().completions[0] for f in futures]
+        assert [list(r.token_ids) for r in results] == expected
+        assert all(r.timings.prefill_node == "prefill-1" for r in results)
+        # Some of them were stuck on the frozen node for the 1.5 s before its death, then retried.
+        assert max(r.timings.e2e_ms for r in results) >= 1400
+        assert_idle(stub)
