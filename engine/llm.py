@@ -31,14 +31,28 @@ class LLM:
         of either. One SamplingParams for all, or one per prompt."""
         prompts = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompts))
-        ids = []
+        results: dict[str, RequestOutput] = {}
+        try:
+            self._add_all(prompts, params, priority, results)
+        except Exception:
+            for request_id in results:  # a bad prompt in the batch: drop the ones already queued
+                self.engine.abort_request(request_id)
+            raise
+        return self._run(results, use_tqdm)
+
+    def _add_all(self, prompts, params, priority, results: dict[str, RequestOutput]) -> None:
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             request_id = str(next(self._ids))
             text, token_ids = _split_prompt(prompt)
+            if token_ids is None:
+                if not isinstance(text, str) or not text:
+                    raise ValueError("the prompt is empty")
+                token_ids = self.engine.tokenize(text)
             self.engine.add_request(request_id, text, p, prompt_token_ids=token_ids,
                                     priority=priority[i] if priority else 0)
-            ids.append(request_id)
-        return self._run(ids, use_tqdm)
+            results[request_id] = RequestOutput(
+                request_id=request_id, prompt=text, prompt_token_ids=list(token_ids),
+                outputs=[CompletionOutput(j, "", [], None, None) for j in range(p.n)])
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -55,10 +69,9 @@ class LLM:
                             chat_template: str | None = None) -> list[int]:
         return render_chat(self.engine.tokenizer, messages, add_generation_prompt, chat_template)
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        results: dict[str, RequestOutput] = {}
-        pending = set(ids)
-        bar = _progress(len(ids)) if use_tqdm and len(ids) >= 32 else None
+    def _run(self, results: dict[str, RequestOutput], use_tqdm: bool) -> list[RequestOutput]:
+        pending = set(results)
+        bar = _progress(len(results)) if use_tqdm and len(results) >= 32 else None
         try:
             while pending:
                 for out in self.engine.step():
@@ -73,20 +86,14 @@ class LLM:
                 bar.close()
             for request_id in pending:
                 self.engine.abort_request(request_id)
-        return [results[i] for i in ids]
+        return list(results.values())
 
-    def _collect(self, results: dict[str, RequestOutput], out: StepOutput) -> bool:
+    @staticmethod
+    def _collect(results: dict[str, RequestOutput], out: StepOutput) -> bool:
         """Folds one step output into the request's result; True once all its sequences finished."""
-        res = results.get(out.request_id)
-        if res is None:
-            req = self.engine._groups.get(out.request_id)
-            n = len(req) if req else 1
-            first = req[0] if req else None
-            res = results[out.request_id] = RequestOutput(
-                request_id=out.request_id, prompt=first.prompt if first else None,
-                prompt_token_ids=list(first.prompt_token_ids) if first else [],
-                outputs=[CompletionOutput(i, "", [], None, None) for i in range(n)],
-                num_cached_tokens=out.num_cached_tokens)
+        res = results[out.request_id]
+        if out.index == 0 and not res.outputs[0].token_ids:
+            res.num_cached_tokens = out.num_cached_tokens
         comp = res.outputs[out.index]
         comp.text += out.text_delta
         comp.token_ids.extend(out.new_token_ids)

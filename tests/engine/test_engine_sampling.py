@@ -182,3 +182,12 @@ def test_chat_and_text_prompts(llm):
     assert len(out.outputs[0].token_ids) == 4
     t = llm.generate("Hello there", greedy(3), use_tqdm=False)[0]
     assert t.prompt == "Hello there" and t.prompt_token_ids == tok.encode("Hello there")
+
+
+def test_bad_prompt_in_a_batch_leaves_nothing_queued(llm):
+    good = {"prompt_token_ids": [5, 6, 7]}
+    with pytest.raises(ValueError, match="49152"):
+        llm.generate([good, good, {"prompt_token_ids": [49152]}], greedy(3), use_tqdm=False)
+    eng = llm.engine
+    assert not eng.has_unfinished_requests() and not eng.request_ids()
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_total_blocks
