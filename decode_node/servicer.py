@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -200,12 +199,7 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
                 yield self._event(out, params)
             done = True
         finally:
-            self.untrack(rid, tracked)
-            if done:
-                self.stats.finished += 1
-            else:
-                self.stats.aborts += 1
-                self.spawn(self._abort(rid, res))
+            self.end_rpc(rid, tracked, done, lambda: self._abort(rid, res))
 
     @staticmethod
     def _event(out, params: SamplingParams) -> node_pb2.DecodeEvent:

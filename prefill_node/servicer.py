@@ -1,11 +1,9 @@
 """PrefillNode servicer: proto -> AsyncEngine (role prefill) -> proto, then KV to the decode node."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
-import torch
 
 from engine.kv_transfer import GrpcKVSender, TorchDistKVSender
 from engine.kv_transfer.grpc_transport import Channels
@@ -78,12 +76,7 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
             done = True
             yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes=bytes_sent, ms=ms))
         finally:
-            self.untrack(rid, tracked)
-            if done:
-                self.stats.finished += 1
-            else:
-                self.stats.aborts += 1
-                self.spawn(engine.abort(rid))  # frees queued, running or held KV
+            self.end_rpc(rid, tracked, done, lambda: engine.abort(rid))  # abort frees queued, running or held KV
 
     async def _transfer(self, rid: str, target: node_pb2.KVTarget, context) -> tuple[int, float]:
         transport = target.transport or self.default_transport

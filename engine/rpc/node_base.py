@@ -103,6 +103,16 @@ class NodeServicerBase:
         if self._active.get(request_id) is task:
             del self._active[request_id]
 
+    def end_rpc(self, request_id: str, tracked: asyncio.Task, done: bool, abort) -> None:
+        """The bookkeeping every request RPC does in its `finally`: forget it, count it as finished,
+        or as aborted and run `abort()` (a coroutine factory) in the background to free its state."""
+        self.untrack(request_id, tracked)
+        if done:
+            self.stats.finished += 1
+        else:
+            self.stats.aborts += 1
+            self.spawn(abort())
+
     def cancel_active(self, request_id: str) -> bool:
         task = self._active.pop(request_id, None)
         if task is not None and not task.done():
