@@ -121,23 +121,6 @@ def start_node(role: str, model: str, *extra: str, env: dict | None = None, time
     return node
 
 
-@pytest.fixture(scope="module")
-def model_dir(make_tiny_model):
-    return make_tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def nodes(model_dir):
-    decode = start_node("decode", model_dir)
-    try:
-        prefill = start_node("prefill", model_dir)
-    except BaseException:
-        decode.stop()
-        raise
-    yield prefill, decode
-    codes = prefill.stop(), decode.stop()
-    assert codes == (0, 0), (codes, "".join(prefill.stderr)[-1500:], "".join(decode.stderr)[-1500:])
-
 
 @pytest.fixture(scope="module")
 def offline(model_dir):

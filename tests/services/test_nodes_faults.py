@@ -14,7 +14,7 @@ from engine.rpc import convert
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import node_pb2, node_pb2_grpc
 from tests.services.test_kv_transfer import frames_for
-from tests.services.test_nodes import TRANSPORTS, Node, free_port, generate, start_node
+from tests.services.test_nodes import TRANSPORTS, free_port, generate, start_node
 
 POISON = [7, 7, 7, 7]
 # Runs a node whose model forward raises once a scheduled prompt starts with POISON (the patch
@@ -31,23 +31,6 @@ model_runner.ModelRunner.execute = execute
 from prefill_node.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def model_dir(make_tiny_model):
-    return make_tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
-def nodes(model_dir):
-    decode = start_node("decode", model_dir)
-    try:
-        prefill = start_node("prefill", model_dir)
-    except BaseException:
-        decode.stop()
-        raise
-    yield prefill, decode
-    assert (prefill.stop(), decode.stop()) == (0, 0)
 
 
 def greedy(n=8):
