@@ -5,7 +5,7 @@ model and the device into the frozen pieces each component takes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch

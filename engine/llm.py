@@ -98,7 +98,9 @@ class LLM:
         comp.text += out.text_delta
         comp.token_ids.extend(out.new_token_ids)
         if out.new_logprobs is not None:
-            comp.logprobs = (comp.logprobs or []) + out.new_logprobs
+            if comp.logprobs is None:
+                comp.logprobs = []
+            comp.logprobs.extend(out.new_logprobs)
             comp.cumulative_logprob = (comp.cumulative_logprob or 0.0) + sum(
                 lp[t] for lp, t in zip(out.new_logprobs, out.new_token_ids))
         if out.finished:

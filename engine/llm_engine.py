@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,7 @@ from engine.loader import ModelSource, load_model_source
 from engine.model_runner import ModelRunner
 from engine.models import get_model_class
 from engine.outputs import StepOutput
-from engine.request import FinishReason, Request, RequestStatus
+from engine.request import FinishReason, Request
 from engine.sampler import RowSpec, SamplerOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
@@ -93,11 +92,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         backend = args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
         self.runner = ModelRunner(model, self.shape, num_blocks, args.block_size, self.device, self.dtype, backend)
-        self._requests: dict[str, Request] = {}  # internal id -> request
         self._groups: dict[str, list[Request]] = {}  # client request id -> its n sequences
         self._prefilled: dict[str, Request] = {}  # prefill role: done, KV held until exported
         self._ids = itertools.count()
-        self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "aborts": 0, "finished": 0}
 
     # ---- construction ------------------------------------------------------------------------
     def _build_model(self, config) -> torch.nn.Module:
@@ -157,7 +154,6 @@ class LLMEngine:
             group.append(req)
         self._groups[request_id] = group
         for req in group:
-            self._requests[req.request_id] = req
             self.scheduler.add_request(req)
 
     def _check_prompt(self, ids) -> list[int]:
@@ -178,10 +174,8 @@ class LLMEngine:
         if group is None:
             return self.release(request_id)
         for req in group:
-            self._requests.pop(req.request_id, None)
             if not req.is_finished:
                 self.scheduler.finish(req, FinishReason.ABORTED)
-        self.stats["aborts"] += 1
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -229,15 +223,7 @@ class LLMEngine:
         return entry
 
     def _append_token(self, req: Request, token_id: int, logprobs: dict[int, float] | None) -> StepOutput:
-        now = time.monotonic()
-        req.first_token_time = req.first_token_time or now
         req.output_token_ids.append(token_id)
-        self.stats["generation_tokens"] += 1
-        if req.num_output_tokens == 1:
-            self.stats["prompt_tokens"] += req.num_prompt_tokens
-        if logprobs is not None:
-            req.logprobs = (req.logprobs or []) + [logprobs]
-            req.cumulative_logprob += logprobs[token_id]
         reason = self._check_stop(req, token_id)
         if reason is None and self.role == "prefill":
             reason = FinishReason.PREFILLED
@@ -271,14 +257,11 @@ class LLMEngine:
     def _finish(self, req: Request, reason: FinishReason) -> None:
         keep = reason == FinishReason.PREFILLED
         self.scheduler.finish(req, reason, free_blocks=not keep)
-        self.stats["finished"] += 1
         if keep:
             self._prefilled[req.client_id] = req
         group = self._groups.get(req.client_id)
         if group is not None and all(r.is_finished for r in group):
             del self._groups[req.client_id]
-            for r in group:
-                self._requests.pop(r.request_id, None)
 
     # ---- prefill role: export ---------------------------------------------------------------------
     def export_kv(self, request_id: str) -> KVExport:
@@ -339,7 +322,6 @@ class LLMEngine:
         req.detokenizer.append(first_token_id)
         req.detokenizer.get_delta()  # the first token's text was streamed by the prefill side
         self._groups[request_id] = [req]
-        self._requests[req.request_id] = req
         self.scheduler.add_running(req)
 
     def reserve_blocks(self, num_tokens: int) -> list[int] | None:

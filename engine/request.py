@@ -52,12 +52,7 @@ class Request:
     stop_reason: str | int | None = None
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not scheduled yet
     num_preemptions: int = 0
-    # Per-token logprob data (sampled logprob, {token_id: logprob} of the top candidates).
-    cumulative_logprob: float = 0.0
-    logprobs: list[dict[int, float]] | None = None
     detokenizer: Any = None
-    first_scheduled_time: float | None = None
-    first_token_time: float | None = None
 
     def __post_init__(self):
         assert self.prompt_token_ids, "a request needs at least one prompt token"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
+from engine import LLM
 from tests.engine.helpers import greedy, random_prompts, token_ids
 
 NEW = 24
