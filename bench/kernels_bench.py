@@ -1,6 +1,6 @@
 """Times the attention kernels on a GPU and writes bench/results/kernels.json-style output.
 
-    python bench/kernels_bench.py --out kernels.json [--sweep]
+    python bench/kernels_bench.py --out kernels.json [--sweep] [--fused-only]
 
 Shapes: Llama-3-8B attention (32 query / 8 kv heads, head_dim 128), bf16, cache block 16.
 Decode: achieved bandwidth = bytes of K, V, q and out the step must move / time, against the
@@ -8,6 +8,9 @@ Decode: achieved bandwidth = bytes of K, V, q and out the step must move / time,
 Prefill: TFLOP/s on one causal prompt read through a random block table, against
 F.scaled_dot_product_attention (flash backend) on the same problem in contiguous [1, 32, n, 128].
 KV write: bytes read + written / time against the same ceiling.
+Fused decoder ops (RMSNorm, residual add + RMSNorm, SiLU-and-mul, rotary) at Llama-3-8B shapes
+(hidden 4096, intermediate 14336) for 1, 256 and 8192 tokens: bytes they must move / time against
+the same ceiling, and their torch references' time; `--fused-only` runs just that section.
 Timing: CUDA events around each call, median of the timed calls after warm-up.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kernels.activation import silu_and_mul, silu_and_mul_bytes, silu_and_mul_ref  # noqa: E402
 from kernels.kv_cache_write import kv_write_bytes, write_kv_cache  # noqa: E402
 from kernels.paged_decode_attention import (  # noqa: E402
     choose_num_splits,
@@ -37,10 +41,20 @@ from kernels.paged_prefill_attention import (  # noqa: E402
     paged_prefill_attention,
     plan_tiles,
 )
+from kernels.rms_norm import (  # noqa: E402
+    fused_add_rms_norm,
+    fused_add_rms_norm_ref,
+    rms_norm,
+    rms_norm_bytes,
+    rms_norm_ref,
+)
+from kernels.rotary import apply_rotary, apply_rotary_ref, rotary_bytes  # noqa: E402
 
 HEADS, KV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
 COPY_TBS = 3.0  # measured device-to-device copy ceiling, TB/s (H100, DEVICE.md)
+HIDDEN, INTER, MAX_POS, NORM_EPS = 4096, 14336, 131072, 1e-5  # Llama-3-8B
+FUSED_TOKENS = (1, 256, 8192)
 
 
 def time_ms(fn, warmup: int = 5, iters: int = 30) -> float:
@@ -229,13 +243,82 @@ def bench_write(n: int, log: list[str]) -> dict:
             "graph_us": gms * 1e3, "graph_bw_frac": nbytes / gms / 1e9 / COPY_TBS, "torch_graph_us": torch_gms * 1e3}
 
 
+def fused_problems(n: int) -> dict:
+    """name -> (kernel call, torch reference call, bytes the op must move) for n tokens."""
+    x = torch.randn(n, HIDDEN, dtype=DT, device="cuda")
+    res = torch.randn_like(x)
+    out = torch.empty_like(x)
+    w = (1 + 0.1 * torch.randn(HIDDEN, device="cuda")).to(DT)
+    gate_up = torch.randn(n, 2 * INTER, dtype=DT, device="cuda")
+    act_out = torch.empty(n, INTER, dtype=DT, device="cuda")
+    qkv = torch.randn(n, (HEADS + 2 * KV) * D, dtype=DT, device="cuda")
+    q = qkv[:, : HEADS * D].view(n, HEADS, D)  # strided views of a fused qkv output, as in the model
+    k = qkv[:, HEADS * D : (HEADS + KV) * D].view(n, KV, D)
+    inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, dtype=torch.float, device="cuda") / D)
+    freqs = torch.arange(MAX_POS, dtype=torch.float, device="cuda")[:, None] * inv[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    pos = torch.randint(0, MAX_POS, (n,), device="cuda")
+    # In-place ops run again and again on the same buffers: values stay finite (a rotation keeps
+    # norms; the residual grows by one normed row a call).
+    return {
+        "rms_norm": (lambda: rms_norm(x, w, NORM_EPS, out), lambda: rms_norm_ref(x, w, NORM_EPS),
+                     rms_norm_bytes(n, HIDDEN, DT)),
+        "fused_add_rms_norm": (lambda: fused_add_rms_norm(x, res, w, NORM_EPS),
+                               lambda: fused_add_rms_norm_ref(x, res, w, NORM_EPS),
+                               rms_norm_bytes(n, HIDDEN, DT, add_residual=True)),
+        "silu_and_mul": (lambda: silu_and_mul(gate_up, act_out), lambda: silu_and_mul_ref(gate_up),
+                         silu_and_mul_bytes(n, INTER, DT)),
+        "rotary": (lambda: apply_rotary(pos, q, k, cos, sin), lambda: apply_rotary_ref(pos, q, k, cos, sin),
+                   rotary_bytes(n, HEADS, KV, D, DT)),
+    }
+
+
+def bench_fused_ops(log: list[str]) -> dict:
+    """Each fused op at 1, 256 and 8192 tokens: queued and in-a-CUDA-graph time, bandwidth against
+    the copy ceiling, and the torch reference (several kernels) timed the same ways."""
+    result: dict = {}
+    for n in FUSED_TOKENS:
+        for name, (fn, ref, nbytes) in fused_problems(n).items():
+            ms, gms = time_ms(fn), graph_ms(fn)
+            ref_ms, ref_gms = time_ms(ref), graph_ms(ref)
+            r = {"us": ms * 1e3, "tbs": nbytes / ms / 1e9, "bw_frac": nbytes / ms / 1e9 / COPY_TBS,
+                 "graph_us": gms * 1e3, "graph_bw_frac": nbytes / gms / 1e9 / COPY_TBS,
+                 "torch_us": ref_ms * 1e3, "torch_graph_us": ref_gms * 1e3, "bytes": nbytes}
+            result.setdefault(name, {})[str(n)] = r
+            log.append(f"{name:18s} {n:5d} tokens: {ms * 1e3:7.1f} us queued {r['tbs']:5.2f} TB/s"
+                       f" ({r['bw_frac']:.0%} of {COPY_TBS}); in a CUDA graph {gms * 1e3:6.1f} us"
+                       f" ({r['graph_bw_frac']:.0%}); torch ref {ref_ms * 1e3:7.1f} us queued,"
+                       f" {ref_gms * 1e3:6.1f} us in a graph")
+        torch.cuda.empty_cache()
+    return result
+
+
+def fused_metrics(fused: dict) -> dict:
+    metrics = {}
+    for name, by_n in fused.items():
+        metrics[f"{name}_bw_frac_8k_tokens"] = by_n["8192"]["bw_frac"]
+        # The kernel alone: queued timing can include the host's launch cost (~20-40 us a call).
+        metrics[f"{name}_graph_bw_frac_8k_tokens"] = by_n["8192"]["graph_bw_frac"]
+        metrics[f"{name}_graph_us_1_token"] = by_n["1"]["graph_us"]
+        metrics[f"{name}_torch_graph_us_1_token"] = by_n["1"]["torch_graph_us"]
+    return metrics
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sweep", action="store_true", help="also time other configs and split counts")
+    ap.add_argument("--fused-only", action="store_true", help="only the fused decoder ops (norm, act, rotary)")
     args = ap.parse_args()
     torch.manual_seed(0)
     log: list[str] = []
+    command = "python bench/kernels_bench.py --out kernels.json" + (" --sweep" if args.sweep else "")
+    if args.fused_only:
+        fused = bench_fused_ops(log)
+        metrics = fused_metrics(fused)
+        write_result(args.out, command + " --fused-only", metrics, {"fused": fused}, log)
+        return
     swept = ((64, 4096), (8, 32768), (32, 8192), (1, 32768))
     dec = {f"b{b}_ctx{c}": bench_decode(b, c, args.sweep and (b, c) in swept, log)
            for b, c in ((64, 4096), (8, 32768), (1, 32768), (32, 8192), (256, 1024), (256, 4096))}
@@ -255,16 +338,23 @@ def main() -> None:
         "kv_write_bw_frac_16k_tokens_graph": wr[16384]["graph_bw_frac"],
         "mixed_step_prefill_kernel_us": mixed["us"],
     }
+    fused = bench_fused_ops(log)
+    metrics.update(fused_metrics(fused))
+    detail = {"decode": dec, "prefill": {str(k): v for k, v in pre.items()}, "mixed": mixed,
+              "kv_write": {str(k): v for k, v in wr.items()}, "fused": fused}
+    write_result(args.out, command, metrics, detail, log)
+
+
+def write_result(out: Path, command: str, metrics: dict, detail: dict, log: list[str]) -> None:
     result = {
         "device": torch.cuda.get_device_name(),
         "date": datetime.date.today().isoformat(),
-        "command": "python bench/kernels_bench.py --out kernels.json" + (" --sweep" if args.sweep else ""),
+        "command": command,
         "versions": {"torch": torch.__version__, "triton": __import__("triton").__version__},
         "metrics": metrics,
-        "detail": {"decode": dec, "prefill": {str(k): v for k, v in pre.items()}, "mixed": mixed,
-                   "kv_write": {str(k): v for k, v in wr.items()}},
+        "detail": detail,
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(log))
     print(json.dumps(metrics, indent=2))
 
