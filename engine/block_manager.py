@@ -88,24 +88,29 @@ class BlockManager:
         self.prefix_hits += len(hits) * bs
         return hits
 
-    def cache_full_blocks(self, block_table: list[int], token_ids: list[int], num_computed: int) -> None:
-        """Registers the hash of every full block whose KV is computed."""
+    def cache_full_blocks(self, block_table: list[int], token_ids: list[int], num_computed: int,
+                          hashes: list[int] | None = None) -> None:
+        """Registers the hash of every full block whose KV is computed. `hashes`, when given, is
+        the caller's memo of the chain hashes of `token_ids`' full blocks: extended here, so each
+        block is hashed once in a request's life (tokens never change, so it survives preemption)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        parent = _NO_HASH
-        for i in range(num_computed // bs):
+        num_full = num_computed // bs
+        if hashes is None:
+            hashes = []
+        parent = hashes[-1] if hashes else _NO_HASH
+        for i in range(len(hashes), num_full):
+            parent = chain_hash(parent, tuple(token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(parent)
+        for i in range(num_full):
             block = self.blocks[block_table[i]]
-            chunk = tuple(token_ids[i * bs:(i + 1) * bs])
-            h = chain_hash(parent, chunk)
-            parent = h
-            if block.hash == h:
-                continue
+            h = hashes[i]
             if block.hash != _NO_HASH:  # written blocks are immutable; a hash never changes
                 continue
             if h in self.hash_to_block:  # the same prefix cached elsewhere: keep the first
                 continue
-            block.hash, block.token_ids = h, chunk
+            block.hash, block.token_ids = h, tuple(token_ids[i * bs:(i + 1) * bs])
             self.hash_to_block[h] = block.block_id
 
     # ---- allocation -----------------------------------------------------------------------

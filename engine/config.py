@@ -55,6 +55,7 @@ class EngineArgs:
     cpu_kv_cache_gb: float = 1.0  # KV cache size on CPU when num_gpu_blocks is not given
     role: Role = "both"
     attention_backend: str | None = None  # "torch" | "triton"; None = by device
+    enforce_eager: bool = False  # CUDA: never capture / replay CUDA graphs
     seed: int = 0
     served_model_name: str | None = None
 

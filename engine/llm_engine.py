@@ -54,6 +54,17 @@ def model_shape(config, max_model_len: int) -> ModelShape:
     )
 
 
+def estimate_num_params(config) -> int:
+    """Parameters of a Llama-family decoder (fused projections, untied or tied head)."""
+    h, n = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    d = getattr(config, "head_dim", None) or h // heads
+    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * n + 2 * h
+    head = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * h
+    return config.num_hidden_layers * per_layer + config.vocab_size * h + head + h
+
+
 def resolve_max_model_len(config, requested: int | None) -> int:
     limit = config.max_position_embeddings
     window = getattr(config, "sliding_window", None)
@@ -81,48 +92,97 @@ class LLMEngine:
         self.role = args.role
         torch.manual_seed(args.seed)
 
-        model = self._build_model(config)
-        num_blocks = self._num_blocks()
         batched = args.max_num_batched_tokens or (max(2048, args.max_num_seqs) if args.enable_chunked_prefill
                                                   else self.max_model_len)
-        self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, self.max_model_len,
                                                 args.enable_chunked_prefill)
+        model = self._build_model(config)
+        backend = args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
+        self.runner = ModelRunner(model, self.shape, 0, args.block_size, self.device, self.dtype, backend,
+                                  max_num_batched_tokens=batched, max_num_seqs=args.max_num_seqs,
+                                  enforce_eager=args.enforce_eager)
+        num_blocks = self._num_blocks()
+        self.runner.allocate_kv_cache(num_blocks)
+        self.runner.capture_cuda_graphs()
+        self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
-        backend = args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
-        self.runner = ModelRunner(model, self.shape, num_blocks, args.block_size, self.device, self.dtype, backend)
         self._groups: dict[str, list[Request]] = {}  # client request id -> its n sequences
         self._prefilled: dict[str, Request] = {}  # prefill role: done, KV held until exported
         self._ids = itertools.count()
 
     # ---- construction ------------------------------------------------------------------------
     def _build_model(self, config) -> torch.nn.Module:
+        """Builds the model directly in the target dtype on the target device (no fp32 copy of
+        the weights on the way) and loads the checkpoint into it."""
         cls = get_model_class(config.model_type)
-        with torch.device(self.device):
-            model = cls(config, max_positions=self.max_model_len)
+        if self.device.type == "cuda":
+            self._check_weights_fit(config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(config, max_positions=self.max_model_len)
+        except torch.cuda.OutOfMemoryError as e:
+            raise MemoryError(f"the model does not fit on {self.device}: {e}") from None
+        finally:
+            torch.set_default_dtype(previous)
         model.load_weights(self.source.iter_weights())
-        return model.to(dtype=self.dtype).eval()
+        return model.eval()
+
+    def _check_weights_fit(self, config) -> None:
+        free, total = torch.cuda.mem_get_info(self.device)
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        need = estimate_num_params(config) * elem
+        allowed = self.args.gpu_memory_utilization * total - (total - free)
+        if need > allowed:
+            raise MemoryError(
+                f"the model's weights need {need / 2**30:.2f} GiB in {str(self.dtype).removeprefix('torch.')}, but "
+                f"gpu_memory_utilization {self.args.gpu_memory_utilization} of {total / 2**30:.2f} GiB with "
+                f"{(total - free) / 2**30:.2f} GiB already in use leaves {max(allowed, 0) / 2**30:.2f} GiB")
 
     def _num_blocks(self) -> int:
+        """KV blocks that fit: on CUDA, what `gpu_memory_utilization` of the GPU leaves after the
+        weights, everything else already on the GPU, and the peak activations of the largest step
+        (measured by running it); on CPU, `cpu_kv_cache_gb`."""
         args = self.args
         per_block = self.shape.kv_bytes_per_token(self.dtype) * args.block_size
-        useful = args.max_num_seqs * -(-self.max_model_len // args.block_size) + 1
+        blocks_per_seq = -(-self.max_model_len // args.block_size)
+        useful = args.max_num_seqs * blocks_per_seq + 1
         if args.num_gpu_blocks is not None:
             return args.num_gpu_blocks
-        if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - args.gpu_memory_utilization) * total
-            # Leave room for activations of one full batch of tokens.
-            budget -= 64 * 2**20 + 4 * 2048 * self.shape.vocab_size * 4
-        else:
+        if self.device.type != "cuda":
             budget = args.cpu_kv_cache_gb * 2**30
+            num = int(budget // per_block)
+            if num < 2 + blocks_per_seq // 4:
+                raise ValueError(
+                    f"not enough memory for the KV cache: cpu_kv_cache_gb {args.cpu_kv_cache_gb} fits {num} blocks of "
+                    f"{per_block / 2**20:.2f} MiB; raise cpu_kv_cache_gb or lower max_model_len")
+            return min(num, useful)
+        cfg = self.scheduler_config
+        peak = self.runner.profile_peak_memory(cfg.max_num_batched_tokens, cfg.max_num_seqs, self.max_model_len)
+        free, total = torch.cuda.mem_get_info(self.device)
+        in_use = total - free  # weights, CUDA context, other processes
+        graph_reserve = 0 if self.runner.graph_max_batch == 0 else 256 * 2**20
+        budget = args.gpu_memory_utilization * total - in_use - peak - graph_reserve
         num = int(budget // per_block)
-        if num < 2 + -(-self.max_model_len // args.block_size) // 4:
-            raise ValueError(
-                f"not enough memory for the KV cache: {budget / 2**30:.2f} GiB left fits {max(num, 0)} blocks of "
-                f"{per_block / 2**20:.2f} MiB; raise gpu_memory_utilization / cpu_kv_cache_gb or lower max_model_len")
+        need = blocks_per_seq + 1
+        if num < need:
+            raise MemoryError(
+                f"no room for the KV cache: gpu_memory_utilization {args.gpu_memory_utilization} of "
+                f"{total / 2**30:.2f} GiB = {args.gpu_memory_utilization * total / 2**30:.2f} GiB; in use "
+                f"{in_use / 2**30:.2f} GiB (weights {self._weight_bytes() / 2**30:.2f} GiB); activations peak "
+                f"{peak / 2**30:.2f} GiB at max_num_batched_tokens {cfg.max_num_batched_tokens}; that leaves "
+                f"{max(budget, 0) / 2**30:.2f} GiB, but one sequence of max_model_len {self.max_model_len} needs "
+                f"{need * per_block / 2**30:.2f} GiB ({per_block // args.block_size // 1024} KiB per token). Raise "
+                "gpu_memory_utilization, or lower max_model_len or max_num_batched_tokens")
+        logger.info("KV cache: %d blocks = %.2f GiB (%d tokens); weights %.2f GiB, activation peak %.2f GiB",
+                    min(num, useful), min(num, useful) * per_block / 2**30, min(num, useful) * args.block_size,
+                    self._weight_bytes() / 2**30, peak / 2**30)
         return min(num, useful)
+
+    def _weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
 
     # ---- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

@@ -53,6 +53,7 @@ class Request:
     num_cached_tokens: int = -1  # prefix-cache hit at first scheduling; -1 = not scheduled yet
     num_preemptions: int = 0
     detokenizer: Any = None
+    block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks (prefix cache memo)
 
     def __post_init__(self):
         assert self.prompt_token_ids, "a request needs at least one prompt token"

@@ -51,13 +51,14 @@ class RowSpec:
 @dataclass(frozen=True)
 class SamplingMetadata:
     """Built fresh each step for the rows being sampled; tensors are on the logits' device."""
-    temperature: Tensor  # [B] fp32
-    top_k: Tensor  # [B] int64; 0 = off
-    top_p: Tensor  # [B] fp32
-    min_p: Tensor  # [B] fp32
-    presence_penalty: Tensor  # [B] fp32
-    frequency_penalty: Tensor  # [B] fp32
-    repetition_penalty: Tensor  # [B] fp32
+    # Per-row parameter columns on the device, each built only when a row uses it (None otherwise).
+    temperature: Tensor | None  # [B] fp32; None when every row is greedy
+    top_k: Tensor | None  # [B] int64; 0 = off
+    top_p: Tensor | None  # [B] fp32
+    min_p: Tensor | None  # [B] fp32
+    presence_penalty: Tensor | None  # [B] fp32
+    frequency_penalty: Tensor | None  # [B] fp32
+    repetition_penalty: Tensor | None  # [B] fp32
     all_greedy: bool
     all_random: bool
     no_penalties: bool
@@ -73,37 +74,52 @@ class SamplingMetadata:
 
     @staticmethod
     def build(rows: list[RowSpec], vocab_size: int, device) -> SamplingMetadata:
+        """A greedy batch without extras (the common serving case) builds no tensors at all;
+        otherwise the columns it needs go to the device in one copy."""
         params = [r.params for r in rows]
-
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
-
         greedy = [p.greedy for p in params]
+        all_greedy = all(greedy)
         use_penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
                             or p.frequency_penalty != 0.0 for p in params)
+        no_top_k = all(p.top_k == 0 or p.top_k >= vocab_size for p in params)
+        no_top_p = all(p.top_p >= 1.0 for p in params)
+        no_min_p = all(p.min_p <= 0.0 for p in params)
+        random_cols = not all_greedy
+        wanted = {
+            "temperature": random_cols,
+            "top_p": random_cols and not no_top_p,
+            "min_p": random_cols and not no_min_p,
+            "presence_penalty": use_penalties,
+            "frequency_penalty": use_penalties,
+            "repetition_penalty": use_penalties,
+        }
+        names = [name for name, on in wanted.items() if on]
+        cols: dict[str, Tensor | None] = dict.fromkeys(wanted)
+        if names:
+            table = torch.tensor([[getattr(p, name) for name in names] for p in params], dtype=torch.float32)
+            table = table.to(device, non_blocking=True).t()
+            cols.update(zip(names, table))
+        top_k = None
+        if random_cols and not no_top_k:
+            top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(device, non_blocking=True)
         biases = [p.logit_bias for p in params]
         requested = [p.logprobs for p in params if p.logprobs is not None]
         return SamplingMetadata(
-            temperature=column([p.temperature for p in params], torch.float32),
-            top_k=column([p.top_k for p in params], torch.int64),
-            top_p=column([p.top_p for p in params], torch.float32),
-            min_p=column([p.min_p for p in params], torch.float32),
-            presence_penalty=column([p.presence_penalty for p in params], torch.float32),
-            frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
-            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
-            all_greedy=all(greedy),
+            top_k=top_k,
+            **cols,
+            all_greedy=all_greedy,
             all_random=not any(greedy),
             no_penalties=not use_penalties,
-            no_top_k=all(p.top_k == 0 or p.top_k >= vocab_size for p in params),
-            no_top_p=all(p.top_p >= 1.0 for p in params),
-            no_min_p=all(p.min_p <= 0.0 for p in params),
+            no_top_k=no_top_k,
+            no_top_p=no_top_p,
+            no_min_p=no_min_p,
             prompt_token_ids=_pad([r.prompt_token_ids for r in rows], vocab_size, device)
             if use_penalties else None,
             output_token_ids=_pad([r.output_token_ids for r in rows], vocab_size, device)
             if use_penalties else None,
             logit_bias=biases if any(biases) else None,
             min_tokens_mask=_min_tokens_mask(rows, vocab_size),
-            generators=[_row_generator(r, device) for r in rows],
+            generators=[_row_generator(r, device) for r in rows] if not all_greedy else [None] * len(rows),
             max_num_logprobs=max(requested) if requested else None,
         )
 
@@ -195,18 +211,14 @@ def _nan_to_neg_inf(x: Tensor) -> Tensor:
 
 
 def _safe_argmax(x: Tensor, raw: Tensor) -> Tensor:
-    """argmax with NaN counted as -inf; an all -inf row takes the argmax of its raw logits."""
-    idx = x.argmax(dim=-1)
-    best = x.gather(1, idx.unsqueeze(1)).squeeze(1)
-    bad = torch.isnan(best) | (best == _NEG_INF)
-    if bad.any():
-        rows = bad.nonzero().squeeze(1)
-        clean = _nan_to_neg_inf(x[rows])
-        fixed = clean.argmax(dim=-1)
-        dead = clean.gather(1, fixed.unsqueeze(1)).squeeze(1) == _NEG_INF
-        fixed = torch.where(dead, _nan_to_neg_inf(raw[rows]).argmax(dim=-1), fixed)
-        idx[rows] = fixed
-    return idx
+    """argmax with NaN counted as -inf; an all -inf row takes the argmax of its raw logits.
+    Branch-free: no device-to-host sync."""
+    clean = _nan_to_neg_inf(x)
+    idx = clean.argmax(dim=-1)
+    if x is raw:
+        return idx  # the raw fallback would give the same index
+    dead = clean.gather(1, idx.unsqueeze(1)).squeeze(1) == _NEG_INF
+    return torch.where(dead, _nan_to_neg_inf(raw).argmax(dim=-1), idx)
 
 
 def _apply_logit_bias(x: Tensor, biases: list[dict[int, float] | None] | None) -> None:

@@ -182,7 +182,10 @@ class Scheduler:
         """Marks a chunk's tokens as computed and registers newly full blocks in the prefix cache."""
         req = chunk.request
         req.num_computed_tokens = chunk.end_pos
-        self.block_manager.cache_full_blocks(req.block_table, req.all_token_ids, req.num_computed_tokens)
+        bs = self.block_manager.block_size
+        if chunk.end_pos // bs > chunk.start_pos // bs:  # a block filled up
+            self.block_manager.cache_full_blocks(req.block_table, req.all_token_ids, req.num_computed_tokens,
+                                                 req.block_hashes)
 
     def finish(self, req: Request, reason: FinishReason, free_blocks: bool = True) -> None:
         if req.status == RequestStatus.RUNNING:

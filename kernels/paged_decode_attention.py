@@ -31,7 +31,6 @@ def _decode_kernel(
     part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32; written when SPLIT
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (log2 domain); written when SPLIT
     qk_scale,  # softmax scale * log2(e)
-    split_len,  # tokens per split, a multiple of BLOCK_N
     num_splits,
     stride_q_s, stride_q_h,
     stride_o_s, stride_o_h,
@@ -51,8 +50,15 @@ def _decode_kernel(
     seq = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    start = split * split_len
-    end = tl.minimum(seq_len, start + split_len)
+    if SPLIT:
+        # Each sequence cuts its own context into num_splits equal ranges (whole BLOCK_N tiles),
+        # so the launch depends only on the batch size: one CUDA graph serves every context length.
+        split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(seq_len, start + split_len)
+    else:
+        start = 0
+        end = seq_len
 
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
@@ -155,8 +161,8 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim]
     *,
-    max_seq_len: int | None = None,  # host copy of seq_lens.max(); saves a device sync
-    num_splits: int | None = None,  # None = heuristic
+    max_seq_len: int | None = None,  # host copy (or bound) of seq_lens.max(); saves a device sync
+    num_splits: int | None = None,  # None = heuristic; fixed for a CUDA graph (any seq_lens then)
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
@@ -182,8 +188,6 @@ def paged_decode_attention(
         max_seq_len = int(seq_lens.max())
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device))
-    split_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_seq_len, split_len)
     split = num_splits > 1
     if split:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
@@ -192,7 +196,7 @@ def paged_decode_attention(
         part_out = part_lse = out  # not touched
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-        scale * _LOG2E, split_len, num_splits,
+        scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend
+from kernels.activation import silu_and_mul
+from kernels.rms_norm import fused_add_rms_norm, rms_norm
+from kernels.rotary import apply_rotary
 
 
 def rope_parameters(config) -> dict:
@@ -46,10 +49,15 @@ class RotaryEmbedding(nn.Module):
         inv_freq, scaling = rope_inv_freq(config, head_dim)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scaling, persistent=False)  # [max_positions, head_dim]
-        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        # fp32 tables whatever the model dtype; cast to q's dtype at use, as HF does.
+        self.register_buffer("cos", (emb.cos() * scaling).float(), persistent=False)  # [max_positions, head_dim]
+        self.register_buffer("sin", (emb.sin() * scaling).float(), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Rotates q `[T, Hq, D]` and k `[T, Hk, D]`; on CUDA in place, in one kernel."""
+        if q.is_cuda:
+            apply_rotary(positions, q, k, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -66,7 +74,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """HF's RMSNorm (normalize in fp32, cast back, then scale). With `residual`: adds x to it
+        first and returns (normed, new residual); on CUDA that is one kernel, in place."""
+        if x.is_cuda:
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -103,7 +123,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if gate_up.is_cuda:
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -115,9 +138,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rotary, attn, kv_cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, attn, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, rotary, attn, kv_cache):
+        """x: the previous layer's output (or the embeddings, with residual None); returns this
+        layer's output and the residual stream before it (HF's `residual + out`, deferred so
+        that the add fuses with the next norm)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, rotary, attn, kv_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 # HF checkpoint names that load into a slice of one of our fused parameters.
@@ -143,9 +174,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, attn: AttentionBackend) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, attn, kv_cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, positions, self.rotary, attn, kv_cache)
+        return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -18,7 +18,7 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
     model.generation_config.pad_token_id = 0
     outs = []
     for ids in prompts:
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=model.device)
         y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                            min_new_tokens=max_new_tokens, do_sample=False)
         outs.append(y[0, len(ids):].tolist())
