@@ -202,6 +202,45 @@ def save_model_dir(model, shape: dict, tag: str) -> tuple[pathlib.Path, dict]:
                  "files": sorted(f.name for f in dst.iterdir()), "init_std_sample": stds}
 
 
+def profile_steps(eng, steps: int) -> dict:
+    """Where a decode step's time goes: kernel time by kind (torch.profiler, CUDA graph replays
+    included) against the wall time of the same steps; the rest is launch gaps and host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / steps
+    kinds: Counter = Counter()
+    for e in prof.key_averages():
+        dev = getattr(e, "self_device_time_total", 0) or 0
+        if dev <= 0 or e.key.startswith("cudaGraph"):
+            continue
+        k = e.key.lower()
+        if any(x in k for x in ("gemm", "nvjet", "cutlass", "sm90", "xmma", "splitk")):
+            kind = "gemm"
+        elif "decode_kernel" in k or "merge_splits" in k or "prefill" in k:
+            kind = "attention"
+        elif any(x in k for x in ("rms_norm", "silu", "rotary", "kv_cache_write")):
+            kind = "fused elementwise"
+        elif "memcpy" in k or "memset" in k:
+            kind = "copies"
+        else:
+            kind = "other (sampler, embedding, ...)"
+        kinds[kind] += dev / 1e3 / steps  # us -> ms per step
+    busy = sum(kinds.values())
+    out = {"wall_ms": 1e3 * wall, "kernel_ms": busy, "idle_ms": 1e3 * wall - busy,
+           "by_kind_ms": {k: round(v, 4) for k, v in kinds.most_common()}}
+    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:12]
+    out["top_kernels_ms"] = {e.key[:80]: round((e.self_device_time_total or 0) / 1e3 / steps, 4) for e in top}
+    log(f"profile: wall {out['wall_ms']:.3f} ms/step, kernels {busy:.3f} ms, idle {out['idle_ms']:.3f} ms; "
+        + ", ".join(f"{k} {v:.3f}" for k, v in kinds.most_common()))
+    return out
+
+
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab - 2, (n, length), generator=g).tolist()
@@ -463,7 +502,7 @@ class Bench:
             prefill_steps_max = -(-bs * L // eng.scheduler_config.max_num_batched_tokens) + 2
             # Early requests decode while later ones prefill: give them room so none finishes
             # during the K timed steps; the rest is aborted afterwards.
-            max_tokens = min(1 + K + prefill_steps_max + 2, eng.max_model_len - L - 1)
+            max_tokens = min(1 + K + prefill_steps_max + 4, eng.max_model_len - L - 1)
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             rids = [f"floor{bs}-{i}" for i in range(bs)]
             for rid, ids in zip(rids, random_prompts(bs, L, self.shape["vocab_size"], 5000 + bs)):
@@ -480,21 +519,27 @@ class Bench:
                                        f"{prefill_steps} steps")
             prefill_s = time.perf_counter() - t
             start_ctx = L + sum(got.values()) / bs
-            wall, ev, sizes = [], [], []
-            for _ in range(K):
+            # No synchronization inside the loop: with async scheduling a step returns while the
+            # next is queued, so a sync per step would serialize host and device. Events recorded
+            # before each step are read after the loop (their gaps = device time per step).
+            wall, ev, sizes, marks = [], [], [], []
+            for _ in range(K + 1):
                 if self.device == "cuda":
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
+                    e = torch.cuda.Event(enable_timing=True)
+                    e.record()
+                    marks.append(e)
                 t = time.perf_counter()
                 outs = eng.step()
                 wall.append(time.perf_counter() - t)
-                if self.device == "cuda":
-                    e1.record()
-                    e1.synchronize()
-                    ev.append(e0.elapsed_time(e1) / 1e3)
                 sizes.append(len(outs))
                 for o in outs:
                     got[o.request_id] += len(o.new_token_ids)
+            wall, sizes = wall[1:], sizes[1:]  # the first call may still return the prefill's last step
+            if marks:
+                marks[-1].synchronize()
+                ev = [a.elapsed_time(b) / 1e3 for a, b in zip(marks[1:], marks[2:])]
+            if self.device == "cuda" and self.args.profile:
+                self.details.setdefault("profile", {})[bs] = profile_steps(eng, 8)
             for rid in rids:
                 eng.abort_request(rid)
             drain = 0
@@ -670,6 +715,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None,
                     help="JSON path (default bench/results/gpu_speed.json; with --tiny /tmp/gpu_speed_tiny.json)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"subset of {','.join(SECTIONS)}")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each floor batch, profile 8 more decode steps (kernel time by kind vs wall)")
     ap.add_argument("--num-prompts", type=int, default=None, help="P2 prompts (default 1000; --tiny 16)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)

@@ -56,6 +56,9 @@ class EngineArgs:
     role: Role = "both"
     attention_backend: str | None = None  # "torch" | "triton"; None = by device
     enforce_eager: bool = False  # CUDA: never capture / replay CUDA graphs
+    # Schedule step N+1 while step N runs on the device. None = on for CUDA (where it pays);
+    # True also on CPU (same logic, no overlap: for tests). Never for the prefill role.
+    async_scheduling: bool | None = None
     seed: int = 0
     served_model_name: str | None = None
 

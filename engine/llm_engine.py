@@ -19,7 +19,7 @@ from engine.config import (CacheConfig, EngineArgs, ModelShape, SchedulerConfig,
                            resolve_dtype)
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import ModelSource, load_model_source
-from engine.model_runner import ModelRunner
+from engine.model_runner import PLACEHOLDER, ModelRunner, PendingStep
 from engine.models import get_model_class
 from engine.outputs import StepOutput
 from engine.request import FinishReason, Request
@@ -28,6 +28,15 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
 
 logger = logging.getLogger("pdserve.engine")
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose tokens are not read yet (async scheduling)."""
+
+    pending: PendingStep
+    rows: list  # per sampled row: (request, index of its placeholder in output_token_ids) or None
+    chunks: tuple
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,11 @@ class LLMEngine:
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        # Async scheduling: one step queued on the device ahead of the host (CUDA; not for the
+        # prefill role, whose requests end after one token).
+        wanted = self.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
+        self._async = wanted and self.role != "prefill"
+        self._inflight: _Launched | None = None
         self._groups: dict[str, list[Request]] = {}  # client request id -> its n sequences
         self._prefilled: dict[str, Request] = {}  # prefill role: done, KV held until exported
         self._ids = itertools.count()
@@ -239,7 +253,7 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -247,6 +261,10 @@ class LLMEngine:
 
     # ---- the step loop ---------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        """Runs one step; returns the tokens it produced. With async scheduling (CUDA), returns the
+        tokens of the step before, while this one runs on the device."""
+        if self._async:
+            return self._step_async()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -254,24 +272,88 @@ class LLMEngine:
         result = self.runner.execute(out, [self._row_spec(c.request) for c in sampled])
         for chunk in out.chunks:
             self.scheduler.advance(chunk)
-        return self._process_samples(sampled, result)
+        if result is None:
+            return []
+        token_ids = result.sampled_token_ids.tolist()
+        return self._process_samples([(c.request, None) for c in sampled], token_ids, result)
+
+    def _step_async(self) -> list[StepOutput]:
+        """Async scheduling: step N+1 is scheduled and queued on the device before step N's tokens
+        are read, so the host's bookkeeping (detokenizing, stop checks, scheduling) overlaps the
+        device's work instead of leaving it idle.
+
+        A row continuing from step N gets a PLACEHOLDER input token, read from step N's device
+        output. Step N's tokens replace the placeholders when N completes; a request that N
+        finishes (eos, stop string) has its row in N+1 ignored. Rows that need their token
+        history on the host (penalties) wait for step N first."""
+        prev, self._inflight = self._inflight, None
+        out = self.scheduler.schedule()
+        outputs: list[StepOutput] = []
+        if prev is not None and not out.is_empty and self._needs_token_values(out):
+            outputs += self._complete(prev)
+            prev = None
+        if not out.is_empty:
+            self._inflight = self._launch(out, prev)
+        if prev is not None:
+            outputs += self._complete(prev)
+        return outputs
+
+    @staticmethod
+    def _needs_token_values(out) -> bool:
+        for c in out.chunks:
+            p = c.request.sampling_params
+            if c.sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+                return True
+        return False
+
+    def _launch(self, out, prev: "_Launched | None") -> "_Launched":
+        sampled = [c for c in out.chunks if c.sample]
+        pending = self.runner.launch(out, [self._row_spec(c.request) for c in sampled],
+                                     prev.pending if prev is not None else None)
+        for chunk in out.chunks:
+            if not chunk.request.is_finished:
+                self.scheduler.advance(chunk, register=False)  # blocks are registered at completion
+        rows: list[tuple[Request, int] | None] = []
+        for i, chunk in enumerate(sampled):
+            req = chunk.request
+            if req.is_finished:
+                rows.append(None)
+                continue
+            rows.append((req, len(req.output_token_ids)))
+            req.output_token_ids.append(PLACEHOLDER)
+            req.pending_row = i
+            req.num_pending += 1
+        return _Launched(pending, rows, out.chunks)
+
+    def _complete(self, launched: "_Launched") -> list[StepOutput]:
+        token_ids, result = launched.pending.result()
+        for row in launched.rows:
+            if row is not None:
+                row[0].num_pending -= 1
+        for chunk in launched.chunks:
+            req = chunk.request
+            if not req.is_finished:
+                self.scheduler.register_blocks(chunk)
+        if result is None:
+            return []
+        return self._process_samples(launched.rows, token_ids, result)
 
     @staticmethod
     def _row_spec(req: Request) -> RowSpec:
         return RowSpec(req.sampling_params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids,
                        index=req.sample_index)
 
-    def _process_samples(self, chunks: list[ScheduledChunk], result: SamplerOutput | None) -> list[StepOutput]:
-        if result is None:
-            return []
-        token_ids = result.sampled_token_ids.tolist()
+    def _process_samples(self, rows, token_ids: list[int], result: SamplerOutput) -> list[StepOutput]:
+        """rows[i]: (request, index of its placeholder) or (request, None) to append; None = skip."""
         outputs = []
-        for i, chunk in enumerate(chunks):
-            req = chunk.request
-            if req.is_finished:  # aborted meanwhile
+        for i, row in enumerate(rows):
+            if row is None:
+                continue
+            req, index = row
+            if req.is_finished:  # aborted, or finished by the step before (async)
                 continue
             logprobs = self._logprobs(result, i, token_ids[i]) if req.sampling_params.logprobs is not None else None
-            outputs.append(self._append_token(req, token_ids[i], logprobs))
+            outputs.append(self._append_token(req, token_ids[i], logprobs, index))
         return outputs
 
     @staticmethod
@@ -282,12 +364,20 @@ class LLMEngine:
                 entry.setdefault(t, lp)
         return entry
 
-    def _append_token(self, req: Request, token_id: int, logprobs: dict[int, float] | None) -> StepOutput:
-        req.output_token_ids.append(token_id)
-        reason = self._check_stop(req, token_id)
+    def _append_token(self, req: Request, token_id: int, logprobs: dict[int, float] | None,
+                      index: int | None = None) -> StepOutput:
+        """Records a sampled token: appended, or written over its placeholder at `index`."""
+        if index is None:
+            req.output_token_ids.append(token_id)
+            count = len(req.output_token_ids)
+        else:
+            req.output_token_ids[index] = token_id
+            count = index + 1
+        reason = self._check_stop(req, token_id, count)
         if reason is None and self.role == "prefill":
             reason = FinishReason.PREFILLED
         if reason is not None:
+            del req.output_token_ids[count:]  # placeholders of a step already queued after this one
             self._finish(req, reason)
         return StepOutput(
             request_id=req.client_id, index=req.sample_index, new_token_ids=[token_id],
@@ -296,9 +386,10 @@ class LLMEngine:
             stop_reason=req.stop_reason, new_logprobs=[logprobs] if logprobs is not None else None,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0))
 
-    def _check_stop(self, req: Request, token_id: int) -> FinishReason | None:
+    def _check_stop(self, req: Request, token_id: int, count: int) -> FinishReason | None:
+        """count: output tokens so far, this one included."""
         params = req.sampling_params
-        min_reached = req.num_output_tokens > params.min_tokens
+        min_reached = count >= params.min_tokens  # as vLLM: stops count once min_tokens are out
         if min_reached and params.stop_token_ids and token_id in params.stop_token_ids:
             req.stop_reason = token_id
             if params.include_stop_str_in_output:
@@ -310,7 +401,7 @@ class LLMEngine:
         if min_reached and stop is not None:
             req.stop_reason = stop
             return FinishReason.STOP
-        if req.num_output_tokens >= req.max_tokens:
+        if count >= req.max_tokens:
             return FinishReason.LENGTH
         return None
 

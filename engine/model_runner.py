@@ -45,35 +45,101 @@ class StepInputs:
     sampled_rows: tuple[int, ...]  # row index (into chunks) of each sampled row
 
 
+PLACEHOLDER = -1  # a token sampled by a step still in flight: read from that step's device output
+
+
+class _HostSet:
+    """One set of host staging arrays (pinned on CUDA), with numpy views."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool):
+        def make(shape, dtype):
+            t = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            return t, t.numpy()
+
+        self.ids_h, self.ids = make(max_tokens, torch.int64)
+        self.pos_h, self.pos = make(max_tokens, torch.int64)
+        self.slots_h, self.slots = make(max_tokens, torch.int64)
+        self.qsl_h, self.qsl = make(max_seqs + 1, torch.int32)
+        self.lens_h, self.lens = make(max_seqs, torch.int32)
+        self.tables_h, self.tables = make((max_seqs, max_blocks), torch.int32)
+        self.logits_idx_h, self.logits_idx = make(max_seqs, torch.int64)
+        self.fix_dst_h, self.fix_dst = make(max_seqs, torch.int64)  # placeholder token slots ...
+        self.fix_src_h, self.fix_src = make(max_seqs, torch.int64)  # ... and their rows in the previous step
+
+
 class _Buffers:
-    """Persistent step inputs: pinned host staging (numpy views) and their device twins."""
+    """Persistent step inputs: host staging and the device tensors the forward pass reads.
+
+    On CUDA there are two host sets used in turn: a step's non-blocking copies may still be
+    queued when the next step is prepared (async scheduling keeps one step in flight), and the
+    set a step fills is only reused after that step completed. On CPU the host set *is* the
+    device buffer.
+    """
 
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
         self.device = device
-        pin = device.type == "cuda"
+        self.cuda = device.type == "cuda"
         self.max_tokens, self.max_seqs, self.max_blocks = max_tokens, max_seqs, max_blocks
+        self.sets = [_HostSet(max_tokens, max_seqs, max_blocks, self.cuda) for _ in range(2 if self.cuda else 1)]
+        self.host = self.sets[0]
+        h = self.host
 
-        def pair(shape, dtype):
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            dev = torch.zeros(shape, dtype=dtype, device=device) if pin else host
-            return host, host.numpy(), dev
+        def dev(t):
+            return torch.zeros_like(t, device=device) if self.cuda else t
 
-        self.ids_h, self.ids, self.ids_d = pair(max_tokens, torch.int64)
-        self.pos_h, self.pos, self.pos_d = pair(max_tokens, torch.int64)
-        self.slots_h, self.slots, self.slots_d = pair(max_tokens, torch.int64)
-        self.qsl_h, self.qsl, self.qsl_d = pair(max_seqs + 1, torch.int32)
-        self.lens_h, self.lens, self.lens_d = pair(max_seqs, torch.int32)
-        self.tables_h, self.tables, self.tables_d = pair((max_seqs, max_blocks), torch.int32)
-        self.logits_idx_h, self.logits_idx, self.logits_idx_d = pair(max_seqs, torch.int64)
+        self.ids_d, self.pos_d, self.slots_d = dev(h.ids_h), dev(h.pos_h), dev(h.slots_h)
+        self.qsl_d, self.lens_d, self.tables_d = dev(h.qsl_h), dev(h.lens_h), dev(h.tables_h)
+        self.logits_idx_d = dev(h.logits_idx_h)
+        self.fix_dst_d, self.fix_src_d = dev(h.fix_dst_h), dev(h.fix_src_h)
+        self._turn = 0
 
-    def upload(self, num_tokens: int, num_seqs: int, table_width: int, num_sampled: int) -> None:
-        if self.device.type != "cuda":
-            return  # host and device buffers are the same tensors
-        for h, d, n in ((self.ids_h, self.ids_d, num_tokens), (self.pos_h, self.pos_d, num_tokens),
-                        (self.slots_h, self.slots_d, num_tokens), (self.qsl_h, self.qsl_d, num_seqs + 1),
-                        (self.lens_h, self.lens_d, num_seqs), (self.logits_idx_h, self.logits_idx_d, num_sampled)):
-            d[:n].copy_(h[:n], non_blocking=True)
-        self.tables_d[:num_seqs, :table_width].copy_(self.tables_h[:num_seqs, :table_width], non_blocking=True)
+    def next_set(self) -> _HostSet:
+        self._turn = (self._turn + 1) % len(self.sets)
+        self.host = self.sets[self._turn]
+        return self.host
+
+    def upload(self, num_tokens: int, num_seqs: int, table_width: int, num_sampled: int, num_fixes: int) -> None:
+        if not self.cuda:
+            return
+        h = self.host
+        for src, dst, n in ((h.ids_h, self.ids_d, num_tokens), (h.pos_h, self.pos_d, num_tokens),
+                            (h.slots_h, self.slots_d, num_tokens), (h.qsl_h, self.qsl_d, num_seqs + 1),
+                            (h.lens_h, self.lens_d, num_seqs), (h.logits_idx_h, self.logits_idx_d, num_sampled),
+                            (h.fix_dst_h, self.fix_dst_d, num_fixes), (h.fix_src_h, self.fix_src_d, num_fixes)):
+            if n:
+                dst[:n].copy_(src[:n], non_blocking=True)
+        if table_width:
+            self.tables_d[:num_seqs, :table_width].copy_(h.tables_h[:num_seqs, :table_width], non_blocking=True)
+
+
+@dataclass
+class _Filled:
+    num_tokens: int
+    table_width: int
+    sampled_rows: list[int]
+    num_fixes: int  # placeholder tokens to read from the previous step's device output
+
+
+class PendingStep:
+    """A launched step: its sampled tokens are on their way to a pinned host buffer."""
+
+    def __init__(self, output: SamplerOutput | None, host: torch.Tensor | None, event):
+        self.output = output  # device tensors
+        self._host = host
+        self._event = event
+
+    @property
+    def sampled_device(self) -> torch.Tensor:
+        return self.output.sampled_token_ids
+
+    def result(self) -> tuple[list[int], SamplerOutput | None]:
+        """Waits for the step; returns its sampled token ids (host) and the device output."""
+        if self.output is None:
+            return [], None
+        if self._event is not None:
+            self._event.synchronize()
+            return self._host.tolist(), self.output
+        return self.output.sampled_token_ids.tolist(), self.output
 
 
 class ModelRunner:
@@ -95,6 +161,10 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.graphs: CudaGraphs | None = None
+        if device.type == "cuda":  # pinned landing slots for sampled ids (<= 2 steps in flight)
+            self._sampled_host = [torch.zeros(self.buffers.max_seqs, dtype=torch.int64, pin_memory=True)
+                                  for _ in range(3)]
+            self._sampled_turn = 0
         if num_blocks:
             self.allocate_kv_cache(num_blocks)
 
@@ -115,32 +185,47 @@ class ModelRunner:
             self.graphs = CudaGraphs(self, cuda_graph_sizes(self.graph_max_batch))
 
     # ---- one step --------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, rows: list[RowSpec]) -> SamplerOutput | None:
-        """Runs the step; samples one token for every chunk with `sample` set (`rows` gives their
-        sampling state, in chunk order)."""
+        """Runs the step and waits for it; samples one token for every chunk with `sample` set
+        (`rows` gives their sampling state, in chunk order)."""
+        return self.launch(out, rows).output  # the caller's .tolist() waits for it
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, rows: list[RowSpec], prev: PendingStep | None = None) -> PendingStep:
+        """Queues the step on the device and returns at once (on CUDA). A row whose input token
+        is PLACEHOLDER takes it from `prev`, the step before, on the device (async scheduling)."""
         chunks = out.chunks
+        self.buffers.next_set()
+        filled = self.fill_rows(out)
         if (self.graphs is not None and len(chunks) <= self.graphs.max_batch
-                and out.num_scheduled_tokens == len(chunks) and all(c.sample for c in chunks)):
-            logits = self.graphs.run(out)  # one token per row, every row sampled
+                and filled.num_tokens == len(chunks) and len(filled.sampled_rows) == len(chunks)):
+            logits = self.graphs.run(len(chunks), filled, prev)  # one token per row, every row sampled
         else:
-            inputs = self.prepare_inputs(out)
+            inputs = self._inputs(out, filled, prev)
             self.attn.plan(inputs.metadata)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attn)
             if not inputs.sampled_rows:
-                return None
+                return PendingStep(None, None, None)
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
         meta = SamplingMetadata.build(rows, self.shape.vocab_size, self.device)
-        return self.sampler(logits, meta)
+        output = self.sampler(logits, meta)
+        if self.device.type != "cuda":
+            return PendingStep(output, None, None)
+        host = self._sampled_host[self._sampled_turn][:len(rows)]
+        self._sampled_turn = (self._sampled_turn + 1) % len(self._sampled_host)
+        host.copy_(output.sampled_token_ids, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingStep(output, host, event)
 
-    def fill_rows(self, out: SchedulerOutput) -> tuple[int, int, int, list[int]]:
-        """Writes the step's rows into the host staging buffers; returns (num_tokens, table
-        width, num_sampled, sampled row indices)."""
-        b = self.buffers
+    def fill_rows(self, out: SchedulerOutput) -> _Filled:
+        """Writes the step's rows into the current host staging set."""
+        h = self.buffers.host
         bs = self.block_size
-        ids, pos, slots, qsl, lens, tables, logits_idx = b.ids, b.pos, b.slots, b.qsl, b.lens, b.tables, b.logits_idx
+        ids, pos, slots, qsl, lens, tables, logits_idx = h.ids, h.pos, h.slots, h.qsl, h.lens, h.tables, h.logits_idx
         t = 0
         width = 0
+        fixes = 0
         sampled: list[int] = []
         qsl[0] = 0
         for i, chunk in enumerate(out.chunks):
@@ -148,7 +233,16 @@ class ModelRunner:
             start, n = chunk.start_pos, len(chunk.token_ids)
             end = start + n
             if n == 1:
-                ids[t] = chunk.token_ids[0]
+                token = chunk.token_ids[0]
+                if token == PLACEHOLDER:
+                    req = chunk.request
+                    token = req.token_id_at(start)  # resolved on the host since it was scheduled?
+                    if token == PLACEHOLDER:
+                        h.fix_dst[fixes] = t
+                        h.fix_src[fixes] = req.pending_row
+                        fixes += 1
+                        token = 0
+                ids[t] = token
                 pos[t] = start
                 slots[t] = table[start // bs] * bs + start % bs
             else:
@@ -165,13 +259,23 @@ class ModelRunner:
             if chunk.sample:
                 logits_idx[len(sampled)] = t - 1
                 sampled.append(i)
-        return t, width, len(sampled), sampled
+        return _Filled(t, width, sampled, fixes)
 
-    def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
+    def upload(self, num_tokens: int, num_seqs: int, filled: _Filled, prev: PendingStep | None) -> None:
+        """Moves the staged inputs to the device and patches in tokens still on the device."""
+        b = self.buffers
+        b.upload(num_tokens, num_seqs, filled.table_width, len(filled.sampled_rows), filled.num_fixes)
+        if filled.num_fixes:
+            if prev is None or prev.output is None:
+                raise RuntimeError("a row's input token is still in flight but no previous step was given")
+            n = filled.num_fixes
+            b.ids_d[b.fix_dst_d[:n]] = prev.sampled_device[b.fix_src_d[:n]]
+
+    def _inputs(self, out: SchedulerOutput, filled: _Filled, prev: PendingStep | None) -> StepInputs:
         b = self.buffers
         num_seqs = len(out.chunks)
-        num_tokens, width, num_sampled, sampled = self.fill_rows(out)
-        b.upload(num_tokens, num_seqs, width, num_sampled)
+        num_tokens, width = filled.num_tokens, filled.table_width
+        self.upload(num_tokens, num_seqs, filled, prev)
         query_lens = tuple(len(c.token_ids) for c in out.chunks)
         seq_lens = tuple(c.end_pos for c in out.chunks)
         md = AttentionMetadata(
@@ -188,9 +292,14 @@ class ModelRunner:
             input_ids=b.ids_d[:num_tokens],
             positions=b.pos_d[:num_tokens],
             metadata=md,
-            logits_indices=b.logits_idx_d[:num_sampled],
-            sampled_rows=tuple(sampled),
+            logits_indices=b.logits_idx_d[:len(filled.sampled_rows)],
+            sampled_rows=tuple(filled.sampled_rows),
         )
+
+    def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
+        """The step's device inputs (no placeholder tokens allowed)."""
+        self.buffers.next_set()
+        return self._inputs(out, self.fill_rows(out), None)
 
     # ---- memory profile ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -271,7 +380,7 @@ class CudaGraphs:
         before = torch.cuda.mem_get_info(runner.device)[0]
         pool = torch.cuda.graph_pool_handle()
         b = runner.buffers
-        b.slots_d.fill_(-1)
+        b.slots_d.fill_(-1)  # warm-up and capture write no KV and attend to nothing
         b.lens_d.zero_()
         b.ids_d.zero_()
         b.pos_d.zero_()
@@ -302,18 +411,17 @@ class CudaGraphs:
         hidden = r.model(b.ids_d[:size], b.pos_d[:size], r.kv_caches, r.attn)
         return r.model.compute_logits(hidden)
 
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
-        """Logits `[n, vocab]` of a pure-decode step of n rows."""
-        r, b = self.runner, self.runner.buffers
-        n = len(out.chunks)
+    def run(self, n: int, filled: _Filled, prev: PendingStep | None) -> torch.Tensor:
+        """Logits `[n, vocab]` of a pure-decode step of n rows already staged by fill_rows."""
+        r = self.runner
+        h = r.buffers.host
         size = self.sizes[bisect.bisect_left(self.sizes, n)]
-        _, width, _, _ = r.fill_rows(out)
         if size > n:  # padding rows
-            b.ids[n:size] = 0
-            b.pos[n:size] = 0
-            b.slots[n:size] = -1
-            b.lens[n:size] = 0
-        b.upload(size, size, width, 0)
+            h.ids[n:size] = 0
+            h.pos[n:size] = 0
+            h.slots[n:size] = -1
+            h.lens[n:size] = 0
+        r.upload(size, size, filled, prev)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n]

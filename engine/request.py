@@ -54,6 +54,10 @@ class Request:
     num_preemptions: int = 0
     detokenizer: Any = None
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of full blocks (prefix cache memo)
+    # Async scheduling: steps in flight that sampled for this request (their tokens are
+    # PLACEHOLDERs in output_token_ids until read), and its row in the latest one's output.
+    num_pending: int = 0
+    pending_row: int = -1
 
     def __post_init__(self):
         assert self.prompt_token_ids, "a request needs at least one prompt token"

@@ -92,6 +92,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_output_tokens >= req.max_tokens or req.num_tokens == req.num_computed_tokens:
+                i += 1  # its last token is in flight (async scheduling): nothing to compute
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if self._make_room(req, n, preempted):
                 chunks.append(self._chunk(req, n))
@@ -117,6 +120,8 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if req.parent is not None and not self._parent_ready(req):
+                continue
+            if req.num_pending:  # preempted with a token still in flight: wait for it
                 continue
             shared = self._shared_prefix(req) if not req.block_table else []
             bm.touch(shared)
@@ -178,14 +183,22 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         bisect.insort(self.waiting, req, key=self._key)
 
-    def advance(self, chunk: ScheduledChunk) -> None:
-        """Marks a chunk's tokens as computed and registers newly full blocks in the prefix cache."""
+    def advance(self, chunk: ScheduledChunk, register: bool = True) -> None:
+        """Marks a chunk's tokens as computed and (unless `register` is False: async scheduling
+        registers once the step's tokens are known) registers newly full blocks in the prefix cache."""
+        chunk.request.num_computed_tokens = chunk.end_pos
+        if register:
+            self.register_blocks(chunk)
+
+    def register_blocks(self, chunk: ScheduledChunk) -> None:
+        """Adds the blocks a computed chunk filled up to the prefix cache."""
         req = chunk.request
-        req.num_computed_tokens = chunk.end_pos
         bs = self.block_manager.block_size
-        if chunk.end_pos // bs > chunk.start_pos // bs:  # a block filled up
-            self.block_manager.cache_full_blocks(req.block_table, req.all_token_ids, req.num_computed_tokens,
-                                                 req.block_hashes)
+        if chunk.end_pos // bs == chunk.start_pos // bs:  # no block filled up
+            return
+        if req.status != RequestStatus.RUNNING or len(req.block_table) * bs < chunk.end_pos:
+            return  # preempted (or finished) since the chunk was scheduled
+        self.block_manager.cache_full_blocks(req.block_table, req.all_token_ids, chunk.end_pos, req.block_hashes)
 
     def finish(self, req: Request, reason: FinishReason, free_blocks: bool = True) -> None:
         if req.status == RequestStatus.RUNNING:

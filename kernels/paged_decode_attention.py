@@ -140,16 +140,19 @@ def num_sms(device: torch.device) -> int:
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, sm_count: int,
-                      min_split_tokens: int = 2048, ctas_per_sm: int = 2) -> int:
+                      min_split_tokens: int = 256, ctas_per_sm: int = 2, max_splits: int = 16) -> int:
     """Split only when (sequence, kv head) pairs are too few to keep every SM streaming.
 
     Tuned on the H100 (bench/kernels_bench.py --sweep, 2026-11-23): batch 64 x 4k and 32 x 8k are
-    best unsplit, 8 x 32k with 4-16 splits, 1 x 32k with 16. A power of two keeps splits equal.
+    best unsplit, 8 x 32k with 4-16 splits, 1 x 32k with 16. Batch 1 at a 1k context walks 16
+    tiles one after the other in 8 programs unsplit (~25 us a layer on the H100); 16 splits cut
+    that to a few us. `max_seq_len` may be a bound (a CUDA graph passes max_model_len): each
+    sequence splits its own context, so short ones just leave splits empty. A power of two.
     """
     programs = num_seqs * num_kv_heads
     want = triton.next_power_of_2(math.ceil(ctas_per_sm * sm_count / programs))
     most = max(1, max_seq_len // min_split_tokens)
-    return max(1, min(want, most))
+    return max(1, min(want, most, max_splits))
 
 
 def paged_decode_attention(

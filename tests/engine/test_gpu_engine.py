@@ -144,11 +144,12 @@ def test_clear_error_when_kv_cache_does_not_fit(gpu_model, monkeypatch):
 
 def test_profile_measures_activation_peak(gpu_model):
     path = gpu_model("llama")
-    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_num_seqs=4, num_gpu_blocks=64)
+    llm = LLM(str(path), device="cuda", dtype="bfloat16", max_num_seqs=64, num_gpu_blocks=64)
     runner = llm.engine.runner
     small = runner.profile_peak_memory(64, 4, 512)
     large = runner.profile_peak_memory(2048, 64, 512)
     # logits of 64 sampled rows (fp32, 49152 vocab) alone are 12 MiB: the larger step must show it
     assert large > small and large > 12 * 2**20
+    assert runner.kv_caches[0][0].shape[0] == 64  # the real cache is back in place
     del llm
     torch.cuda.empty_cache()

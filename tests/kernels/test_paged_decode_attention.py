@@ -51,5 +51,5 @@ def test_choose_num_splits():
     assert choose_num_splits(64, 8, 4096, sms) == 1  # 512 programs already
     assert choose_num_splits(32, 8, 8192, sms) <= 2
     assert choose_num_splits(8, 8, 32768, sms) in (4, 8, 16)  # 64 programs: split the context
-    assert choose_num_splits(1, 8, 32768, sms) == 16  # capped: no split under 2048 tokens
+    assert choose_num_splits(1, 8, 32768, sms) == 16  # capped at 16 splits
     assert choose_num_splits(8, 8, 300, sms) == 1  # too short to be worth splitting
