@@ -502,7 +502,7 @@ class Bench:
             prefill_steps_max = -(-bs * L // eng.scheduler_config.max_num_batched_tokens) + 2
             # Early requests decode while later ones prefill: give them room so none finishes
             # during the K timed steps; the rest is aborted afterwards.
-            max_tokens = min(1 + K + prefill_steps_max + 4, eng.max_model_len - L - 1)
+            max_tokens = min(1 + K + prefill_steps_max + 4 + (12 if self.args.profile else 0), eng.max_model_len - L - 1)
             params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
             rids = [f"floor{bs}-{i}" for i in range(bs)]
             for rid, ids in zip(rids, random_prompts(bs, L, self.shape["vocab_size"], 5000 + bs)):

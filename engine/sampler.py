@@ -163,6 +163,9 @@ def _row_generator(row: RowSpec, device) -> torch.Generator | None:
 
 class Sampler:
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        if (meta.all_greedy and meta.max_num_logprobs is None and meta.no_penalties
+                and meta.logit_bias is None and meta.min_tokens_mask is None):
+            return SamplerOutput(_greedy(logits), None, None, None)
         raw = logits.float()
         logprobs = None
         if meta.max_num_logprobs is not None:
@@ -208,6 +211,15 @@ class Sampler:
 
 def _nan_to_neg_inf(x: Tensor) -> Tensor:
     return torch.where(torch.isnan(x), _NEG_INF, x)
+
+
+def _greedy(logits: Tensor) -> Tensor:
+    """argmax in the logits' own dtype (exact: widening to fp32 changes no order), NaN counted as
+    -inf, without a host sync: the plain argmax where the row's max is a number, else the argmax
+    of the cleaned row. About 3 passes over bf16 logits instead of ~8 over an fp32 copy."""
+    best, idx = logits.max(dim=-1)  # a NaN anywhere in a row makes its max NaN
+    bad = torch.isnan(best) | (best == _NEG_INF)
+    return torch.where(bad, _nan_to_neg_inf(logits).argmax(dim=-1), idx)
 
 
 def _safe_argmax(x: Tensor, raw: Tensor) -> Tensor:

@@ -80,20 +80,30 @@ def test_graphs_match_eager_and_hf_fp32(gpu_model, arch):
     assert token_ids(ours) == ref
 
 
-def test_graphs_bf16_and_sampling(gpu_model):
-    """bf16 graphs agree with bf16 eager (same kernels, same order: identical), with seeded
-    sampling, penalties and logprobs going through the graph's logits."""
+def test_graphs_sampling_penalties_logprobs_fp32(gpu_model):
+    """Seeded sampling, penalties and logprobs read the graph's logits like eager ones. (fp32: in
+    bf16 a padded graph batch picks other GEMM kernels than the eager batch, and rounding differs.)"""
     path = gpu_model("llama")
     prompts = random_prompts(20, 49152, seed=9)
     params = [SamplingParams(temperature=0.9, top_p=0.9, top_k=40, seed=i, max_tokens=12, ignore_eos=True,
                              repetition_penalty=1.1 if i % 2 else 1.0, logprobs=2 if i % 3 == 0 else None)
               for i in range(20)]
-    a, _ = _generate(path, prompts, params, dtype="bfloat16", enforce_eager=True, num_gpu_blocks=512)
-    b, _ = _generate(path, prompts, params, dtype="bfloat16", num_gpu_blocks=512)
+    a, _ = _generate(path, prompts, params, dtype="float32", enforce_eager=True, num_gpu_blocks=512)
+    b, _ = _generate(path, prompts, params, dtype="float32", num_gpu_blocks=512)
     assert token_ids(a) == token_ids(b)
     for x, y in zip(a, b):
+        assert (x.outputs[0].logprobs is None) == (y.outputs[0].logprobs is None)
         if x.outputs[0].logprobs:
             assert [sorted(d) for d in x.outputs[0].logprobs] == [sorted(d) for d in y.outputs[0].logprobs]
+
+
+def test_async_equals_sync_on_gpu(gpu_model):
+    path = gpu_model("llama3")
+    prompts = random_prompts(24, 49152, seed=12)
+    params = _varied_lengths(24, seed=13)
+    a, _ = _generate(path, prompts, params, dtype="float32", num_gpu_blocks=1024, async_scheduling=False)
+    b, _ = _generate(path, prompts, params, dtype="float32", num_gpu_blocks=1024)
+    assert token_ids(a) == token_ids(b)
 
 
 def test_graphs_with_chunked_prefill_and_prefix_hits(gpu_model):

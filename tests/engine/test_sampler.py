@@ -284,3 +284,24 @@ def test_out_of_range_ids_in_metadata_are_ignored():
                        min_tokens=5, stop_token_ids=[V + 1])
     got = processed(logits, [RowSpec(p, [V + 3, -1], [10**6], [V])])
     assert torch.equal(got, logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_fast_path_matches_general_argmax(dtype):
+    """The all-greedy path (argmax in the logits' dtype, no fp32 copy, no sync) picks what the
+    general path picks, NaN / inf / all -inf rows included."""
+    from engine.sampler import _greedy, _safe_argmax
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 1000, generator=g).to(dtype)
+    x[3, 5] = float("nan")
+    x[4] = float("-inf")
+    x[5] = float("nan")
+    x[6, 7] = float("inf")
+    x[7] = float("-inf")
+    x[7, 9] = float("nan")
+    x[8, 10] = x[8, 11] = x[8].max() + 1  # a tie: the first index wins in both
+    ref = _safe_argmax(x.float(), x.float())
+    assert torch.equal(_greedy(x), ref)
+    rows = [RowSpec(SamplingParams(temperature=0.0), [1], [])] * 64
+    assert torch.equal(Sampler()(x, SamplingMetadata.build(rows, 1000, "cpu")).sampled_token_ids, ref)
