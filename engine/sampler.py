@@ -13,6 +13,7 @@ falls back to the argmax of its raw logits.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -214,12 +215,25 @@ def _nan_to_neg_inf(x: Tensor) -> Tensor:
 
 
 def _greedy(logits: Tensor) -> Tensor:
-    """argmax in the logits' own dtype (exact: widening to fp32 changes no order), NaN counted as
-    -inf, without a host sync: the plain argmax where the row's max is a number, else the argmax
-    of the cleaned row. About 3 passes over bf16 logits instead of ~8 over an fp32 copy."""
-    best, idx = logits.max(dim=-1)  # a NaN anywhere in a row makes its max NaN
-    bad = torch.isnan(best) | (best == _NEG_INF)
-    return torch.where(bad, _nan_to_neg_inf(logits).argmax(dim=-1), idx)
+    """argmax with NaN counted as -inf, in the logits' own dtype (exact: widening to fp32 changes
+    no order) and without a host sync: one elementwise pass and one reduction instead of ~8
+    passes over an fp32 copy. A few long rows (batch 1 over a 128k vocabulary) reduce in two
+    stages, so the reduction is spread over many blocks instead of one per row."""
+    x = torch.nan_to_num(logits, nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+    rows, vocab = x.shape
+    groups = _argmax_groups(vocab) if rows < 64 else 1
+    if groups == 1:
+        return x.argmax(dim=-1)
+    width = vocab // groups
+    best, idx = x.view(rows, groups, width).max(dim=-1)  # first maximum of each group
+    group = best.argmax(dim=-1)  # the first group holding the row's maximum
+    return group * width + idx.gather(1, group.unsqueeze(1)).squeeze(1)
+
+
+@functools.lru_cache(maxsize=None)
+def _argmax_groups(vocab: int) -> int:
+    """The largest divisor of `vocab` up to 256 leaving groups of >= 256 entries (1 if none)."""
+    return max(g for g in range(1, 257) if vocab % g == 0 and vocab // g >= 256) if vocab >= 256 else 1
 
 
 def _safe_argmax(x: Tensor, raw: Tensor) -> Tensor:

@@ -287,21 +287,25 @@ def test_out_of_range_ids_in_metadata_are_ignored():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_fast_path_matches_general_argmax(dtype):
+@pytest.mark.parametrize("vocab", [1000, 49152, 997])  # grouped (small batches), grouped, prime: plain
+def test_greedy_fast_path_matches_general_argmax(dtype, vocab):
     """The all-greedy path (argmax in the logits' dtype, no fp32 copy, no sync) picks what the
     general path picks, NaN / inf / all -inf rows included."""
     from engine.sampler import _greedy, _safe_argmax
 
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(64, 1000, generator=g).to(dtype)
+    x = torch.randn(64, vocab, generator=g).to(dtype)
     x[3, 5] = float("nan")
     x[4] = float("-inf")
     x[5] = float("nan")
     x[6, 7] = float("inf")
     x[7] = float("-inf")
     x[7, 9] = float("nan")
-    x[8, 10] = x[8, 11] = x[8].max() + 1  # a tie: the first index wins in both
+    x[8, 10] = x[8, 900] = x[8].max() + 1  # a tie across groups: the first index wins in both
+    x[9, 600] = x[9, 601] = x[9].max() + 1  # a tie inside a group
     ref = _safe_argmax(x.float(), x.float())
-    assert torch.equal(_greedy(x), ref)
+    assert ref[8] == 10 and ref[9] == 600
+    assert torch.equal(_greedy(x), ref)  # 64 rows: one reduction per row
+    assert torch.equal(_greedy(x[:10]), ref[:10])  # few rows: two-stage when the vocabulary allows
     rows = [RowSpec(SamplingParams(temperature=0.0), [1], [])] * 64
-    assert torch.equal(Sampler()(x, SamplingMetadata.build(rows, 1000, "cpu")).sampled_token_ids, ref)
+    assert torch.equal(Sampler()(x, SamplingMetadata.build(rows, vocab, "cpu")).sampled_token_ids, ref)
