@@ -94,6 +94,10 @@ def add_engine_args(parser: argparse.ArgumentParser, *, env: Mapping[str, str] |
              help="reuse KV blocks of shared prompt prefixes")
     add_flag(g, "--num-gpu-blocks", env=env, type=_optional_int, default=None,
              help="explicit number of KV blocks (overrides memory profiling)")
+    add_flag(g, "--enforce-eager", env=env, action="store_true", default=False,
+             help="CUDA: never capture CUDA graphs for decode steps (slower; for debugging)")
+    add_flag(g, "--async-scheduling", env=env, action=argparse.BooleanOptionalAction, default=None,
+             help="schedule step N+1 while step N runs (default: on with CUDA)")
     add_flag(g, "--seed", env=env, type=int, default=0, help="random seed of the engine")
     add_flag(g, "--kv-transport", env=env, default="grpc", choices=["grpc", "nccl"],
              help="how KV blocks move from prefill to decode nodes: grpc (chunked frames, works everywhere) "
@@ -110,4 +114,5 @@ def engine_args_from(ns: argparse.Namespace, role: str) -> EngineArgs:
         gpu_memory_utilization=ns.gpu_memory_utilization, cpu_kv_cache_gb=ns.cpu_kv_cache_gb,
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
-        num_gpu_blocks=ns.num_gpu_blocks, seed=ns.seed, role=role)
+        num_gpu_blocks=ns.num_gpu_blocks, seed=ns.seed, role=role, enforce_eager=ns.enforce_eager,
+        async_scheduling=ns.async_scheduling)

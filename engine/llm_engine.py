@@ -109,7 +109,7 @@ class LLMEngine:
         backend = args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
         self.runner = ModelRunner(model, self.shape, 0, args.block_size, self.device, self.dtype, backend,
                                   max_num_batched_tokens=batched, max_num_seqs=args.max_num_seqs,
-                                  enforce_eager=args.enforce_eager)
+                                  enforce_eager=args.enforce_eager or self.role == "prefill")  # prefill never decodes
         num_blocks = self._num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()

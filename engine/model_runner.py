@@ -155,7 +155,8 @@ class ModelRunner:
         self.attn = backend_cls(shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.head_dim ** -0.5)
         self.sampler = Sampler()
         self.max_blocks_per_seq = -(-shape.max_position_embeddings // block_size)
-        self.graph_max_batch = 0 if enforce_eager or device.type != "cuda" else min(max_num_seqs, 512)
+        graphs = not enforce_eager and device.type == "cuda" and self.attn.cuda_graph_safe
+        self.graph_max_batch = min(max_num_seqs, 512) if graphs else 0
         self.buffers = _Buffers(max(max_num_batched_tokens, self.graph_max_batch, 1),
                                 max(max_num_seqs, self.graph_max_batch, 1), self.max_blocks_per_seq, device)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []

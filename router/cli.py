@@ -125,6 +125,10 @@ def _engine_argv(ns) -> list[str]:
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
     argv.append("--enable-prefix-caching" if ns.enable_prefix_caching else "--no-enable-prefix-caching")
+    if ns.enforce_eager:
+        argv.append("--enforce-eager")
+    if ns.async_scheduling is not None:
+        argv.append("--async-scheduling" if ns.async_scheduling else "--no-async-scheduling")
     return argv
 
 

@@ -45,6 +45,9 @@ class AttentionBackend(ABC):
     """Computes attention over the paged KV cache for one step's batch."""
 
     name: str = "abstract"
+    # forward() of a pure-decode step makes no host syncs and no plan-dependent host work, so a
+    # CUDA graph may capture it (planned once with a bound on the context).
+    cuda_graph_safe: bool = False
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)

@@ -17,6 +17,7 @@ class TritonAttentionBackend(AttentionBackend):
     """Paged attention with Triton kernels (CUDA; CPU tensors only under TRITON_INTERPRET=1)."""
 
     name = "triton"
+    cuda_graph_safe = True
 
     def plan(self, metadata: AttentionMetadata) -> None:
         super().plan(metadata)
