@@ -220,7 +220,7 @@ def profile_steps(eng, steps: int) -> dict:
         if dev <= 0 or e.key.startswith("cudaGraph"):
             continue
         k = e.key.lower()
-        if any(x in k for x in ("gemm", "nvjet", "cutlass", "sm90", "xmma", "splitk")):
+        if any(x in k for x in ("gemm", "nvjet", "cutlass", "sm90", "xmma", "splitk", "skinny")):
             kind = "gemm"
         elif "decode_kernel" in k or "merge_splits" in k or "prefill" in k:
             kind = "attention"

@@ -25,7 +25,7 @@ from engine.outputs import StepOutput
 from engine.request import FinishReason, Request
 from engine.sampler import RowSpec, SamplerOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledChunk, Scheduler
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -35,8 +35,8 @@ class _Launched:
     """A step queued on the device whose tokens are not read yet (async scheduling)."""
 
     pending: PendingStep
-    rows: list  # per sampled row: (request, index of its placeholder in output_token_ids) or None
-    chunks: tuple
+    rows: list[tuple[Request, int] | None]  # per sampled row: (request, index of its placeholder) or None
+    chunks: tuple[ScheduledChunk, ...]
 
 
 @dataclass(frozen=True)
@@ -299,14 +299,14 @@ class LLMEngine:
         return outputs
 
     @staticmethod
-    def _needs_token_values(out) -> bool:
+    def _needs_token_values(out: SchedulerOutput) -> bool:
         for c in out.chunks:
             p = c.request.sampling_params
             if c.sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
                 return True
         return False
 
-    def _launch(self, out, prev: "_Launched | None") -> "_Launched":
+    def _launch(self, out: SchedulerOutput, prev: _Launched | None) -> _Launched:
         sampled = [c for c in out.chunks if c.sample]
         pending = self.runner.launch(out, [self._row_spec(c.request) for c in sampled],
                                      prev.pending if prev is not None else None)
@@ -325,7 +325,7 @@ class LLMEngine:
             req.num_pending += 1
         return _Launched(pending, rows, out.chunks)
 
-    def _complete(self, launched: "_Launched") -> list[StepOutput]:
+    def _complete(self, launched: _Launched) -> list[StepOutput]:
         token_ids, result = launched.pending.result()
         for row in launched.rows:
             if row is not None:

@@ -19,11 +19,15 @@ from kernels.rotary import apply_rotary
 from kernels.skinny_gemm import MAX_M, skinny_gemm
 
 
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16)  # its tuned tiles do not fit shared memory in fp32
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except decode-sized batches on CUDA (<= 16 rows) go to our skinny GEMM, which
     streams the weights closer to the bandwidth ceiling than cuBLAS does at these shapes (H100,
     Llama-3-8B: 5.10 vs 5.64 ms of GEMMs per batch-1 step; bench/skinny_gemm_bench.py)."""
-    if x.is_cuda and 0 < x.shape[0] <= MAX_M and x.dim() == 2 and x.stride(1) == 1 and x.dtype == weight.dtype:
+    if (x.is_cuda and x.dtype in _SKINNY_DTYPES and x.dtype == weight.dtype and x.dim() == 2
+            and 0 < x.shape[0] <= MAX_M and x.stride(1) == 1):
         y = skinny_gemm(x, weight)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)

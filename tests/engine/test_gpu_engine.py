@@ -163,3 +163,45 @@ def test_profile_measures_activation_peak(gpu_model):
     assert runner.kv_caches[0][0].shape[0] == 64  # the real cache is back in place
     del llm
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_linears_use_skinny_gemm_and_match_cublas(gpu_model, dtype):
+    """Batches of <= 16 rows go through the skinny GEMM in 16-bit dtypes (fp32 keeps cuBLAS);
+    every projection of a real model, bias included (Qwen2), matches F.linear to rounding."""
+    import torch.nn.functional as F
+
+    from engine.config import EngineArgs
+    from engine.llm_engine import LLMEngine
+    import engine.models.llama as llama
+
+    calls = []
+    real = llama.skinny_gemm
+
+    def spy(x, w, *a, **k):
+        calls.append(tuple(w.shape))
+        return real(x, w, *a, **k)
+
+    for arch in ("qwen2", "smollm2"):
+        eng = LLMEngine(EngineArgs(model=str(gpu_model(arch)), device="cuda", dtype=str(dtype).removeprefix("torch."),
+                                   num_gpu_blocks=64, enforce_eager=True))
+        model = eng.runner.model
+        g = torch.Generator(device="cuda").manual_seed(0)
+        for m in (1, 3, 16, 17):
+            for name, mod in model.named_modules():
+                if isinstance(mod, llama.Linear):
+                    x = torch.randn(m, mod.in_features, device="cuda", generator=g).to(dtype)
+                    calls.clear()
+                    llama.skinny_gemm = spy
+                    try:
+                        got = mod(x)
+                    finally:
+                        llama.skinny_gemm = real
+                    assert calls == ([tuple(mod.weight.shape)] if m <= 16 else []), (name, m)
+                    ref = F.linear(x.float(), mod.weight.float(), None if mod.bias is None else mod.bias.float())
+                    torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+        x = torch.randn(4, model.config.hidden_size, device="cuda", generator=g).to(dtype)
+        w = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        torch.testing.assert_close(model.compute_logits(x).float(), F.linear(x.float(), w.float()), rtol=2e-2, atol=2e-2)
+        del eng
+        torch.cuda.empty_cache()
