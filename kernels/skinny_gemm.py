@@ -14,12 +14,10 @@ Design
 * Rows past N are clamped to N-1 (and rows of x past M to M-1) instead of masked, so the W and x
   loads carry no mask unless K is not a multiple of BLOCK_K; the extra rows are computed and
   dropped at the store.
-* Three inner loops (`SkinnyConfig.kind`):
+* Two inner loops (`SkinnyConfig.kind`):
   - "dot": `tl.dot(W_tile, x_tile^T)` with x padded to 16 rows (the product is [BLOCK_N, 16]:
     W is the wide operand, as in cuBLAS's 128x8 tiles). Triton's software pipeliner keeps
     `num_stages - 1` W tiles in flight through shared memory (cp.async). Any M <= 16.
-  - "tma": the same, with W tiles fetched by the Hopper tensor-memory-accelerator through a
-    host-built `TensorDescriptor` (bulk copies, out-of-bounds rows zero-filled).
   - "fma": no tensor cores: an fp32 `[BLOCK_M, BLOCK_N, BLOCK_K]` elementwise accumulator,
     reduced over K once at the end (M <= 4; for M = 1 this is a plain GEMV in registers).
 * Split-K in ONE kernel: when N / BLOCK_N programs cannot fill the 132 SMs (small N), the grid
@@ -61,11 +59,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-try:  # Hopper TMA descriptors (Triton >= 3.4); the "tma" kind is unavailable without them.
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
-
 MAX_M = 16
 DOT_BLOCK_M = 16  # tl.dot needs >= 16 rows: x is padded (clamped rows) to 16
 H100_READ_BW = 3.08e12  # bytes/s, read-only stream on the H100 lent here
@@ -73,7 +66,7 @@ H100_READ_BW = 3.08e12  # bytes/s, read-only stream on the H100 lent here
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    kind: str  # "dot" | "tma" | "fma"
+    kind: str  # "dot" | "fma"
     block_n: int
     block_k: int
     split_k: int = 1
@@ -169,39 +162,6 @@ def _skinny_dot_kernel(
 
 
 @triton.jit(do_not_specialize=["M", "iters_per_split", "SPLIT_K"])
-def _skinny_tma_kernel(
-    x_ptr, w_desc, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, stride_ym, iters_per_split, SPLIT_K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    xrows = tl.minimum(tl.arange(0, BLOCK_M), M - 1)
-    first = pid_k * iters_per_split
-    n_iters = tl.minimum(iters_per_split, tl.cdiv(K, BLOCK_K) - first)
-    offs_k = first * BLOCK_K + tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + xrows[:, None] * stride_xm + offs_k[None, :]
-    k0 = first * BLOCK_K
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for _ in range(n_iters):
-        w = w_desc.load([pid_n * BLOCK_N, k0])  # rows >= N and columns >= K read as 0
-        if EVEN_K:
-            xv = tl.load(x_ptrs)
-        else:
-            xv = tl.load(x_ptrs, mask=(offs_k < K)[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(w, tl.trans(xv), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(w, tl.trans(xv), acc)
-        x_ptrs += BLOCK_K
-        offs_k += BLOCK_K
-        k0 += BLOCK_K
-    _finish(tl.trans(acc), M, N, y_ptr, stride_ym, ws_ptr, cnt_ptr, pid_n, pid_k, SPLIT_K,
-            BLOCK_M, BLOCK_N, USE_SPLIT)
-
-
-@triton.jit(do_not_specialize=["M", "iters_per_split", "SPLIT_K"])
 def _skinny_fma_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_ym, iters_per_split, SPLIT_K,
@@ -252,7 +212,7 @@ def _skinny_fma_kernel(
             BLOCK_M, BLOCK_N, USE_SPLIT)
 
 
-_KERNELS = {"dot": _skinny_dot_kernel, "tma": _skinny_tma_kernel, "fma": _skinny_fma_kernel}
+_KERNELS = {"dot": _skinny_dot_kernel, "fma": _skinny_fma_kernel}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,14 +329,8 @@ def skinny_gemm(
         ws, cnt = _workspace(x.device, tiles * split * block_m * cfg.block_n, tiles)
     else:
         ws, cnt = out, out  # unused
-    w_arg = weight
-    if cfg.kind == "tma":
-        assert TensorDescriptor is not None, "this Triton has no TensorDescriptor"
-        assert (K * weight.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0, (
-            "tma: W rows must be 16-byte aligned")
-        w_arg = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
     kernel[(tiles, split)](
-        x, w_arg, out, ws, cnt,
+        x, weight, out, ws, cnt,
         M, N, K, x.stride(0), out.stride(0), per, split,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         EVEN_K=K % cfg.block_k == 0, USE_SPLIT=use_split, IEEE=x.dtype == torch.float32,

@@ -26,7 +26,6 @@ SMALL_CONFIGS = [
     SkinnyConfig("dot", 64, 32, 1),
     SkinnyConfig("dot", 32, 64, 2),  # K = 96: one full and one masked K block per split
     SkinnyConfig("dot", 16, 32, 3),
-    SkinnyConfig("tma", 64, 32, 2),
     SkinnyConfig("fma", 32, 32, 1),
     SkinnyConfig("fma", 16, 64, 2),
     SkinnyConfig("fma", 8, 32, 5),  # 5 splits of 3 K blocks: last split empty -> 3 effective
@@ -125,7 +124,7 @@ def test_config_table_and_rules():
         assert entries and entries[-1][0] == 16, (n, k)
         assert [e[0] for e in entries] == sorted(e[0] for e in entries)
         for max_m, cfg in entries:
-            assert cfg.kind in ("dot", "tma", "fma")
+            assert cfg.kind in ("dot", "fma")
             assert cfg.kind != "fma" or max_m <= 4, (n, k, cfg)
         for m in range(1, 17):
             assert pick_config(m, n, k) in [c for _, c in entries]
@@ -176,7 +175,7 @@ class TestGpuRealShapes:
 
     @pytest.mark.parametrize("cfg", [
         SkinnyConfig("dot", 64, 256, 4, 4, 4), SkinnyConfig("dot", 128, 128, 1, 8, 4),
-        SkinnyConfig("tma", 128, 64, 2, 4, 6), SkinnyConfig("fma", 8, 512, 3, 4, 2),
+        SkinnyConfig("fma", 8, 512, 3, 4, 2),
     ], ids=lambda c: c.short())
     @pytest.mark.parametrize("name", ["down", "smol_lm_head"])
     def test_every_kind(self, name, cfg):
