@@ -12,6 +12,18 @@ cuBLAS, ours everywhere, and ours only where it won per shape ("hybrid").
 `--sweep`: the configs below (inner loop, tile, warps, stages) x K splits, compiled in parallel
 processes first; every candidate is checked against F.linear before it is timed; ranked at M = 1,
 the best re-timed at the other M; prints the winners as a `SKINNY_CONFIGS` literal.
+
+`--wide` (M in 17..64, the "dot" kind with x padded to 32 / 64 rows):
+
+    python bench/skinny_gemm_bench.py --wide --stage compile   # fills Triton's cache only
+    python bench/skinny_gemm_bench.py --wide --sweep-budget 150 [--deadline EPOCH] --out wide.json
+
+times cuBLAS, then `WIDE_BASES` (+ `WIDE_SPLITS` for N <= 8192) at M = 32 and 64, one candidate
+at a time for every (shape, M) in turn (so a stop at the time budget leaves every pair with the
+same candidates tried; each candidate checked against cuBLAS's output first, a failure to compile
+or run skips it); then the top 3 per M re-timed at M = 17, 24, 32 / 40, 48, 64 with cuBLAS beside
+them; prints per shape and M cuBLAS us vs ours, the step sums (32 x (qkv + o + gate_up + down) +
+lm_head) and the suggested `SKINNY_CONFIGS` entries for max_m 32 / 64 (None where cuBLAS won).
 """
 from __future__ import annotations
 
@@ -338,6 +350,211 @@ class Step:
         return graph_us(run, calls=1, replays=9)
 
 
+# ----------------------------------------------------------------------------------------------
+# M in 17..64 ("--wide")
+
+WIDE_MS = (32, 64)  # swept; the winners are re-timed at WIDE_RANGES
+WIDE_RANGES = {32: (17, 24, 32), 64: (40, 48, 64)}  # table max_m -> M checked
+# (block_n, block_k, num_warps, num_stages), split 1, every shape
+WIDE_BASES = [
+    (128, 128, 8, 4), (128, 128, 4, 4), (64, 128, 4, 6), (128, 64, 4, 6), (128, 64, 8, 6),
+    (64, 128, 4, 4), (64, 256, 4, 3), (256, 64, 8, 4), (128, 128, 8, 3), (64, 128, 8, 4),
+    (128, 64, 4, 8), (64, 64, 4, 8), (128, 64, 8, 4), (64, 256, 8, 3), (256, 64, 8, 3),
+    (32, 256, 4, 4), (32, 128, 4, 6), (64, 128, 4, 5), (128, 256, 8, 2), (256, 128, 8, 2),
+    (64, 64, 4, 6), (32, 128, 4, 4), (128, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3),
+    (256, 64, 4, 4), (128, 64, 4, 4), (32, 64, 4, 8),
+]
+# (block_n, block_k, num_warps, num_stages, split_k) for N <= 8192 (<= 64 tiles of 128 rows)
+WIDE_SPLITS = [
+    (128, 128, 8, 4, 2), (128, 128, 8, 4, 4), (128, 64, 4, 6, 2), (128, 64, 4, 6, 4),
+    (64, 128, 4, 6, 2), (64, 256, 4, 3, 2), (256, 64, 8, 4, 4), (64, 128, 4, 4, 2),
+    (128, 128, 4, 4, 2), (256, 64, 8, 4, 2),
+]
+
+
+def wide_candidates(n: int) -> list[SkinnyConfig]:
+    base = [SkinnyConfig("dot", bn, bk, 1, w, st) for bn, bk, w, st in WIDE_BASES]
+    if n > 8192:
+        return base
+    split = [SkinnyConfig("dot", bn, bk, s, w, st) for bn, bk, w, st, s in WIDE_SPLITS]
+    return base[:8] + split[:4] + base[8:16] + split[4:] + base[16:]
+
+
+def wide_compile_jobs() -> list:
+    jobs = set()
+    for n in (4096, 28672):
+        for c in wide_candidates(n):
+            for m in WIDE_MS:
+                jobs.add((("dot", c.block_n, c.block_k, c.num_warps, c.num_stages), m, c.split_k > 1))
+    return sorted(jobs)
+
+
+def wide_key(c: SkinnyConfig, m: int):
+    return (c.block_n, c.block_k, c.num_warps, c.num_stages, c.split_k > 1, sg.dot_block_m(m))
+
+
+class WideProblem(Problem):
+    def __init__(self, name: str, n: int, k: int):
+        super().__init__(name, n, k)
+        self.refs = {}
+
+    def quick_check(self, m: int, cfg: SkinnyConfig) -> float:
+        """Relative difference from cuBLAS's bf16 output (poisoned output; NaN -> inf)."""
+        x = self.x(m)
+        if m not in self.refs:
+            self.refs[m] = F.linear(x, self.weights[0]).float()
+        out = torch.full((m, self.n), float("nan"), dtype=DT, device="cuda")
+        skinny_gemm(x, self.weights[0], out=out, config=cfg)
+        ref = self.refs[m]
+        if torch.isnan(out).any():
+            return float("inf")
+        return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def wide_main(args) -> None:
+    lines: list[str] = []
+
+    def log(s: str) -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    t_start = time.time()
+    hard = args.deadline if args.deadline else t_start + args.sweep_budget + 60
+    jobs = wide_compile_jobs()
+    err_path = Path(args.out + ".compile.json")
+    if args.stage == "time":  # `--stage compile` ran before (its errors saved beside --out)
+        errors = [tuple(e) for e in json.loads(err_path.read_text())] if err_path.exists() else []
+        errors = [(tuple(e[0]), *e[1:]) for e in errors]
+    else:
+        errors = precompile(jobs, args.workers, timeout=max(10.0, min(150.0, hard - time.time() - 60)))
+        err_path.write_text(json.dumps(errors))
+    bad = {(e[0][1], e[0][2], e[0][3], e[0][4], e[2], sg.dot_block_m(e[1])) for e in errors if len(e) == 4}
+    if args.stage == "compile":
+        return
+    import triton
+    props = torch.cuda.get_device_properties(0)
+    report: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "device": {"name": props.name, "sms": props.multi_processor_count,
+                               "torch": torch.__version__, "triton": triton.__version__},
+                    "compile_errors": [repr(e) for e in errors]}
+    log(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton "
+        f"{triton.__version__}; {len(jobs)} wide variants, {len(errors)} failed to compile")
+    names = args.shapes.split(",")
+    probs = {name: WideProblem(name, *SHAPES[name]) for name in names}
+    cub: dict[tuple[str, int], float] = {}
+    for name, p in probs.items():
+        for m in WIDE_MS:
+            cub[name, m] = p.cublas_us(m)
+    log("cuBLAS: " + ", ".join(f"{n} M={m} {v:.2f}us" for (n, m), v in cub.items()))
+    sweep_end = min(time.time() + args.sweep_budget, hard - 45)
+    res: dict[tuple[str, int], dict[SkinnyConfig, float]] = {(n, m): {} for n in names for m in WIDE_MS}
+    cands = {n: wide_candidates(probs[n].n) for n in names}
+    stopped = False
+    for i in range(max(len(c) for c in cands.values())):
+        for name in names:
+            if i >= len(cands[name]):
+                continue
+            cfg = cands[name][i]
+            for m in WIDE_MS:
+                if time.time() > sweep_end:
+                    stopped = True
+                    break
+                if wide_key(cfg, m) in bad:
+                    continue
+                p = probs[name]
+                try:
+                    err = p.quick_check(m, cfg)
+                    if not err < 1e-2:
+                        log(f"  {name} M={m} {cfg.short()}: WRONG rel err {err:.3g}")
+                        continue
+                    res[name, m][cfg] = p.ours_us(m, cfg)
+                except Exception as e:  # noqa: BLE001 (OutOfResources, ...)
+                    bad.add(wide_key(cfg, m))
+                    log(f"  {name} M={m} {cfg.short()}: failed {repr(e)[:160]}")
+            if stopped:
+                break
+        if stopped:
+            log(f"sweep stopped at the time budget after candidate {i} [{time.time() - t_start:.0f}s]")
+            break
+        if i % 4 == 3:
+            log(f"  [{time.time() - t_start:.0f}s] {i + 1} candidates: " + ", ".join(
+                f"{n}/{m} {min(r.values()):.1f}" for (n, m), r in res.items() if r))
+    report["sweep"] = {f"{n}/{m}": sorted(([c.short(), v] for c, v in r.items()), key=lambda t: t[1])
+                       for (n, m), r in res.items()}
+    for (n, m), r in res.items():
+        top = sorted(r, key=r.get)[:5]
+        log(f"{n:8} M={m}: cuBLAS {cub[n, m]:.2f}us; best " + ", ".join(f"{c.short()} {r[c]:.2f}"
+                                                                     for c in top))
+    # re-time the top 3 per swept M across its range, cuBLAS beside
+    final: dict[tuple[str, int], dict] = {}
+    chosen: dict[tuple[str, int], SkinnyConfig | None] = {}
+    for name, p in probs.items():
+        for mm, ms_r in WIDE_RANGES.items():
+            r = res[name, mm]
+            top = sorted(r, key=r.get)[:3]
+            if not top or time.time() > hard - 20:
+                continue
+            per_cfg: dict[SkinnyConfig, dict[int, float]] = {c: {} for c in top}
+            for m in ms_r:
+                if time.time() > hard - 20:
+                    break
+                if (name, m) not in cub:
+                    cub[name, m] = p.cublas_us(m)
+                for c in top:
+                    try:
+                        if p.quick_check(m, c) < 1e-2:
+                            per_cfg[c][m] = p.ours_us(m, c)
+                    except Exception as e:  # noqa: BLE001
+                        log(f"  {name} M={m} {c.short()}: failed {repr(e)[:160]}")
+            full = [c for c in top if len(per_cfg[c]) == len(ms_r)] or top
+            best = min(full, key=lambda c: sum(per_cfg[c].values()) / max(1, len(per_cfg[c])))
+            wins = all(per_cfg[best].get(m, float("inf")) < cub.get((name, m), 0) for m in ms_r
+                       if (name, m) in cub)
+            chosen[name, mm] = best if wins else None
+            for m in ms_r:
+                if m in per_cfg[best]:
+                    final[name, m] = {"cublas_us": cub[name, m], "ours_us": per_cfg[best][m],
+                                      "config": best.short(), "max_m": mm}
+    log(f"\n{'shape':8} {'M':>3} {'cuBLAS us':>10} {'ours us':>9} {'speedup':>7}  config")
+    for (name, m), e in sorted(final.items(), key=lambda kv: (names.index(kv[0][0]), kv[0][1])):
+        log(f"{name:8} {m:>3} {e['cublas_us']:>10.2f} {e['ours_us']:>9.2f} "
+            f"{e['cublas_us'] / e['ours_us']:>7.3f}  {e['config']}")
+    report["final"] = {f"{n}/{m}": e for (n, m), e in final.items()}
+    if set(names) == set(SHAPES):
+        for m in sorted({m for _, m in final}):
+            if not all((n, m) in final for n in SHAPES):
+                continue
+            mult = {n: LAYERS if n in PER_LAYER else 1 for n in SHAPES}
+            sc = sum(final[n, m]["cublas_us"] * mult[n] for n in SHAPES) / 1e3
+            so = sum(final[n, m]["ours_us"] * mult[n] for n in SHAPES) / 1e3
+            sh = sum(min(final[n, m]["ours_us"], final[n, m]["cublas_us"]) * mult[n] for n in SHAPES) / 1e3
+            fl = sum(sg.skinny_gemm_floor_us(m, *SHAPES[n]) * mult[n] for n in SHAPES) / 1e3
+            log(f"M={m} step sum: cuBLAS {sc:.3f} ms, ours {so:.3f} ms, best-of {sh:.3f} ms, "
+                f"floor {fl:.3f} ms")
+            report[f"step_m{m}"] = {"cublas_ms": sc, "ours_ms": so, "best_of_ms": sh, "floor_ms": fl}
+    log("suggested SKINNY_CONFIGS entries (after the max_m = 16 ones):")
+    for name in names:
+        ents = ", ".join(f"({mm}, {cfg_literal(c) if c else 'None'})"
+                         for mm in WIDE_RANGES if (name, mm) in chosen for c in [chosen[name, mm]])
+        log(f"    {SHAPES[name]}: {ents}  # {name}")
+    report["chosen"] = {f"{n}/{mm}": (c.short() if c else None) for (n, mm), c in chosen.items()}
+    save(report, args.out, lines)
+    if set(names) == set(SHAPES) and not args.no_step and time.time() < hard - 15 \
+            and all((n, 64) in chosen for n in SHAPES):
+        del probs
+        torch.cuda.empty_cache()
+        step = Step()
+        cfgs = {n: chosen[n, 64] or res[n, 64] and min(res[n, 64], key=res[n, 64].get) for n in SHAPES}
+        g_c = step.us(64, {n: "cublas" for n in SHAPES}, cfgs)
+        g_o = step.us(64, {n: "ours" for n in SHAPES}, cfgs)
+        g_h = step.us(64, {n: "ours" if chosen[n, 64] else "cublas" for n in SHAPES}, cfgs)
+        log(f"M=64 one graph of the step's 129 GEMMs: cuBLAS {g_c / 1e3:.3f} ms, ours {g_o / 1e3:.3f} ms, "
+            f"hybrid {g_h / 1e3:.3f} ms")
+        report["graph_m64"] = {"cublas_ms": g_c / 1e3, "ours_ms": g_o / 1e3, "hybrid_ms": g_h / 1e3}
+    save(report, args.out, lines)
+    log(f"wrote {args.out} [{time.time() - t_start:.0f}s]")
+
+
 def save(report: dict, path: str, lines: list[str]) -> None:
     report["log"] = lines
     Path(path).write_text(json.dumps(report, indent=1))
@@ -353,7 +570,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--no-step", action="store_true")
     ap.add_argument("--sweep-budget", type=float, default=120.0, help="seconds for timing candidates")
+    ap.add_argument("--wide", action="store_true", help="M in 17..64: sweep + compare (see top)")
+    ap.add_argument("--stage", choices=("compile", "time", "all"), default="all", help="--wide: compile only / time only (after compile) / both")
+    ap.add_argument("--deadline", type=float, default=0.0, help="--wide: time.time() to be done by")
     args = ap.parse_args()
+    if args.wide:
+        wide_main(args)
+        return
     ms = [int(v) for v in args.ms.split(",")]
     names = args.shapes.split(",")
     lines: list[str] = []

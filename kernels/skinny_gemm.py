@@ -1,4 +1,4 @@
-"""Skinny GEMM for decode: `y[M, N] = x[M, K] @ W[N, K]^T`, M in 1..16.
+"""Skinny GEMM for decode: `y[M, N] = x[M, K] @ W[N, K]^T`, M in 1..64.
 
 At decode the activations are a handful of rows and the weights are everything: a Llama-3-8B
 step reads 15.0 GB of bf16 weights and a few KB of activations, so the only number that matters
@@ -15,9 +15,11 @@ Design
   loads carry no mask unless K is not a multiple of BLOCK_K; the extra rows are computed and
   dropped at the store.
 * Two inner loops (`SkinnyConfig.kind`):
-  - "dot": `tl.dot(W_tile, x_tile^T)` with x padded to 16 rows (the product is [BLOCK_N, 16]:
-    W is the wide operand, as in cuBLAS's 128x8 tiles). Triton's software pipeliner keeps
-    `num_stages - 1` W tiles in flight through shared memory (cp.async). Any M <= 16.
+  - "dot": `tl.dot(W_tile, x_tile^T)` with x padded to BLOCK_M rows (the product is
+    [BLOCK_N, BLOCK_M]: W is the wide operand, as in cuBLAS's 128x8 tiles). Triton's software
+    pipeliner keeps `num_stages - 1` W tiles in flight through shared memory (cp.async). Any
+    M <= 64: BLOCK_M (a constexpr) is 16 for M <= 16, 32 for 17..32, 64 for 33..64
+    (`dot_block_m`).
   - "fma": no tensor cores: an fp32 `[BLOCK_M, BLOCK_N, BLOCK_K]` elementwise accumulator,
     reduced over K once at the end (M <= 4; for M = 1 this is a plain GEMV in registers).
 * Split-K in ONE kernel: when N / BLOCK_N programs cannot fill the 132 SMs (small N), the grid
@@ -47,6 +49,31 @@ qkv 18.6 (cuBLAS 20.9), o_proj 13.8 (16.6), gate_up 76.4 (82.0), down 41.3 (44.6
 graph: 5.10 ms vs cuBLAS 5.64 ms (floor at 3.08 TB/s: 4.88 ms); at M = 8: 5.35 vs 5.71 ms.
 Ours won at every Llama-3-8B shape and every M in {1, 2, 4, 8, 16}.
 
+M in 17..64 (`bench/skinny_gemm_bench.py --wide`: 38 configs a shape incl. K splits for N <= 8192,
+28 for gate_up / lm_head, at M = 32 and 64; the top 3 re-timed at 17, 24, 32 / 40, 48, 64; H100,
+Triton 3.6, CUDA graphs on rotating weight copies). us per call, cuBLAS -> ours (best config of
+the range):
+  M      qkv          o_proj       gate_up      down         lm_head
+  17  21.7 -> 22.5  14.5 -> 16.7  83.3 -> 82.2  46.1 -> 45.1  380 -> 349
+  24  21.8 -> 20.8  14.5 -> 14.7  84.1 -> 81.9  46.0 -> 44.9  380 -> 351
+  32  21.7 -> 20.6  14.8 -> 14.8  84.5 -> 82.5  46.1 -> 44.9  382 -> 352
+  40  22.2 -> 26.8  14.6 -> 20.2  88.4 -> 87.9  46.8 -> 49.6  384 -> 361
+  48  22.0 -> 23.8  14.8 -> 17.6  87.9 -> 85.0  46.7 -> 47.9  384 -> 358
+  64  20.8 -> 21.0  15.1 -> 15.7  87.2 -> 85.0  47.6 -> 46.9  388 -> 362
+cuBLAS keeps about its M = 16 times (72-88% of 3.08 TB/s), while ours pays 3-10% over its M = 16
+times for the 2-4x wider x tile, so the margins are small: lm_head wins by 6-9% everywhere,
+gate_up by 1-3%, down at 17..32 and 64, qkv at 24..32; o_proj never (by > 0.5%).
+A Llama-3-8B step at M = 64 (per-shape sums, 32 x (qkv + o + gate_up + down) + lm_head):
+cuBLAS 5.85 ms, ours everywhere 5.76 ms, SKINNY_CONFIGS (ours only where it won) 5.73 ms,
+floor 4.97 ms; one graph of the 129 GEMMs: cuBLAS 5.84 ms, ours everywhere 5.72 ms.
+Not every shape wins, so `MAX_M` stays 16; `skinny_wins(M, N, K)` (or `pick_config(...)` not
+None) says where a caller should use the kernel for 17..64 rows, and `skinny_gemm` with no
+config is F.linear wherever it is False.
+Seen in that sweep: with the same BLOCK_M, M just above a power of two is slower than M at it
+(qkv 26.8 us at 40 vs 21.0 at 64): the padded x rows are clamped to row M-1, so up to 31 rows of
+every program load the same row (likely one hot L2 slice); spreading them (row % M) is untried.
+Shared memory is num_stages x (BLOCK_N + BLOCK_M) x BLOCK_K x 2 bytes (<= 227 KB on the H100).
+
 `skinny_gemm_bytes` / `skinny_gemm_floor_us` give the bytes one call must move and the time
 floor at a given bandwidth (the H100 here: ~3.0 TB/s copy, ~3.08 TB/s read-only).
 """
@@ -59,8 +86,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-MAX_M = 16
-DOT_BLOCK_M = 16  # tl.dot needs >= 16 rows: x is padded (clamped rows) to 16
+MAX_M = 16  # the engine (`engine.models.llama.linear`) sends batches of up to MAX_M rows here
+KERNEL_MAX_M = 64  # what the kernels take (x padded / clamped to BLOCK_M in {16, 32, 64} rows)
+DOT_BLOCK_M = 16  # tl.dot needs >= 16 rows: x is padded (clamped rows) to 16 for M <= 16
 H100_READ_BW = 3.08e12  # bytes/s, read-only stream on the H100 lent here
 
 
@@ -79,18 +107,30 @@ class SkinnyConfig:
 
 
 C = SkinnyConfig
-# (N, K) -> ((max_m, config), ...), ascending max_m, the last entry covering M up to 16.
+# (N, K) -> ((max_m, config), ...), ascending max_m. The entries up to max_m = 16 cover M <= 16
+# (unchanged since that sweep); the entries after them cover M in 17..64 (`--wide` sweep, see the
+# module docstring), where a config of None means cuBLAS was as fast or faster there
+# (`pick_config` returns None, `skinny_gemm` falls back to F.linear). A range between a measured
+# loss and a measured win goes to cuBLAS. A shape without entries above 16 also falls back.
 # From `bench/skinny_gemm_bench.py --sweep` on an H100 (1073 candidates a shape at M = 1, the best
 # re-timed at M = 2, 4, 8, 16); where two configs were within ~0.5% the simpler table won. Split-K
 # never won at these shapes: the fma kind's narrow tiles already give >= 500 programs.
-SKINNY_CONFIGS: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig], ...]] = {
-    (6144, 4096): ((1, C("fma", 4, 1024, 1, 4, 2)), (16, C("dot", 64, 256, 1, 4, 4))),  # qkv
-    (4096, 4096): ((2, C("fma", 8, 512, 1, 4, 2)), (16, C("dot", 64, 128, 1, 4, 6))),  # o_proj
+SKINNY_CONFIGS: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig | None], ...]] = {
+    (6144, 4096): ((1, C("fma", 4, 1024, 1, 4, 2)), (16, C("dot", 64, 256, 1, 4, 4)),
+                   (23, None), (32, C("dot", 64, 256, 1, 4, 3)), (64, None)),  # qkv
+    (4096, 4096): ((2, C("fma", 8, 512, 1, 4, 2)), (16, C("dot", 64, 128, 1, 4, 6)),
+                   (64, None)),  # o_proj
     (28672, 4096): ((1, C("fma", 4, 1024, 1, 4, 2)), (4, C("dot", 64, 128, 1, 4, 8)),
-                    (16, C("dot", 128, 128, 1, 8, 4))),  # gate_up
+                    (16, C("dot", 128, 128, 1, 8, 4)),
+                    (32, C("dot", 128, 128, 1, 8, 4)), (40, None),
+                    (64, C("dot", 128, 128, 1, 8, 4))),  # gate_up
     (4096, 14336): ((1, C("fma", 8, 512, 1, 8, 2)), (2, C("fma", 4, 512, 1, 2, 2)),
-                    (16, C("dot", 64, 128, 1, 4, 8))),  # down
-    (128256, 4096): ((1, C("fma", 4, 1024, 1, 4, 2)), (16, C("dot", 64, 128, 1, 4, 8))),  # lm_head
+                    (16, C("dot", 64, 128, 1, 4, 8)),
+                    (32, C("dot", 64, 256, 2, 4, 3)), (63, None),
+                    (64, C("dot", 64, 128, 2, 4, 6))),  # down
+    (128256, 4096): ((1, C("fma", 4, 1024, 1, 4, 2)), (16, C("dot", 64, 128, 1, 4, 8)),
+                     (32, C("dot", 128, 128, 1, 8, 3)),
+                     (64, C("dot", 128, 128, 1, 8, 4))),  # lm_head
 }
 del C
 
@@ -276,17 +316,32 @@ def default_config(M: int, N: int, K: int, sm_count: int = 132) -> SkinnyConfig:
     return SkinnyConfig(kind, block_n, block_k, split, num_warps=warps, num_stages=stages)
 
 
-def pick_config(M: int, N: int, K: int, sm_count: int = 132) -> SkinnyConfig:
+def dot_block_m(M: int) -> int:
+    """Rows the "dot" kind pads x to (a tl.dot operand needs >= 16)."""
+    return DOT_BLOCK_M if M <= DOT_BLOCK_M else (32 if M <= 32 else 64)
+
+
+def pick_config(M: int, N: int, K: int, sm_count: int = 132) -> SkinnyConfig | None:
+    """The tuned config for M rows of this shape; None where cuBLAS is the faster choice (a
+    `SKINNY_CONFIGS` entry of None, an untuned shape at M > 16, or M > KERNEL_MAX_M)."""
     for max_m, cfg in SKINNY_CONFIGS.get((N, K), ()):
         if M <= max_m:
             return cfg
+    if M > DOT_BLOCK_M:
+        return None
     return default_config(M, N, K, sm_count)
+
+
+def skinny_wins(M: int, N: int, K: int) -> bool:
+    """Whether skinny_gemm (with its table) beats cuBLAS for M rows of [N, K]: always for
+    1 <= M <= 16; for 17..64 only where `SKINNY_CONFIGS` has a config (not None)."""
+    return 0 < M <= KERNEL_MAX_M and pick_config(M, N, K) is not None
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> None:
     assert x.dim() == 2 and weight.dim() == 2, (tuple(x.shape), tuple(weight.shape))
     assert x.shape[1] == weight.shape[1], (tuple(x.shape), tuple(weight.shape))
-    assert x.shape[0] <= MAX_M, f"skinny_gemm is for M <= {MAX_M} rows, got {x.shape[0]}"
+    assert x.shape[0] <= KERNEL_MAX_M, f"skinny_gemm is for M <= {KERNEL_MAX_M} rows, got {x.shape[0]}"
     assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
     assert x.dtype in (torch.bfloat16, torch.float16, torch.float32), x.dtype
     assert x.device == weight.device, (x.device, weight.device)
@@ -300,12 +355,14 @@ def _check(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None) -> N
 
 
 def skinny_gemm(
-    x: torch.Tensor,  # [M, K], M <= 16, rows contiguous (row stride free)
+    x: torch.Tensor,  # [M, K], M <= 64, rows contiguous (row stride free)
     weight: torch.Tensor,  # [N, K] contiguous, x's dtype
     out: torch.Tensor | None = None,  # [M, N], x's dtype, rows contiguous
     config: SkinnyConfig | None = None,  # None: SKINNY_CONFIGS / default_config
 ) -> torch.Tensor:
-    """`x @ weight.T` (= F.linear(x, weight)) with fp32 accumulation, for decode-sized M."""
+    """`x @ weight.T` (= F.linear(x, weight)) with fp32 accumulation, for decode-sized M.
+    With config None, where `pick_config` says cuBLAS is faster (see `skinny_wins`) this is
+    F.linear itself."""
     _check(x, weight, out)
     M, K = x.shape
     N = weight.shape[0]
@@ -316,12 +373,16 @@ def skinny_gemm(
     if K == 0:
         return out.zero_()
     cfg = config if config is not None else pick_config(M, N, K, _sm_count(x.device))
+    if cfg is None:  # cuBLAS wins here
+        if out is None:
+            return F.linear(x, weight)
+        return out.copy_(F.linear(x, weight))
     kernel = _KERNELS[cfg.kind]
     if cfg.kind == "fma":
         assert M <= 4, f"the fma kind handles M <= 4, got {M}"
         block_m = triton.next_power_of_2(M)
     else:
-        block_m = DOT_BLOCK_M
+        block_m = dot_block_m(M)
     per, split = _split_plan(K, cfg.block_k, cfg.split_k)
     tiles = triton.cdiv(N, cfg.block_n)
     use_split = split > 1

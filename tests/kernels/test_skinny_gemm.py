@@ -1,21 +1,26 @@
 """Skinny (decode) GEMM `x @ W^T` vs F.linear.
 
 On CPU the kernels run under Triton's interpreter (conftest.py) at small odd shapes in fp32 and
-fp16 (the interpreter's bf16 `tl.dot` and casts are not faithful); the GPU class runs the real
-Llama-3-8B and SmolLM2-135M shapes in bf16 against F.linear in fp32 of the same bf16 inputs.
+fp16 (the interpreter's bf16 `tl.dot` and casts are not faithful), M up to 64; the GPU class runs
+the real Llama-3-8B and SmolLM2-135M shapes in bf16 against F.linear in fp32 of the same bf16
+inputs, M in 1..16 and 17 / 32 / 64 (table, explicit wide configs, cuBLAS fallback).
 """
 import pytest
 import torch
 
 from kernels.skinny_gemm import (
+    KERNEL_MAX_M,
+    MAX_M,
     SKINNY_CONFIGS,
     SkinnyConfig,
     default_config,
+    dot_block_m,
     pick_config,
     skinny_gemm,
     skinny_gemm_bytes,
     skinny_gemm_floor_us,
     skinny_gemm_ref,
+    skinny_wins,
 )
 
 CUDA = torch.cuda.is_available()
@@ -65,6 +70,26 @@ def test_small_odd_shapes(cfg, m, dtype):
     _check_close(out, x, w, cfg.short())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m", [17, 33, 64])
+@pytest.mark.parametrize("cfg", [c for c in SMALL_CONFIGS if c.kind == "dot"], ids=lambda c: c.short())
+def test_wide_m_small_odd_shapes(cfg, m, dtype):
+    # M > 16: x padded (clamped rows) to BLOCK_M = 32 or 64, split-K included.
+    x, w = _inputs(m, 200, 96, dtype, seed=m + 40)
+    out = skinny_gemm(x, w, out=_poisoned(m, 200, dtype), config=cfg)
+    _check_close(out, x, w, f"{cfg.short()} m={m}")
+
+
+def test_wide_m_fallback_untuned_shape():
+    # An untuned shape at M > 16: pick_config says cuBLAS, skinny_gemm is F.linear (out too).
+    x, w = _inputs(24, 200, 96, torch.float32, seed=9)
+    assert pick_config(24, 200, 96) is None and not skinny_wins(24, 200, 96)
+    assert torch.equal(skinny_gemm(x, w), torch.nn.functional.linear(x, w))
+    out = _poisoned(24, 200, torch.float32)
+    assert skinny_gemm(x, w, out=out) is out
+    assert torch.equal(out, torch.nn.functional.linear(x, w))
+
+
 @pytest.mark.parametrize("cfg", SMALL_CONFIGS, ids=lambda c: c.short())
 def test_split_runs_twice_identically(cfg):
     # The semaphores reset themselves: a second call (and a third shape) works and agrees bitwise.
@@ -110,7 +135,7 @@ def test_bad_inputs():
     with pytest.raises(AssertionError):
         skinny_gemm(x, w.t().contiguous().t())  # non-contiguous weight
     with pytest.raises(AssertionError):
-        skinny_gemm(torch.randn(17, 32, device=DEV), w)  # M > 16
+        skinny_gemm(torch.randn(65, 32, device=DEV), w, config=SkinnyConfig("dot", 64, 32))  # M > 64
     with pytest.raises(AssertionError):
         skinny_gemm(x, w[:, :16])  # K mismatch
     with pytest.raises(AssertionError):
@@ -120,14 +145,27 @@ def test_bad_inputs():
 
 
 def test_config_table_and_rules():
+    assert MAX_M in (16, KERNEL_MAX_M) and KERNEL_MAX_M == 64
+    assert [dot_block_m(m) for m in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
     for (n, k), entries in SKINNY_CONFIGS.items():
-        assert entries and entries[-1][0] == 16, (n, k)
+        small = [e for e in entries if e[0] <= 16]
+        assert small and small[-1][0] == 16, (n, k)  # M <= 16 fully covered, as before
+        assert entries[-1][0] == KERNEL_MAX_M, (n, k)  # 17..64 covered (config or None)
         assert [e[0] for e in entries] == sorted(e[0] for e in entries)
         for max_m, cfg in entries:
-            assert cfg.kind in ("dot", "fma")
-            assert cfg.kind != "fma" or max_m <= 4, (n, k, cfg)
+            assert cfg is not None or max_m > 16, (n, k)
+            assert cfg is None or cfg.kind in ("dot", "fma")
+            assert cfg is None or cfg.kind != "fma" or max_m <= 4, (n, k, cfg)
         for m in range(1, 17):
-            assert pick_config(m, n, k) in [c for _, c in entries]
+            assert pick_config(m, n, k) in [c for _, c in small]
+            assert skinny_wins(m, n, k)
+        for m in range(17, KERNEL_MAX_M + 1):
+            cfg = pick_config(m, n, k)
+            assert cfg in [c for mm, c in entries if mm > 16]
+            assert skinny_wins(m, n, k) == (cfg is not None)
+            assert MAX_M == 16 or cfg is not None  # MAX_M = 64 only if every tuned shape wins
+        assert pick_config(KERNEL_MAX_M + 1, n, k) is None and not skinny_wins(KERNEL_MAX_M + 1, n, k)
+    assert pick_config(17, 1000, 1000) is None  # untuned shape above 16 rows: cuBLAS
     assert default_config(1, 4096, 14336) == SkinnyConfig("fma", 8, 512, 1, 4, 2)
     assert default_config(2, 4096, 14336) == SkinnyConfig("fma", 4, 512, 1, 2, 2)
     assert default_config(8, 4096, 14336) == SkinnyConfig("dot", 64, 128, 1, 4, 8)
@@ -165,13 +203,27 @@ def _check_bf16(out, x, w, what):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 class TestGpuRealShapes:
-    @pytest.mark.parametrize("m", [1, 3, 8, 16])
+    @pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 32, 64])
     @pytest.mark.parametrize("name", sorted(REAL))
     def test_table_configs(self, name, m):
         n, k = REAL[name]
         x, w = _inputs(m, n, k, torch.bfloat16, seed=len(name) * 100 + m)
         out = skinny_gemm(x, w, out=_poisoned(m, n, torch.bfloat16))
-        _check_bf16(out, x, w, f"{name} m={m} {pick_config(m, n, k).short()}")
+        cfg = pick_config(m, n, k)
+        _check_bf16(out, x, w, f"{name} m={m} {cfg.short() if cfg else 'cuBLAS'}")
+
+    @pytest.mark.parametrize("cfg", [
+        SkinnyConfig("dot", 128, 128, 1, 8, 4), SkinnyConfig("dot", 128, 64, 1, 4, 6),
+        SkinnyConfig("dot", 64, 128, 2, 4, 4),
+    ], ids=lambda c: c.short())
+    @pytest.mark.parametrize("name", sorted(LLAMA))
+    def test_wide_m(self, name, cfg):
+        # M in 17..64 (x padded to 32 / 64 rows), explicit configs, split-K included.
+        n, k = LLAMA[name]
+        for m in (17, 32, 64):
+            x, w = _inputs(m, n, k, torch.bfloat16, seed=m + 11)
+            out = skinny_gemm(x, w, out=_poisoned(m, n, torch.bfloat16), config=cfg)
+            _check_bf16(out, x, w, f"{name} m={m} {cfg.short()}")
 
     @pytest.mark.parametrize("cfg", [
         SkinnyConfig("dot", 64, 256, 4, 4, 4), SkinnyConfig("dot", 128, 128, 1, 8, 4),
@@ -190,7 +242,9 @@ class TestGpuRealShapes:
                              ids=lambda c: c.short() if c else "table")
     def test_deterministic_and_graph_capturable(self, cfg):
         n, k = LLAMA["down"]
-        for m in ((1, 8) if cfg is None or cfg.kind != "fma" else (1, 3)):
+        # M = 17 / 64 through the table only (its split-K configs there; 64 x 256 x 4 stages
+        # overflows shared memory once x is 64 rows)
+        for m in ((1, 8, 17, 64) if cfg is None else (1, 8) if cfg.kind != "fma" else (1, 3)):
             x, w = _inputs(m, n, k, torch.bfloat16, seed=5)
             first = skinny_gemm(x, w, config=cfg)  # eager first: allocates the split-K workspace
             out = torch.empty_like(first)
