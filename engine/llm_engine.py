@@ -300,11 +300,7 @@ class LLMEngine:
 
     @staticmethod
     def _needs_token_values(out: SchedulerOutput) -> bool:
-        for c in out.chunks:
-            p = c.request.sampling_params
-            if c.sample and (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
-                return True
-        return False
+        return any(c.sample and c.request.sampling_params.has_penalties for c in out.chunks)
 
     def _launch(self, out: SchedulerOutput, prev: _Launched | None) -> _Launched:
         sampled = [c for c in out.chunks if c.sample]

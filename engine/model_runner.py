@@ -23,7 +23,8 @@ import torch
 from engine.attention import AttentionMetadata, get_backend_class
 from engine.config import ModelShape
 from engine.sampler import RowSpec, Sampler, SamplerOutput, SamplingMetadata
-from engine.scheduler import SchedulerOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -189,12 +190,14 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, rows: list[RowSpec]) -> SamplerOutput | None:
         """Runs the step and waits for it; samples one token for every chunk with `sample` set
         (`rows` gives their sampling state, in chunk order)."""
-        return self.launch(out, rows).output  # the caller's .tolist() waits for it
+        return self.launch(out, rows, to_host=False).output  # the caller's .tolist() waits for it
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, rows: list[RowSpec], prev: PendingStep | None = None) -> PendingStep:
+    def launch(self, out: SchedulerOutput, rows: list[RowSpec], prev: PendingStep | None = None,
+               to_host: bool = True) -> PendingStep:
         """Queues the step on the device and returns at once (on CUDA). A row whose input token
-        is PLACEHOLDER takes it from `prev`, the step before, on the device (async scheduling)."""
+        is PLACEHOLDER takes it from `prev`, the step before, on the device (async scheduling).
+        `to_host`: also start the copy of the sampled ids to pinned memory that `result()` reads."""
         chunks = out.chunks
         self.buffers.next_set()
         filled = self.fill_rows(out)
@@ -210,7 +213,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])
         meta = SamplingMetadata.build(rows, self.shape.vocab_size, self.device)
         output = self.sampler(logits, meta)
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or not to_host:
             return PendingStep(output, None, None)
         host = self._sampled_host[self._sampled_turn][:len(rows)]
         self._sampled_turn = (self._sampled_turn + 1) % len(self._sampled_host)
@@ -308,8 +311,6 @@ class ModelRunner:
         """Bytes of activation memory the largest step needs beyond the weights: one forward of
         `num_tokens` tokens in `num_seqs` rows (each at most max_model_len), all rows sampled with
         top-p (the sampler's heaviest path). Runs on a scratch KV cache, freed afterwards."""
-        from engine.sampling_params import SamplingParams
-
         bs = self.block_size
         num_seqs = max(1, min(num_seqs, num_tokens))
         per_row = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
@@ -322,7 +323,6 @@ class ModelRunner:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
-            from engine.scheduler import ScheduledChunk
             chunks, next_block = [], 1
             for n in per_row:
                 k = -(-n // bs)

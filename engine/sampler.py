@@ -80,8 +80,7 @@ class SamplingMetadata:
         params = [r.params for r in rows]
         greedy = [p.greedy for p in params]
         all_greedy = all(greedy)
-        use_penalties = any(p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                            or p.frequency_penalty != 0.0 for p in params)
+        use_penalties = any(p.has_penalties for p in params)
         no_top_k = all(p.top_k == 0 or p.top_k >= vocab_size for p in params)
         no_top_p = all(p.top_p >= 1.0 for p in params)
         no_min_p = all(p.min_p <= 0.0 for p in params)
@@ -239,12 +238,12 @@ def _argmax_groups(vocab: int) -> int:
 def _safe_argmax(x: Tensor, raw: Tensor) -> Tensor:
     """argmax with NaN counted as -inf; an all -inf row takes the argmax of its raw logits.
     Branch-free: no device-to-host sync."""
-    clean = _nan_to_neg_inf(x)
-    idx = clean.argmax(dim=-1)
+    idx = _greedy(x)
     if x is raw:
         return idx  # the raw fallback would give the same index
-    dead = clean.gather(1, idx.unsqueeze(1)).squeeze(1) == _NEG_INF
-    return torch.where(dead, _nan_to_neg_inf(raw).argmax(dim=-1), idx)
+    best = x.gather(1, idx.unsqueeze(1)).squeeze(1)
+    dead = torch.isnan(best) | (best == _NEG_INF)  # the row holds nothing above -inf
+    return torch.where(dead, _greedy(raw), idx)
 
 
 def _apply_logit_bias(x: Tensor, biases: list[dict[int, float] | None] | None) -> None:

@@ -177,6 +177,11 @@ class SamplingParams:
         return self.temperature < GREEDY_EPS
 
     @property
+    def has_penalties(self) -> bool:
+        """Any of repetition / presence / frequency penalty set (they read the token history)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def max_stop_len(self) -> int:
         """Length in characters of the longest stop string (0 when there is none)."""
         return max((len(s) for s in self.stop), default=0)
