@@ -31,6 +31,7 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger("pdserve.engine")
 
 _END = object()
+IDLE_SETTLE_S = 1.0  # idle this long before reserved blocks are compared with live reservations
 
 
 class RequestStream:
@@ -73,10 +74,14 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.steps = 0
+        self.held_reservation_blocks: Callable[[], int] | None = None  # set by the decode servicer
+        self.leaks = 0  # idle self-checks that found blocks nobody holds
+        self._snapshot: dict = {}  # published by the engine thread after every command batch and step
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._publish()  # the engine thread is not running yet
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
@@ -92,13 +97,17 @@ class AsyncEngine:
         return self.error is None and not self._stopped
 
     # ---- commands (event loop side) ------------------------------------------------------------
-    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
-        """Runs `fn(engine)` on the engine thread between two steps; returns its result."""
+    async def call(self, fn: Callable[[LLMEngine], Any], undo: Callable[[LLMEngine, Any], Any] | None = None) -> Any:
+        """Runs `fn(engine)` on the engine thread between two steps; returns its result.
+
+        `undo(engine, result)` makes an allocating command cancellation-safe: when the caller is gone
+        (its await cancelled or timed out) by the time `fn`'s result arrives, `undo` is queued as the
+        next engine command, so nothing `fn` allocated outlives its caller."""
         if self.error is not None or self._stopped:
             raise Unavailable("the engine is not running")
         fut = self._loop.create_future()
         with self._cond:
-            self._commands.append((fn, fut))
+            self._commands.append((fn, fut, undo))
             self._cond.notify()
         return await fut
 
@@ -132,7 +141,11 @@ class AsyncEngine:
                     engine.free_reserved(block_ids)
                 raise
             self._streams[request_id] = stream
-        await self.call(imp)
+
+        def undo(engine: LLMEngine, _result) -> None:  # the caller left: nobody reads this stream
+            engine.abort_request(request_id)
+            self._streams.pop(request_id, None)
+        await self.call(imp, undo)
         return stream
 
     async def abort(self, request_id: str) -> bool:
@@ -162,24 +175,36 @@ class AsyncEngine:
             if blocks is not None:
                 self._reserved_blocks += len(blocks)
             return blocks
-        return await self.call(reserve)
+
+        def undo(engine: LLMEngine, blocks: list[int] | None) -> None:
+            if blocks is not None:
+                self._free_reserved(engine, blocks)
+        return await self.call(reserve, undo)
 
     async def free_reserved(self, block_ids: list[int]) -> None:
-        def free(engine: LLMEngine):
-            engine.free_reserved(block_ids)
-            self._reserved_blocks -= len(block_ids)
-        await self.call(free)
+        await self.call(lambda engine: self._free_reserved(engine, block_ids))
+
+    def _free_reserved(self, engine: LLMEngine, block_ids: list[int]) -> None:
+        engine.free_reserved(block_ids)
+        self._reserved_blocks -= len(block_ids)
 
     async def load(self) -> dict:
         return await self.call(lambda engine: {**engine.load(), "request_ids": sorted(engine.request_ids())})
+
+    def load_snapshot(self) -> dict:
+        """The load as of the last command batch or step; never waits for the engine thread."""
+        return self._snapshot
 
     # ---- engine thread ------------------------------------------------------------------------
     def _put(self, stream: RequestStream, out: StepOutput) -> None:
         self._loop.call_soon_threadsafe(stream.queue.put_nowait, out)
 
-    def _resolve(self, fut: asyncio.Future, result=None, exc: BaseException | None = None) -> None:
+    def _resolve(self, fut: asyncio.Future, result=None, exc: BaseException | None = None,
+                 undo: Callable[[LLMEngine, Any], Any] | None = None) -> None:
         def settle():
-            if fut.done():
+            if fut.done():  # the caller was cancelled or timed out: it will never see `result`
+                if undo is not None and exc is None:
+                    self._submit(lambda engine: undo(engine, result))
                 return
             if exc is not None:
                 fut.set_exception(exc)
@@ -191,20 +216,32 @@ class AsyncEngine:
         was_busy = False
         while True:
             with self._cond:
+                settling = False
                 while not self._commands and not self._stopped and not self.engine.has_unfinished_requests():
                     if was_busy:
-                        was_busy = False
+                        was_busy, settling = False, True
                         self._idle_check()
+                    if settling:  # idle for a whole settle period: no reservation is half-recorded
+                        settling = self._cond.wait(IDLE_SETTLE_S)
+                        if not settling:
+                            self._reservation_check()
+                        continue
                     self._cond.wait()
                 if self._stopped:
                     break
                 commands = list(self._commands)
                 self._commands.clear()
-            for fn, fut in commands:
+            results = []
+            for fn, fut, undo in commands:
                 try:
-                    self._resolve(fut, fn(self.engine))
+                    results.append((fut, undo, fn(self.engine), None))
                 except Exception as exc:
-                    self._resolve(fut, exc=exc)
+                    results.append((fut, None, None, exc))
+            if commands:
+                self._publish()  # before the callers see their results, so GetLoad agrees with them
+            for fut, undo, result, exc in results:
+                if fut is not None:
+                    self._resolve(fut, result, exc, undo)
             was_busy = True
             if self.engine.has_unfinished_requests():
                 try:
@@ -213,8 +250,13 @@ class AsyncEngine:
                     self._fatal(exc)
                     return
                 self.steps += 1
+                self._publish()
                 self._dispatch(outputs)
         self._fail_commands(Unavailable("the engine stopped"))
+
+    def _publish(self) -> None:
+        """Engine thread: a fresh load dict (one reference swap; readers never see it half-built)."""
+        self._snapshot = {**self.engine.load(), "request_ids": sorted(self.engine.request_ids())}
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -239,14 +281,33 @@ class AsyncEngine:
         with self._cond:
             commands = list(self._commands)
             self._commands.clear()
-        for _, fut in commands:
-            self._resolve(fut, exc=exc)
+        for _, fut, _undo in commands:
+            if fut is not None:
+                self._resolve(fut, exc=exc)
+
+    def _submit(self, fn: Callable[[LLMEngine], Any]) -> None:
+        """Event loop: queues `fn(engine)` with nobody waiting for its result (cleanups)."""
+        with self._cond:
+            self._commands.append((fn, None, None))
+            self._cond.notify()
 
     def _idle_check(self) -> None:
         try:
             self.check_invariants()
         except AssertionError as exc:
+            self.leaks += 1
             logger.error("%s", exc)
+
+    def _reservation_check(self) -> None:
+        """I8: blocks handed out by reserve() and not yet imported or freed must all belong to a
+        live reservation of the servicer (`held_reservation_blocks`)."""
+        if self.held_reservation_blocks is None:
+            return
+        held = self.held_reservation_blocks()
+        if held != self._reserved_blocks:
+            self.leaks += 1
+            logger.error("kv leak: %d blocks reserved in the engine, live reservations hold %d",
+                         self._reserved_blocks, held)
 
     def check_invariants(self) -> None:
         """Engine thread (or a stopped engine): block accounting, and I1 when nothing is held."""

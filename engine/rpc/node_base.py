@@ -121,7 +121,8 @@ class NodeServicerBase:
         return False
 
     async def load_dict(self) -> dict:
-        return await self.engine.load() if self.engine is not None and self.engine.healthy else {}
+        """The engine's published load snapshot: answers at once, also while a long step runs."""
+        return self.engine.load_snapshot() if self.engine is not None and self.engine.healthy else {}
 
     def node_load(self, load: dict, extra_ids: set[str], leases: int) -> generation_pb2.NodeLoad:
         ids = set(load.get("request_ids", ())) | extra_ids | set(self._active)
