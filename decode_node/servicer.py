@@ -11,7 +11,7 @@ import torch
 from engine.kv_transfer import KVStaging, TorchDistHost, TransferError
 from engine.kv_transfer.torch_dist import PAIR_METADATA_KEY
 from engine.rpc import convert
-from engine.rpc.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from engine.rpc.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from engine.rpc.node_base import NodeServicerBase, check_request_id, time_left
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
@@ -162,6 +162,10 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
 
     # ---- decoding ------------------------------------------------------------------------------
     async def Decode(self, request: node_pb2.DecodeRequest, context):
+        if request.local_prefill:
+            async for event in self._decode_local(request):
+                yield event
+            return
         engine = self.ready_engine()
         rid = check_request_id(request.request_id)
         res = self.reservations.get(request.reservation_id)
@@ -200,6 +204,37 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
             done = True
         finally:
             self.end_rpc(rid, tracked, done, lambda: self._abort(rid, res))
+
+    async def _decode_local(self, request: node_pb2.DecodeRequest):
+        """Colocated serving: the prompt runs in this node's own batch (chunked prefill beside the
+        running decodes); no reservation, no KV transfer; every token is streamed, the first included."""
+        engine = self.ready_engine()
+        rid = check_request_id(request.request_id)
+        params, sample_index = convert.params_from_proto(request.params)
+        tracked = self.track(rid)
+        self.stats.requests += 1
+        done = False
+        try:
+            stream = await engine.add_request(rid, list(request.prompt_token_ids), params, request.priority,
+                                              sample_index)
+            first = True
+            async for out in stream:
+                if out.finish_reason == "error":
+                    raise Unavailable("the decode node's engine failed")
+                if out.finish_reason == "abort":
+                    raise Cancelled("the request was aborted")
+                event = self._event(out, params)
+                if first:
+                    first = False
+                    self.stats.prompt_tokens += len(request.prompt_token_ids)
+                    self.stats.cached_tokens += out.num_cached_tokens
+                    event.cached_tokens = out.num_cached_tokens
+                self.stats.generation_tokens += len(out.new_token_ids)
+                done = out.finished
+                yield event
+            done = True
+        finally:
+            self.end_rpc(rid, tracked, done, lambda: self._abort(rid))
 
     @staticmethod
     def _event(out, params: SamplingParams) -> node_pb2.DecodeEvent:

@@ -173,7 +173,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
         "gateway on --gateway-port. Ctrl-C or SIGTERM stops everything."))
     add_engine_args(p, default_port=50051)  # engine flags go to every node; --host/--port are the router's
     g = p.add_argument_group("stack")
-    add_flag(g, "--num-prefill", type=int, default=1, help="prefill nodes to start")
+    add_flag(g, "--num-prefill", type=int, default=1,
+             help="prefill nodes to start; 0 = colocated serving: each decode node prefills its own "
+                  "prompts in its batch (chunked prefill), no KV transfer")
     add_flag(g, "--num-decode", type=int, default=1, help="decode nodes to start")
     add_flag(g, "--gateway", action=argparse.BooleanOptionalAction, default=True,
              help="also start the HTTP gateway (--no-gateway: gRPC only)")
@@ -195,8 +197,9 @@ def serve(argv) -> int:
     ns = build_serve_parser().parse_args(argv)
     if isinstance(ns.api_key, str):
         ns.api_key = [ns.api_key]
-    if ns.num_prefill < 1 or ns.num_decode < 1:
-        raise SystemExit("--num-prefill and --num-decode must be >= 1")
+    if ns.num_prefill < 0 or ns.num_decode < 1:
+        raise SystemExit("--num-decode must be >= 1 and --num-prefill >= 0 (0: colocated, the decode nodes "
+                         "run their own prompts)")
     children = plan(ns)
     stop = threading.Event()
     received = []

@@ -194,7 +194,81 @@ class Pipeline:
                 continue
             return decode, reservation, prefill, call, event.first_token
 
+    def _event_chunks(self, event: node_pb2.DecodeEvent):
+        """The chunks of one DecodeEvent, a token each; the event's finish belongs to its last token."""
+        for j, token_id in enumerate(event.token_ids):
+            last = j == len(event.token_ids) - 1
+            yield self._token(token_id, event.finish_reason if last else FR.FINISH_REASON_UNSPECIFIED,
+                              event.stop_sequence if last else "",
+                              event.stop_token_id if last and event.HasField("stop_token_id") else None,
+                              logprob=event.logprobs[j] if j < len(event.logprobs) else None)
+
+    @property
+    def colocated(self) -> bool:
+        """No prefill pool: decode nodes run their own prompts (the `both` configuration)."""
+        return not self.registry.by_role("prefill")
+
     async def run(self):
+        if self.colocated:
+            async for chunk in self._run_local():
+                yield chunk
+            return
+        async for chunk in self._run_disaggregated():
+            yield chunk
+
+    async def _run_local(self):
+        """Colocated: one decode node prefills the prompt in its own batch and generates; no
+        reservation, no KV transfer. UNAVAILABLE before the first token -> another decode node."""
+        prompt_len = len(self.prompt.token_ids)
+        need = blocks_needed(prompt_len + self.prompt.max_tokens, self.config.block_size)
+        tried: set[str] = set()
+        call = None
+        try:
+            while True:
+                node = pick_decode(self.registry.healthy("decode"), need, tried) or \
+                    pick_decode(self.registry.healthy("decode"), 0, tried)  # the node queues what does not fit yet
+                if node is None:
+                    raise Unavailable("no decode node is available")
+                self.holders.add(node)
+                self.timings.queue_ms = self._ms_since_arrival()
+                self.timings.prefill_node = self.timings.decode_node = node.node_id
+                node.pending_blocks += need
+                node.active += 1
+                self._active = node
+                call = node.stub.Decode(node_pb2.DecodeRequest(
+                    request_id=self.node_request_id, prompt_token_ids=self.prompt.token_ids, params=self.wire_params,
+                    priority=self.priority, local_prefill=True), timeout=self._remaining())
+                try:
+                    async for event in call:
+                        if self.num_tokens == 0:
+                            self.timings.ttft_ms = self._ms_since_arrival()
+                            self.cached_tokens = event.cached_tokens
+                        for chunk in self._event_chunks(event):
+                            yield chunk
+                            if self.finished:
+                                return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise _forward_error(exc, f"decode node {node.node_id}") from None
+                    node.mark_down(f"Decode stream broke: {exc.code().name}")
+                    if self.num_tokens:
+                        raise Unavailable(f"decode node {node.node_id} failed mid-stream; "
+                                          f"{self.num_tokens} tokens were sent") from None
+                    node.active -= 1
+                    self._active = None
+                    tried.add(node.node_id)
+                    continue
+                raise Unavailable(f"decode node {node.node_id} ended the stream without finishing")
+        finally:
+            if call is not None:
+                call.cancel()
+            if self._active is not None:
+                self._active.active -= 1
+                self._active = None
+            if not self.finished:
+                await asyncio.gather(*(self._abort(n) for n in self.holders))
+
+    async def _run_disaggregated(self):
         decode_call = transfer = prefill_call = None
         try:
             decode, reservation, prefill, prefill_call, first = await self._prefill()
@@ -220,13 +294,7 @@ class Pipeline:
             transfer = asyncio.get_running_loop().create_task(self._watch_transfer(prefill, prefill_call, decode_call))
             try:
                 async for event in decode_call:
-                    for j, token_id in enumerate(event.token_ids):
-                        last = j == len(event.token_ids) - 1
-                        finish = event.finish_reason if last else FR.FINISH_REASON_UNSPECIFIED
-                        chunk = self._token(
-                            token_id, finish, event.stop_sequence if last else "",
-                            event.stop_token_id if last and event.HasField("stop_token_id") else None,
-                            logprob=event.logprobs[j] if j < len(event.logprobs) else None)
+                    for chunk in self._event_chunks(event):
                         if chunk.finish_reason:
                             await self._transfer_result(transfer)
                         yield chunk

@@ -86,7 +86,10 @@ class NodeRegistry:
 
     @property
     def ready(self) -> bool:
-        return bool(self.healthy("prefill")) and bool(self.healthy("decode"))
+        """A healthy decode node, and a healthy prefill node unless there is no prefill pool at all
+        (colocated: the decode nodes run their own prompts)."""
+        prefill_ok = bool(self.healthy("prefill")) or not self.by_role("prefill")
+        return prefill_ok and bool(self.healthy("decode"))
 
     async def poll(self, node: Node, timeout: float = POLL_TIMEOUT_S) -> bool:
         try:

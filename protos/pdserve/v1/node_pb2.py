@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.pdserve.v1 import generation_pb2 as protos_dot_pdserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/pdserve/v1/node.proto\x12\npdserve.v1\x1a\"protos/pdserve/v1/generation.proto\"\x83\x04\n\x0eResolvedParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12=\n\nlogit_bias\x18\t \x03(\x0b\x32).pdserve.v1.ResolvedParams.LogitBiasEntry\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x18\n\x10include_stop_str\x18\x0e \x01(\x08\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x11 \x01(\x08\x12\x14\n\x0csample_index\x18\x12 \x01(\r\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xb8\x01\n\x08KVTarget\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12*\n\ttransport\x18\x03 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x05 \x01(\t\x12$\n\x06layout\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\"\xa2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.ResolvedParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12$\n\x06target\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVTarget\"\xbc\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12)\n\x07logprob\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\")\n\x0cTransferDone\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\n\n\x02ms\x18\x02 \x01(\x01\"y\n\x0cPrefillEvent\x12-\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x12\x31\n\rtransfer_done\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TransferDoneH\x00\x42\x07\n\x05\x65vent\"\x98\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12*\n\ttransport\x18\x04 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\"\x88\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\"m\n\x0cTensorHeader\x12\x0c\n\x04kind\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"|\n\x07KVFrame\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x14\n\x0ctotal_frames\x18\x03 \x01(\r\x12(\n\x06header\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"8\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\"\xbf\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.ResolvedParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nkv_wait_ms\x18\x07 \x01(\r\"\xc2\x01\n\x0b\x44\x65\x63odeEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x04 \x01(\t\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id\"&\n\x10NodeAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\"\n\x11NodeAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fNodeLoadRequest*_\n\x0bKVTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x01\x12\x1b\n\x17KV_TRANSPORT_TORCH_DIST\x10\x02\x32\xd4\x01\n\x0bPrefillNode\x12\x41\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x18.pdserve.v1.PrefillEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.v1.NodeAbortRequest\x1a\x1d.pdserve.v1.NodeAbortResponse\x12<\n\x07GetLoad\x12\x1b.pdserve.v1.NodeLoadRequest\x1a\x14.pdserve.v1.NodeLoad2\xd1\x02\n\nDecodeNode\x12\x42\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\x12;\n\x06PushKV\x12\x13.pdserve.v1.KVFrame\x1a\x1a.pdserve.v1.PushKVResponse(\x01\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.v1.NodeAbortRequest\x1a\x1d.pdserve.v1.NodeAbortResponse\x12<\n\x07GetLoad\x12\x1b.pdserve.v1.NodeLoadRequest\x1a\x14.pdserve.v1.NodeLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/pdserve/v1/node.proto\x12\npdserve.v1\x1a\"protos/pdserve/v1/generation.proto\"\xb5\x04\n\x0eResolvedParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12=\n\nlogit_bias\x18\t \x03(\x0b\x32).pdserve.v1.ResolvedParams.LogitBiasEntry\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x18\n\x10include_stop_str\x18\x0e \x01(\x08\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x11 \x01(\x08\x12\x14\n\x0csample_index\x18\x12 \x01(\r\x12\x30\n\nstructured\x18\x13 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xb8\x01\n\x08KVTarget\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12*\n\ttransport\x18\x03 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x05 \x01(\t\x12$\n\x06layout\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\"\xa2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.ResolvedParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12$\n\x06target\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVTarget\"\xbc\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12)\n\x07logprob\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\")\n\x0cTransferDone\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\n\n\x02ms\x18\x02 \x01(\x01\"y\n\x0cPrefillEvent\x12-\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x12\x31\n\rtransfer_done\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TransferDoneH\x00\x42\x07\n\x05\x65vent\"\x98\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12*\n\ttransport\x18\x04 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\"\x88\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\"m\n\x0cTensorHeader\x12\x0c\n\x04kind\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"|\n\x07KVFrame\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x14\n\x0ctotal_frames\x18\x03 \x01(\r\x12(\n\x06header\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"8\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\"\xd6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.ResolvedParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nkv_wait_ms\x18\x07 \x01(\r\x12\x15\n\rlocal_prefill\x18\x08 \x01(\x08\"\xd9\x01\n\x0b\x44\x65\x63odeEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x04 \x01(\t\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\rB\x10\n\x0e_stop_token_id\"&\n\x10NodeAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\"\n\x11NodeAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fNodeLoadRequest*_\n\x0bKVTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x01\x12\x1b\n\x17KV_TRANSPORT_TORCH_DIST\x10\x02\x32\xd4\x01\n\x0bPrefillNode\x12\x41\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x18.pdserve.v1.PrefillEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.v1.NodeAbortRequest\x1a\x1d.pdserve.v1.NodeAbortResponse\x12<\n\x07GetLoad\x12\x1b.pdserve.v1.NodeLoadRequest\x1a\x14.pdserve.v1.NodeLoad2\xd1\x02\n\nDecodeNode\x12\x42\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\x12;\n\x06PushKV\x12\x13.pdserve.v1.KVFrame\x1a\x1a.pdserve.v1.PushKVResponse(\x01\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.v1.NodeAbortRequest\x1a\x1d.pdserve.v1.NodeAbortResponse\x12<\n\x07GetLoad\x12\x1b.pdserve.v1.NodeLoadRequest\x1a\x14.pdserve.v1.NodeLoadb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,46 +34,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_KVTRANSPORT']._serialized_start=2489
-  _globals['_KVTRANSPORT']._serialized_end=2584
+  _globals['_KVTRANSPORT']._serialized_start=2585
+  _globals['_KVTRANSPORT']._serialized_end=2680
   _globals['_RESOLVEDPARAMS']._serialized_start=81
-  _globals['_RESOLVEDPARAMS']._serialized_end=596
-  _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_start=526
-  _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_end=574
-  _globals['_KVLAYOUT']._serialized_start=598
-  _globals['_KVLAYOUT']._serialized_end=703
-  _globals['_KVTARGET']._serialized_start=706
-  _globals['_KVTARGET']._serialized_end=890
-  _globals['_PREFILLREQUEST']._serialized_start=893
-  _globals['_PREFILLREQUEST']._serialized_end=1055
-  _globals['_FIRSTTOKEN']._serialized_start=1058
-  _globals['_FIRSTTOKEN']._serialized_end=1246
-  _globals['_TRANSFERDONE']._serialized_start=1248
-  _globals['_TRANSFERDONE']._serialized_end=1289
-  _globals['_PREFILLEVENT']._serialized_start=1291
-  _globals['_PREFILLEVENT']._serialized_end=1412
-  _globals['_RESERVEREQUEST']._serialized_start=1415
-  _globals['_RESERVEREQUEST']._serialized_end=1567
-  _globals['_RESERVERESPONSE']._serialized_start=1570
-  _globals['_RESERVERESPONSE']._serialized_end=1706
-  _globals['_TENSORHEADER']._serialized_start=1708
-  _globals['_TENSORHEADER']._serialized_end=1817
-  _globals['_KVFRAME']._serialized_start=1819
-  _globals['_KVFRAME']._serialized_end=1943
-  _globals['_PUSHKVRESPONSE']._serialized_start=1945
-  _globals['_PUSHKVRESPONSE']._serialized_end=2001
-  _globals['_DECODEREQUEST']._serialized_start=2004
-  _globals['_DECODEREQUEST']._serialized_end=2195
-  _globals['_DECODEEVENT']._serialized_start=2198
-  _globals['_DECODEEVENT']._serialized_end=2392
-  _globals['_NODEABORTREQUEST']._serialized_start=2394
-  _globals['_NODEABORTREQUEST']._serialized_end=2432
-  _globals['_NODEABORTRESPONSE']._serialized_start=2434
-  _globals['_NODEABORTRESPONSE']._serialized_end=2468
-  _globals['_NODELOADREQUEST']._serialized_start=2470
-  _globals['_NODELOADREQUEST']._serialized_end=2487
-  _globals['_PREFILLNODE']._serialized_start=2587
-  _globals['_PREFILLNODE']._serialized_end=2799
-  _globals['_DECODENODE']._serialized_start=2802
-  _globals['_DECODENODE']._serialized_end=3139
+  _globals['_RESOLVEDPARAMS']._serialized_end=646
+  _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_start=576
+  _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_end=624
+  _globals['_KVLAYOUT']._serialized_start=648
+  _globals['_KVLAYOUT']._serialized_end=753
+  _globals['_KVTARGET']._serialized_start=756
+  _globals['_KVTARGET']._serialized_end=940
+  _globals['_PREFILLREQUEST']._serialized_start=943
+  _globals['_PREFILLREQUEST']._serialized_end=1105
+  _globals['_FIRSTTOKEN']._serialized_start=1108
+  _globals['_FIRSTTOKEN']._serialized_end=1296
+  _globals['_TRANSFERDONE']._serialized_start=1298
+  _globals['_TRANSFERDONE']._serialized_end=1339
+  _globals['_PREFILLEVENT']._serialized_start=1341
+  _globals['_PREFILLEVENT']._serialized_end=1462
+  _globals['_RESERVEREQUEST']._serialized_start=1465
+  _globals['_RESERVEREQUEST']._serialized_end=1617
+  _globals['_RESERVERESPONSE']._serialized_start=1620
+  _globals['_RESERVERESPONSE']._serialized_end=1756
+  _globals['_TENSORHEADER']._serialized_start=1758
+  _globals['_TENSORHEADER']._serialized_end=1867
+  _globals['_KVFRAME']._serialized_start=1869
+  _globals['_KVFRAME']._serialized_end=1993
+  _globals['_PUSHKVRESPONSE']._serialized_start=1995
+  _globals['_PUSHKVRESPONSE']._serialized_end=2051
+  _globals['_DECODEREQUEST']._serialized_start=2054
+  _globals['_DECODEREQUEST']._serialized_end=2268
+  _globals['_DECODEEVENT']._serialized_start=2271
+  _globals['_DECODEEVENT']._serialized_end=2488
+  _globals['_NODEABORTREQUEST']._serialized_start=2490
+  _globals['_NODEABORTREQUEST']._serialized_end=2528
+  _globals['_NODEABORTRESPONSE']._serialized_start=2530
+  _globals['_NODEABORTRESPONSE']._serialized_end=2564
+  _globals['_NODELOADREQUEST']._serialized_start=2566
+  _globals['_NODELOADREQUEST']._serialized_end=2583
+  _globals['_PREFILLNODE']._serialized_start=2683
+  _globals['_PREFILLNODE']._serialized_end=2895
+  _globals['_DECODENODE']._serialized_start=2898
+  _globals['_DECODENODE']._serialized_end=3235
 # @@protoc_insertion_point(module_scope)
