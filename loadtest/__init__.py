@@ -1,0 +1,1 @@
+"""Load-test harness: `python -m loadtest` (also `pdserve bench`); see loadtest/cli.py."""
