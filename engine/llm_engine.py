@@ -26,6 +26,7 @@ from engine.request import FinishReason, Request
 from engine.sampler import RowSpec, SamplerOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from engine.structured import GrammarCache, GrammarState
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -124,6 +125,7 @@ class LLMEngine:
         self._groups: dict[str, list[Request]] = {}  # client request id -> its n sequences
         self._prefilled: dict[str, Request] = {}  # prefill role: done, KV held until exported
         self._ids = itertools.count()
+        self._grammars: GrammarCache | None = None  # built on the first structured request
 
     # ---- construction ------------------------------------------------------------------------
     def _build_model(self, config) -> torch.nn.Module:
@@ -216,6 +218,7 @@ class LLMEngine:
             prompt_token_ids = self.tokenize(prompt)
         prompt_token_ids = self._check_prompt(prompt_token_ids)
         max_tokens = params.verify(self.shape.vocab_size, self.max_model_len, len(prompt_token_ids))
+        grammars = [self.grammar_state(params) for _ in range(params.n)]  # a bad spec raises before any state
         parent = None
         group = []
         for index in range(params.n):
@@ -223,12 +226,21 @@ class LLMEngine:
                           eos_token_ids=self.eos_token_ids, priority=priority, prompt=prompt,
                           parent=parent, sample_index=index if params.n > 1 else sample_index)
             req.client_id = request_id
+            req.grammar = grammars[index]
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
             parent = parent or req
             group.append(req)
         self._groups[request_id] = group
         for req in group:
             self.scheduler.add_request(req)
+
+    def grammar_state(self, params: SamplingParams) -> GrammarState | None:
+        """A fresh grammar matcher for a structured request (None without a constraint)."""
+        if params.structured is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCache(self.tokenizer, self.shape.vocab_size, self.eos_token_ids)
+        return self._grammars.state(params.structured)
 
     def _check_prompt(self, ids) -> list[int]:
         if len(ids) == 0:
@@ -300,7 +312,8 @@ class LLMEngine:
 
     @staticmethod
     def _needs_token_values(out: SchedulerOutput) -> bool:
-        return any(c.sample and c.request.sampling_params.has_penalties for c in out.chunks)
+        return any(c.sample and (c.request.sampling_params.has_penalties or c.request.grammar is not None)
+                   for c in out.chunks)
 
     def _launch(self, out: SchedulerOutput, prev: _Launched | None) -> _Launched:
         sampled = [c for c in out.chunks if c.sample]
@@ -337,7 +350,7 @@ class LLMEngine:
     @staticmethod
     def _row_spec(req: Request) -> RowSpec:
         return RowSpec(req.sampling_params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids,
-                       index=req.sample_index)
+                       index=req.sample_index, grammar=req.grammar)
 
     def _process_samples(self, rows, token_ids: list[int], result: SamplerOutput) -> list[StepOutput]:
         """rows[i]: (request, index of its placeholder) or (request, None) to append; None = skip."""
@@ -369,6 +382,8 @@ class LLMEngine:
         else:
             req.output_token_ids[index] = token_id
             count = index + 1
+        if req.grammar is not None and not req.grammar.accept(token_id):
+            logger.warning("request %s: token %d is outside its grammar", req.client_id[:64], token_id)
         reason = self._check_stop(req, token_id, count)
         if reason is None and self.role == "prefill":
             reason = FinishReason.PREFILLED
@@ -445,6 +460,9 @@ class LLMEngine:
             raise ValueError("imported requests carry one sequence (n == 1)")
         prompt_token_ids = self._check_prompt(prompt_token_ids)
         max_tokens = params.verify(self.shape.vocab_size, self.max_model_len, len(prompt_token_ids))
+        grammar = self.grammar_state(params)  # the prefill node sampled the first token under it
+        if grammar is not None and not grammar.accept(first_token_id):
+            raise ValueError(f"the first token {first_token_id} is outside the request's grammar")
         n = len(prompt_token_ids)
         need = self.block_manager.blocks_needed(n)
         if block_ids is None:
@@ -465,6 +483,7 @@ class LLMEngine:
         req.num_computed_tokens = n
         req.num_cached_tokens = 0
         req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
+        req.grammar = grammar
         req.output_token_ids.append(first_token_id)
         req.detokenizer.append(first_token_id)
         req.detokenizer.get_delta()  # the first token's text was streamed by the prefill side

@@ -58,6 +58,7 @@ class Request:
     # PLACEHOLDERs in output_token_ids until read), and its row in the latest one's output.
     num_pending: int = 0
     pending_row: int = -1
+    grammar: Any = None  # structured output: an engine.structured.GrammarState advanced per token
 
     def __post_init__(self):
         assert self.prompt_token_ids, "a request needs at least one prompt token"

@@ -2,7 +2,7 @@
 
 One step, for the rows being sampled:
 
-    logits --fp32--> [raw logprobs] --> logit_bias --> min_tokens (-inf) --> penalties
+    logits --fp32--> [raw logprobs] --> logit_bias --> min_tokens (-inf) --> grammar mask (-inf) --> penalties
         greedy rows: argmax
         random rows: / temperature --> top_k --> top_p --> softmax --> min_p --> argmax(probs / q)
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from engine.sampling_params import GREEDY_EPS, SamplingParams
+from engine.structured import GrammarState, allocate_bitmask, apply_bitmask
 
 _NEG_INF = float("-inf")
 
@@ -47,6 +48,7 @@ class RowSpec:
     eos_token_ids: Sequence[int] = ()
     generator: torch.Generator | None = None  # None: made from params.seed and the step
     index: int = 0  # which of the request's n completions (separates their seeded streams)
+    grammar: GrammarState | None = None  # structured output: only tokens it allows may be sampled
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class SamplingMetadata:
     min_tokens_mask: list[tuple[int, list[int]]] | None  # (row, token ids to forbid)
     generators: list[torch.Generator | None]  # per row; None = the global RNG
     max_num_logprobs: int | None  # None: no logprobs; 0: the sampled token's only; N: + top N
+    grammar_bitmask: Tensor | None = None  # [B, ceil(V / 32)] int32 allowed-token bits (host); None: no grammar
+    grammar_rows: list[int] | None = None  # the rows the bitmask constrains
 
     @staticmethod
     def build(rows: list[RowSpec], vocab_size: int, device) -> SamplingMetadata:
@@ -121,6 +125,7 @@ class SamplingMetadata:
             min_tokens_mask=_min_tokens_mask(rows, vocab_size),
             generators=[_row_generator(r, device) for r in rows] if not all_greedy else [None] * len(rows),
             max_num_logprobs=max(requested) if requested else None,
+            **_grammar_masks(rows, vocab_size),
         )
 
 
@@ -155,6 +160,17 @@ def _min_tokens_mask(rows: list[RowSpec], vocab_size: int):
     return mask or None
 
 
+def _grammar_masks(rows: list[RowSpec], vocab_size: int) -> dict:
+    """The allowed-token bitmask of the rows under a grammar (filled on the host)."""
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if not constrained:
+        return {}
+    bitmask = allocate_bitmask(len(rows), vocab_size)
+    for i in constrained:
+        rows[i].grammar.fill_bitmask(bitmask, i)
+    return {"grammar_bitmask": bitmask, "grammar_rows": constrained}
+
+
 def _row_generator(row: RowSpec, device) -> torch.Generator | None:
     if row.generator is not None or row.params.seed is None:
         return row.generator
@@ -164,7 +180,8 @@ def _row_generator(row: RowSpec, device) -> torch.Generator | None:
 class Sampler:
     def __call__(self, logits: Tensor, meta: SamplingMetadata) -> SamplerOutput:
         if (meta.all_greedy and meta.max_num_logprobs is None and meta.no_penalties
-                and meta.logit_bias is None and meta.min_tokens_mask is None):
+                and meta.logit_bias is None and meta.min_tokens_mask is None
+                and meta.grammar_bitmask is None):
             return SamplerOutput(_greedy(logits), None, None, None)
         raw = logits.float()
         logprobs = None
@@ -176,12 +193,15 @@ class Sampler:
         return _gather_logprobs(sampled, logprobs, meta.max_num_logprobs)
 
     def process_logits(self, raw: Tensor, meta: SamplingMetadata) -> Tensor:
-        """fp32 logits after logit_bias, min_tokens and penalties; never writes into `raw`."""
+        """fp32 logits after logit_bias, min_tokens, the grammar mask and penalties; never writes
+        into `raw`."""
         x = raw = raw.float()
-        if meta.logit_bias is not None or meta.min_tokens_mask is not None:
+        if meta.logit_bias is not None or meta.min_tokens_mask is not None or meta.grammar_bitmask is not None:
             x = raw.clone()
             _apply_logit_bias(x, meta.logit_bias)
             _apply_min_tokens(x, meta.min_tokens_mask)
+            if meta.grammar_bitmask is not None:
+                apply_bitmask(x, meta.grammar_bitmask, meta.grammar_rows)
         if not meta.no_penalties:
             x = _apply_penalties(x, meta)
         return x

@@ -10,6 +10,8 @@ import copy
 import math
 from dataclasses import dataclass
 
+from engine.structured.spec import StructuredSpec
+
 MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64
@@ -80,12 +82,15 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured: StructuredSpec | None = None  # output constraint (JSON schema, regex, choice, grammar)
 
     def __post_init__(self) -> None:
         self._check_sampling()
         self._check_lengths()
         self._check_stops()
         self._check_token_maps()
+        if self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            raise ValueError(f"structured must be a StructuredSpec, got {type(self.structured).__name__}")
 
     # -- validation ------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.chat import render_chat
+from engine.rpc.convert import structured_from_proto
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2
 
@@ -110,7 +111,19 @@ class PromptBuilder:
             ignore_eos=stop.ignore_eos,
             logprobs=request.logprobs if request.HasField("logprobs") else None,
             skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
+            structured=self.structured(request),
         )
+
+    @staticmethod
+    def structured(request: generation_pb2.GenerateRequest):
+        """The output constraint, its schema / regex / grammar parsed here so a bad one is
+        INVALID_ARGUMENT before any node sees it."""
+        if not request.HasField("structured"):
+            return None
+        spec = structured_from_proto(request.structured)
+        if spec is not None:
+            spec.check()
+        return spec
 
     def build(self, request: generation_pb2.GenerateRequest) -> list[Prompt]:
         params = self.params(request)

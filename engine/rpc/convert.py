@@ -4,13 +4,15 @@
   wire means "up to the context limit", i.e. None);
 - logprob dicts `{token_id: logprob}` (sampled token first, then the top candidates) <-> `TokenLogprob`;
 - finish-reason strings (engine/request.py FinishReason values) <-> the `FinishReason` enum;
-- torch dtype <-> its name on the wire ("bfloat16", ...).
+- torch dtype <-> its name on the wire ("bfloat16", ...);
+- `StructuredSpec` <-> `generation_pb2.StructuredOutput`.
 """
 from __future__ import annotations
 
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured import StructuredSpec
 from protos.pdserve.v1 import generation_pb2, node_pb2
 
 FR = generation_pb2.FinishReason
@@ -76,6 +78,8 @@ def params_to_proto(params: SamplingParams, sample_index: int = 0) -> node_pb2.R
         msg.logprobs = params.logprobs
     for token_id, bias in (params.logit_bias or {}).items():
         msg.logit_bias[token_id] = bias
+    if params.structured is not None:
+        msg.structured.CopyFrom(structured_to_proto(params.structured))
     return msg
 
 
@@ -88,8 +92,30 @@ def params_from_proto(msg: node_pb2.ResolvedParams) -> tuple[SamplingParams, int
         max_tokens=msg.max_tokens or None, min_tokens=msg.min_tokens, stop=list(msg.stop) or None,
         stop_token_ids=list(msg.stop_token_ids) or None, include_stop_str_in_output=msg.include_stop_str,
         ignore_eos=msg.ignore_eos, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
-        skip_special_tokens=msg.skip_special_tokens, logit_bias=dict(msg.logit_bias) or None)
+        skip_special_tokens=msg.skip_special_tokens, logit_bias=dict(msg.logit_bias) or None,
+        structured=structured_from_proto(msg.structured) if msg.HasField("structured") else None)
     return params, msg.sample_index
+
+
+# ---- structured outputs ----------------------------------------------------------------------------
+def structured_to_proto(spec: StructuredSpec) -> generation_pb2.StructuredOutput:
+    if spec.kind == "choice":
+        return generation_pb2.StructuredOutput(choice=generation_pb2.ChoiceList(choices=spec.choices))
+    if spec.kind == "json_object":
+        return generation_pb2.StructuredOutput(json_object=True)
+    return generation_pb2.StructuredOutput(**{spec.kind: spec.value})
+
+
+def structured_from_proto(msg: generation_pb2.StructuredOutput) -> StructuredSpec | None:
+    """None when no kind is set (or json_object is false). Raises ValueError on a bad spec shape."""
+    kind = msg.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "choice":
+        return StructuredSpec("choice", choices=tuple(msg.choice.choices))
+    if kind == "json_object":
+        return StructuredSpec("json_object")
+    return StructuredSpec(kind, getattr(msg, kind))
 
 
 # ---- logprobs ------------------------------------------------------------------------------------
