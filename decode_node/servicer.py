@@ -1,4 +1,5 @@
-"""DecodeNode servicer: reservations under leases, KV staging, continuous-batch decoding."""
+"""DecodeNode servicer: reservations under leases renewed by progress, KV receivers (one per
+transport), continuous-batch decoding."""
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kv_transfer import KVStaging, TorchDistHost, TransferError
-from engine.kv_transfer.torch_dist import PAIR_METADATA_KEY
+from engine.kv_transfer import (TRANSPORTS, GrpcKVReceiver, IpcKVReceiver, KVLanding, KVReceiver, TorchDistHost,
+                                TorchDistKVReceiver, TransferError)
 from engine.rpc import convert
 from engine.rpc.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from engine.rpc.node_base import NodeServicerBase, check_request_id, time_left
@@ -23,6 +24,7 @@ DEFAULT_LEASE_MS = 30_000
 MAX_LEASE_MS = 600_000
 DEFAULT_KV_WAIT_MS = 30_000
 HEADROOM_BLOCKS = 1
+IPC_WRITE_GRACE_S = 5.0  # blocks opened for an IPC write stay out of reuse this long without a commit
 
 
 @dataclass
@@ -31,26 +33,33 @@ class Reservation:
     request_id: str
     num_tokens: int
     block_ids: list[int]
-    transport: int
-    staging: KVStaging
+    lease_s: float  # idle budget: freed after this long without progress (before Decode)
     kv_ready: asyncio.Event = field(default_factory=asyncio.Event)
     lease: asyncio.TimerHandle | None = None
+    last_progress: float = 0.0  # loop time of the last frame, commit or renewal
+    bytes_received: int = 0
     pushing: bool = False
     decoding: bool = False
+    writing: asyncio.Future | None = None  # a write into the blocks in flight (thread or another process)
 
 
 class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
     role = "decode"
 
-    def __init__(self, default_transport: str = "grpc"):
+    def __init__(self, default_transport: str = "auto"):
         super().__init__()
-        self.default_transport = T.KV_TRANSPORT_TORCH_DIST if default_transport == "nccl" else T.KV_TRANSPORT_GRPC
+        self.default_transport = TRANSPORTS[default_transport]
         self.reservations: dict[str, Reservation] = {}  # reservation id -> reservation
         self.dist: TorchDistHost | None = None
+        self.receivers: dict[int, KVReceiver] = {}
 
     def attach(self, engine, ns) -> None:
         super().attach(engine, ns)
-        self.dist = TorchDistHost(host=ns.kv_host, device=engine.engine.device)
+        engine.held_reservation_blocks = lambda: sum(len(r.block_ids) for r in list(self.reservations.values()))
+        device = engine.engine.device
+        self.dist = TorchDistHost(host=ns.kv_host, device=device)
+        self.receivers = {T.KV_TRANSPORT_GRPC: GrpcKVReceiver(device), T.KV_TRANSPORT_NCCL: TorchDistKVReceiver(self.dist),
+                          T.KV_TRANSPORT_IPC: IpcKVReceiver(engine.engine.kv_caches, self.spec)}
 
     async def probe(self) -> None:
         """Imports zero KV for a 3-token prompt and decodes one token through the model."""
@@ -65,6 +74,11 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
         async for out in stream:
             if out.finish_reason == "error":
                 raise RuntimeError("probe generation failed")
+
+    def _offers_nccl(self, transport: int) -> bool:
+        """NCCL is offered when asked for, and under auto when the cache is on CUDA."""
+        return transport == T.KV_TRANSPORT_NCCL or (transport == T.KV_TRANSPORT_AUTO
+                                                    and self.engine.engine.device.type == "cuda")
 
     # ---- reservations ------------------------------------------------------------------------------
     async def Reserve(self, request: node_pb2.ReserveRequest, context):
@@ -85,80 +99,153 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
         blocks = await engine.reserve(n, headroom_blocks=headroom)
         if blocks is None:
             self.stats.reservations_refused += 1
-            load = await engine.load()
+            load = engine.load_snapshot()
             raise ResourceExhausted(f"not enough KV blocks: need {need} (+{headroom} headroom), "
                                     f"{load['free_blocks']} of {load['total_blocks']} free")
-        transport = request.transport or self.default_transport
-        device = engine.engine.device if transport == T.KV_TRANSPORT_TORCH_DIST else torch.device("cpu")
-        res = Reservation(uuid.uuid4().hex, rid, n, blocks, transport,
-                          KVStaging("", self.spec, len(blocks), device))
-        res.staging.reservation_id = res.reservation_id
         lease_ms = min(request.lease_ms or DEFAULT_LEASE_MS, MAX_LEASE_MS)
-        res.lease = asyncio.get_running_loop().call_later(lease_ms / 1000.0, self._expire, res.reservation_id)
+        res = Reservation(uuid.uuid4().hex, rid, n, blocks, lease_ms / 1000.0)
         self.reservations[res.reservation_id] = res
+        self._renew(res)
         reply = node_pb2.ReserveResponse(reservation_id=res.reservation_id, num_blocks=len(blocks),
-                                         layout=self.layout_proto(), node_id=self.node_id)
-        if transport == T.KV_TRANSPORT_TORCH_DIST:
+                                         layout=self.layout_proto(), node_id=self.node_id, lease_ms=lease_ms)
+        if self._offers_nccl(request.transport or self.default_transport):
             reply.rendezvous = self.dist.rendezvous
         return reply
+
+    def _renew(self, res: Reservation) -> None:
+        """Progress (a frame, a commit, a renewal): the lease runs its full budget from now."""
+        loop = asyncio.get_running_loop()
+        res.last_progress = loop.time()
+        if res.lease is not None:
+            res.lease.cancel()
+        res.lease = loop.call_later(res.lease_s, self._expire, res.reservation_id)
 
     def _expire(self, reservation_id: str) -> None:
         res = self.reservations.get(reservation_id)
         if res is not None and not res.decoding:
-            logger.info("lease of reservation for %r ended before its KV and Decode arrived", res.request_id[:64])
+            logger.info("lease of reservation for %r ended: no progress for %.0f ms before its KV and Decode "
+                        "arrived", res.request_id[:64], res.lease_s * 1000)
             self.stats.leases_expired += 1
             self.spawn(self._close(res))
 
     async def _close(self, res: Reservation) -> bool:
-        """Frees a reservation's blocks (once) and forgets it."""
+        """Frees a reservation's blocks (once, after any write into them ended) and forgets it."""
         if self.reservations.pop(res.reservation_id, None) is None:
             return False
         if res.lease is not None:
             res.lease.cancel()
-        res.staging.reset()
+        if res.writing is not None and not res.writing.done():
+            await asyncio.wait([res.writing], timeout=IPC_WRITE_GRACE_S)
         if self.engine is not None and self.engine.healthy:
             await self.engine.free_reserved(res.block_ids)
         return True
 
+    def _live(self, reservation_id: str) -> Reservation:
+        res = self.reservations.get(reservation_id)
+        if res is None:
+            raise NotFound("unknown or expired reservation")
+        return res
+
+    async def RenewLease(self, request: node_pb2.RenewLeaseRequest, context):
+        res = self._live(request.reservation_id)
+        self._renew(res)
+        reply = node_pb2.RenewLeaseResponse(lease_ms=int(res.lease_s * 1000))
+        if request.ipc_write:
+            if res.kv_ready.is_set() or self._in_transfer(res):
+                raise InvalidArgument("the reservation's KV is already complete or arriving")
+            if not self.receivers[T.KV_TRANSPORT_IPC].shared:
+                raise InvalidArgument("no CUDA IPC handles were handed out by this node (call ShareKV first)")
+            loop = asyncio.get_running_loop()
+            res.writing = loop.create_future()  # the blocks stay out of reuse until CommitKV or the grace
+            loop.call_later(IPC_WRITE_GRACE_S, self._end_ipc_write, res)
+            reply.block_ids.extend(res.block_ids)
+        return reply
+
+    @staticmethod
+    def _in_transfer(res: Reservation) -> bool:
+        return res.pushing or (res.writing is not None and not res.writing.done())
+
+    @staticmethod
+    def _end_ipc_write(res: Reservation) -> None:
+        if res.writing is not None and not res.writing.done():
+            res.writing.set_result(None)
+
     # ---- KV ------------------------------------------------------------------------------------
+    async def ShareKV(self, request, context):
+        self.ready_engine()
+        return self.receivers[T.KV_TRANSPORT_IPC].share()
+
     async def PushKV(self, request_iterator, context):
         self.ready_engine()
         frames = aiter(request_iterator)
         frame = await anext(frames, None)
         if frame is None:
             raise InvalidArgument("PushKV carried no frame")
-        res = self.reservations.get(frame.reservation_id)
-        if res is None:
-            raise NotFound("unknown or expired reservation")
-        if res.pushing:
+        res = self._live(frame.reservation_id)
+        nccl = TorchDistKVReceiver.announced(context)
+        return await self._receive(res, self.receivers[T.KV_TRANSPORT_NCCL if nccl else T.KV_TRANSPORT_GRPC],
+                                   _chain(frame, frames), context)
+
+    async def CommitKV(self, request: node_pb2.KVCommit, context):
+        self.ready_engine()
+        res = self._live(request.reservation_id)
+        if res.writing is None or res.writing.done():
+            raise InvalidArgument("CommitKV without an open CUDA IPC write (RenewLease with ipc_write first)")
+        self._end_ipc_write(res)  # the prefill node synchronized its copies before committing
+        return await self._receive(res, self.receivers[T.KV_TRANSPORT_IPC], request, context)
+
+    async def _receive(self, res: Reservation, receiver: KVReceiver, request, context) -> node_pb2.PushKVResponse:
+        """One transfer into `res` through `receiver`; partial KV is never kept."""
+        if res.kv_ready.is_set():
+            self.stats.rejected_frames += 1
+            raise TransferError("the reservation's KV is already complete (replayed frame)")
+        if self._in_transfer(res):
             raise InvalidArgument("a KV transfer for this reservation is already in progress")
-        pair = dict(context.invocation_metadata() or ()).get(PAIR_METADATA_KEY, "")
-        if res.transport == T.KV_TRANSPORT_TORCH_DIST and not pair:
-            raise InvalidArgument(f"torch.distributed KV frames need the {PAIR_METADATA_KEY} metadata")
         res.pushing = True
+        landing = KVLanding(res.reservation_id, self.spec, len(res.block_ids),
+                            progress=lambda: self._on_progress(res), write=lambda k, v: self._write(res, k, v))
         try:
-            while frame is not None:
-                if self.reservations.get(res.reservation_id) is not res:
-                    raise NotFound("the reservation was freed during the transfer")
-                if res.transport == T.KV_TRANSPORT_TORCH_DIST:
-                    await self.dist.receive(res.staging, frame, pair, time_left(context))
-                else:
-                    res.staging.add_frame(frame)
-                frame = await anext(frames, None)
-            if not res.staging.complete:
-                raise TransferError(f"the transfer ended after {res.staging.frames} of "
-                                    f"{res.staging.total_frames} frames")
-        except BaseException as exc:
-            if isinstance(exc, TransferError):
-                self.stats.rejected_frames += 1
-            res.staging.reset()  # never keep partial KV
+            got = await receiver.receive(landing, request, context)
+        except TransferError:
+            self.stats.rejected_frames += 1
             raise
         finally:
             res.pushing = False
+        if self.reservations.get(res.reservation_id) is not res:
+            raise NotFound("the reservation was freed during the transfer")
+        res.bytes_received = got.bytes
         self.stats.kv_transfers += 1
-        self.stats.kv_transfer_bytes += res.staging.bytes_received
+        self.stats.kv_transfer_bytes += got.bytes
         res.kv_ready.set()
-        return node_pb2.PushKVResponse(bytes_received=res.staging.bytes_received, frames=res.staging.frames)
+        return node_pb2.PushKVResponse(bytes_received=got.bytes, frames=got.frames)
+
+    def _on_progress(self, res: Reservation) -> None:
+        if self.reservations.get(res.reservation_id) is not res:
+            raise NotFound("the reservation was freed during the transfer")
+        self._renew(res)
+
+    async def _write(self, res: Reservation, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The received KV into the reserved blocks on a worker thread; `_close` waits for it."""
+        if self.reservations.get(res.reservation_id) is not res:
+            raise NotFound("the reservation was freed during the transfer")
+        res.writing = asyncio.get_running_loop().run_in_executor(
+            None, self.engine.engine.write_reserved, res.block_ids, k, v)
+        await asyncio.shield(res.writing)
+
+    async def _wait_kv(self, res: Reservation, budget: float, context) -> None:
+        """Waits for the reservation's KV; fails after `budget` seconds without progress."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while not res.kv_ready.is_set():
+            idle = loop.time() - max(res.last_progress, start)
+            left = min(budget - idle, time_left(context))
+            if left <= 0:
+                raise Unavailable(f"the KV made no progress for {budget * 1000:.0f} ms "
+                                  f"({'arriving' if res.pushing else 'not started'})")
+            try:
+                await asyncio.wait_for(res.kv_ready.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     # ---- decoding ------------------------------------------------------------------------------
     async def Decode(self, request: node_pb2.DecodeRequest, context):
@@ -184,17 +271,12 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
         self.stats.requests += 1
         done = False
         try:
-            wait = min((request.kv_wait_ms or DEFAULT_KV_WAIT_MS) / 1000.0, time_left(context))
-            try:
-                await asyncio.wait_for(res.kv_ready.wait(), wait)
-            except asyncio.TimeoutError:
-                raise Unavailable(f"the KV did not arrive within {wait * 1000:.0f} ms") from None
-            k, v = res.staging.tensors()  # complete and verified, else TransferError
+            await self._wait_kv(res, (request.kv_wait_ms or DEFAULT_KV_WAIT_MS) / 1000.0, context)
             self.reservations.pop(res.reservation_id, None)
             res.lease.cancel()
+            # complete and verified: the receiver wrote it into the reserved blocks
             stream = await engine.import_request(rid, list(request.prompt_token_ids), request.first_token_id,
-                                                 params, k, v, res.block_ids, request.priority, sample_index)
-            res.staging.reset()
+                                                 params, None, None, res.block_ids, request.priority, sample_index)
             async for out in stream:
                 if out.finish_reason == "error":
                     raise Unavailable("the decode node's engine failed")
@@ -273,5 +355,11 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
         await super().close()
         for res in list(self.reservations.values()):
             await self._close(res)
-        if self.dist is not None:
-            self.dist.close()
+        for receiver in self.receivers.values():
+            receiver.close()
+
+
+async def _chain(first, rest):
+    yield first
+    async for item in rest:
+        yield item

@@ -99,9 +99,11 @@ def add_engine_args(parser: argparse.ArgumentParser, *, env: Mapping[str, str] |
     add_flag(g, "--async-scheduling", env=env, action=argparse.BooleanOptionalAction, default=None,
              help="schedule step N+1 while step N runs (default: on with CUDA)")
     add_flag(g, "--seed", env=env, type=int, default=0, help="random seed of the engine")
-    add_flag(g, "--kv-transport", env=env, default="grpc", choices=["grpc", "nccl"],
-             help="how KV blocks move from prefill to decode nodes: grpc (chunked frames, works everywhere) "
-                  "or nccl (torch.distributed point-to-point: NCCL on CUDA, gloo on CPU)")
+    add_flag(g, "--kv-transport", env=env, default="auto", choices=["auto", "ipc", "nccl", "grpc"],
+             help="how KV blocks move from prefill to decode nodes: ipc (CUDA IPC, same host: straight into the "
+                  "decode node's blocks), nccl (torch.distributed point-to-point: NCCL on CUDA, gloo on CPU), "
+                  "grpc (chunked frames, works everywhere) or auto (ipc when both share a host and GPU set, "
+                  "else nccl when both are on CUDA, else grpc)")
     add_server_args(parser, default_port=default_port, default_host=default_host, env=env)
     return parser
 

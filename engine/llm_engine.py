@@ -453,7 +453,9 @@ class LLMEngine:
                        block_ids: list[int] | None = None, sample_index: int = 0) -> None:
         """Adds a request whose prompt KV was computed elsewhere; decoding continues from its
         first token. `block_ids` are blocks reserved earlier with `reserve_blocks` (else allocated
-        here)."""
+        here). `k` and `v` None: the KV is in `block_ids` already (`write_reserved`)."""
+        if k is None and block_ids is None:
+            raise ValueError("KV that was written in place needs the block ids it was written to")
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.n != 1:
@@ -472,7 +474,8 @@ class LLMEngine:
         if len(block_ids) != need:
             raise ValueError(f"{n} tokens need {need} blocks, got {len(block_ids)}")
         try:
-            self.runner.write_blocks(block_ids, k, v)
+            if k is not None:
+                self.runner.write_blocks(block_ids, k, v)
         except Exception:
             self.block_manager.free(block_ids)
             raise
@@ -498,6 +501,16 @@ class LLMEngine:
 
     def free_reserved(self, block_ids: list[int]) -> None:
         self.block_manager.free(block_ids)
+
+    def write_reserved(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """A transfer's KV into blocks from `reserve_blocks`. Safe on any thread while steps run:
+        no step reads a reserved block until `import_request` takes it."""
+        self.runner.write_blocks(block_ids, k, v)
+
+    @property
+    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the K and V cache tensors (`[num_blocks, block_size, kv_heads, head_dim]`)."""
+        return self.runner.kv_caches
 
     # ---- introspection -----------------------------------------------------------------------------
     def load(self) -> dict:

@@ -353,13 +353,29 @@ class ModelRunner:
 
     @torch.inference_mode()
     def write_blocks(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """K and V (`[num_layers, len(block_ids), ...]`, any device; pinned host memory copies
+        asynchronously) into `block_ids`: one copy of each to the device, one scatter per layer.
+        On CUDA it runs on a side stream and returns once done, so it may run on any thread while
+        steps run, as long as no step reads these blocks (reserved ones)."""
         expected = (self.shape.num_layers, len(block_ids), self.block_size, self.shape.num_kv_heads, self.shape.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(f"KV shape {tuple(k.shape)} does not match the cache {expected}")
-        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        if self.device.type != "cuda":
+            self._scatter(block_ids, k, v)
+            return
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._scatter(block_ids, k, v)
+        stream.synchronize()
+
+    def _scatter(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        k = k.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        v = v.to(device=self.device, dtype=self.dtype, non_blocking=True)
         for layer, (kc, vc) in enumerate(self.kv_caches):
-            kc.index_copy_(0, idx, k[layer].to(device=self.device, dtype=self.dtype))
-            vc.index_copy_(0, idx, v[layer].to(device=self.device, dtype=self.dtype))
+            kc.index_copy_(0, idx, k[layer])
+            vc.index_copy_(0, idx, v[layer])
 
 
 class CudaGraphs:

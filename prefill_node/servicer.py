@@ -1,39 +1,66 @@
-"""PrefillNode servicer: proto -> AsyncEngine (role prefill) -> proto, then KV to the decode node."""
+"""PrefillNode servicer: proto -> AsyncEngine (role prefill) -> proto, then KV to the decode node.
+
+While a request with a KV target waits in the queue, prefills and ships its KV, this node renews
+the decode node's lease on its reservation (RenewLease every third of the lease), so the lease
+measures silence, not work: a dead prefill node stops renewing and the decode node frees the blocks.
+"""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
+import grpc
 
-from engine.kv_transfer import GrpcKVSender, TorchDistKVSender
+from engine.kv_transfer import TRANSPORTS, GrpcKVSender, IpcKVSender, KVSender, TorchDistKVSender
 from engine.kv_transfer.grpc_transport import Channels
 from engine.rpc import convert
-from engine.rpc.errors import Cancelled, Unavailable
+from engine.rpc.errors import Cancelled, FailedPrecondition, Unavailable
 from engine.rpc.node_base import NodeServicerBase, check_request_id, time_left
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
 
 logger = logging.getLogger("pdserve.prefill")
 T = node_pb2.KVTransport
+RENEW_TIMEOUT_S = 2.0
+RENEW_RETRY_S = 0.5
 
 
 class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
     role = "prefill"
 
-    def __init__(self, default_transport: str = "grpc"):
+    def __init__(self, default_transport: str = "auto"):
         super().__init__()
-        self.default_transport = T.KV_TRANSPORT_TORCH_DIST if default_transport == "nccl" else T.KV_TRANSPORT_GRPC
-        self.senders = {}
+        self.default_transport = TRANSPORTS[default_transport]
+        self.senders: dict[int, KVSender] = {}
+        self.channels = Channels()
         self.transfers_in_flight = 0
 
     def attach(self, engine, ns) -> None:
         super().attach(engine, ns)
-        channels = Channels()
+        device = engine.engine.device
         self.senders = {
-            T.KV_TRANSPORT_GRPC: GrpcKVSender(channels),
-            T.KV_TRANSPORT_TORCH_DIST: TorchDistKVSender(ns.node_id, engine.engine.device, host=ns.kv_host,
-                                                         channels=channels),
+            T.KV_TRANSPORT_GRPC: GrpcKVSender(self.channels),
+            T.KV_TRANSPORT_NCCL: TorchDistKVSender(ns.node_id, device, host=ns.kv_host, channels=self.channels),
+            T.KV_TRANSPORT_IPC: IpcKVSender(self.channels, device),
         }
+
+    async def choose_sender(self, target: node_pb2.KVTarget) -> KVSender:
+        """The target's transport; `auto`: ipc when the decode node shares our host and GPU set, else
+        nccl when it handed out a rendezvous, else grpc."""
+        transport = target.transport or self.default_transport
+        if transport == T.KV_TRANSPORT_AUTO:
+            if await self.senders[T.KV_TRANSPORT_IPC].usable(target.decode_address):
+                transport = T.KV_TRANSPORT_IPC
+            elif target.rendezvous:
+                transport = T.KV_TRANSPORT_NCCL
+            else:
+                transport = T.KV_TRANSPORT_GRPC
+        sender = self.senders.get(transport)
+        if sender is None:
+            raise ValueError(f"unknown KV transport {transport}")
+        return sender
 
     async def probe(self) -> None:
         """One real prompt through the model; raises if the forward pass fails."""
@@ -53,6 +80,8 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
         tracked = self.track(rid)
         self.stats.requests += 1
         done = False
+        lease = (asyncio.get_running_loop().create_task(self._keep_lease(request.target))
+                 if request.HasField("target") else None)
         try:
             stream = await engine.add_request(rid, list(request.prompt_token_ids), params, request.priority,
                                               sample_index)
@@ -72,32 +101,48 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
                 await engine.release(rid)
                 done = True
                 return
-            bytes_sent, ms = await self._transfer(rid, request.target, context)
+            bytes_sent, ms, transport = await self._transfer(rid, request.target, context)
             done = True
-            yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes=bytes_sent, ms=ms))
+            yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes=bytes_sent, ms=ms,
+                                                                            transport=transport))
         finally:
+            if lease is not None:
+                lease.cancel()
             self.end_rpc(rid, tracked, done, lambda: engine.abort(rid))  # abort frees queued, running or held KV
 
-    async def _transfer(self, rid: str, target: node_pb2.KVTarget, context) -> tuple[int, float]:
-        transport = target.transport or self.default_transport
-        sender = self.senders.get(transport)
-        if sender is None:
-            raise ValueError(f"unknown KV transport {transport}")
+    async def _keep_lease(self, target: node_pb2.KVTarget) -> None:
+        """Renews the decode node's lease on `target` until cancelled (the transfer ended)."""
+        stub = self.channels.stub(target.decode_address)
+        request = node_pb2.RenewLeaseRequest(reservation_id=target.reservation_id)
+        while True:
+            try:
+                reply = await stub.RenewLease(request, timeout=RENEW_TIMEOUT_S)
+                interval = min(max(reply.lease_ms / 3000.0, 0.05), 2.0)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    logger.info("reservation %s on %s is gone; no more renewals", target.reservation_id[:16],
+                                target.decode_address)
+                    return
+                interval = RENEW_RETRY_S  # the transfer itself reports an unreachable decode node
+            await asyncio.sleep(interval)
+
+    async def _transfer(self, rid: str, target: node_pb2.KVTarget, context) -> tuple[int, float, int]:
+        sender = await self.choose_sender(target)
         kv = await self.engine.export_kv(rid)  # the engine's blocks are free from here on
         self.transfers_in_flight += 1
         t0 = time.monotonic()
         try:
             sent = await sender.send(target, kv.k, kv.v, timeout=time_left(context))
-        except Unavailable:
+        except (Unavailable, FailedPrecondition):
             self.stats.kv_transfer_failures += 1
-            raise
+            raise  # one log line, by the error interceptor
         finally:
             self.transfers_in_flight -= 1
         seconds = time.monotonic() - t0
         self.stats.kv_transfers += 1
         self.stats.kv_transfer_bytes += sent
         self.stats.kv_transfer_seconds += seconds
-        return sent, seconds * 1000.0
+        return sent, seconds * 1000.0, sender.transport
 
     def _first_token(self, out, params: SamplingParams, start: float) -> node_pb2.FirstToken:
         msg = node_pb2.FirstToken(token_id=out.new_token_ids[0],
@@ -125,5 +170,7 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
 
     async def close(self) -> None:
         await super().close()
-        for sender in {id(s): s for s in self.senders.values()}.values():
-            await sender.close()
+        for sender in self.senders.values():
+            with contextlib.suppress(Exception):
+                await sender.close()
+        await self.channels.close()

@@ -13,6 +13,7 @@ import logging
 import os
 
 from engine.cli_args import add_flag, add_server_args, env_name
+from engine.kv_transfer import TRANSPORTS
 from engine.loader import load_model_source
 from engine.llm_engine import resolve_max_model_len
 from engine.metrics import Metrics, start_metrics_server
@@ -26,7 +27,6 @@ from router.registry import NodeRegistry
 from router.servicer import GenerationServicer, ModelCard, Router, RouterControlServicer
 
 logger = logging.getLogger("pdserve.router")
-TRANSPORTS = {"grpc": node_pb2.KV_TRANSPORT_GRPC, "nccl": node_pb2.KV_TRANSPORT_TORCH_DIST}
 
 
 def _list_flag(p, flag: str, **kwargs) -> None:
@@ -58,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--max-model-len", type=int, default=None, help="context length; default: the model's")
     add_flag(p, "--block-size", type=int, default=16, help="the nodes' KV block size, in tokens")
     add_flag(p, "--dtype", default="auto", help="the nodes' dtype, reported by ModelInfo")
-    add_flag(p, "--kv-transport", default="grpc", choices=sorted(TRANSPORTS),
-             help="how prefill nodes send KV to decode nodes: grpc or nccl (torch.distributed; gloo on CPU)")
+    add_flag(p, "--kv-transport", default="auto", choices=list(TRANSPORTS),
+             help="how prefill nodes send KV to decode nodes: auto (ipc when both share a host and GPU set, else "
+                  "nccl when both are on CUDA, else grpc), ipc (CUDA IPC), nccl (torch.distributed; gloo on CPU) "
+                  "or grpc")
     _list_flag(p, "--api-key", help="accepted API key (repeatable); clients send 'authorization: Bearer <key>'")
-    add_flag(p, "--kv-lease-ms", type=int, default=10_000,
-             help="a decode reservation is freed if its KV and Decode call do not arrive within this time")
+    add_flag(p, "--kv-lease-ms", type=int, default=PipelineConfig.lease_ms,
+             help="a decode reservation is freed after this long without progress (the prefill node renews it "
+                  "while the prompt is queued or prefilled, every KV frame renews it)")
     add_flag(p, "--admission-wait-ms", type=int, default=2_000,
              help="how long a request waits for a decode node with room before RESOURCE_EXHAUSTED")
     add_flag(p, "--grace-period", type=float, default=5.0, help="seconds in-flight calls get on shutdown")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_transfer.base import transport_name
 from engine.rpc import convert
 from engine.rpc.errors import RpcError, ResourceExhausted, Unavailable
 from protos.pdserve.v1 import generation_pb2, node_pb2
@@ -33,8 +34,8 @@ RESERVE_TIMEOUT_S = 5.0
 @dataclass(frozen=True)
 class PipelineConfig:
     block_size: int = 16
-    transport: int = node_pb2.KV_TRANSPORT_GRPC
-    lease_ms: int = 10_000
+    transport: int = node_pb2.KV_TRANSPORT_AUTO
+    lease_ms: int = 10_000  # idle budget: renewed by the prefill node while queued/prefilling, and by every frame
     admission_wait_s: float = 2.0
     kv_wait_ms: int = 10_000
 
@@ -80,6 +81,7 @@ class Pipeline:
         self.num_tokens = 0
         self.cached_tokens = 0
         self.timings = generation_pb2.RequestTimings()
+        self._first_token_at = 0.0
 
     # ---- helpers ----------------------------------------------------------------------------
     def _remaining(self) -> float:
@@ -97,6 +99,7 @@ class Pipeline:
         """Relays one token; mirrors the engine: a stop token id or eos that ends the output adds
         no text (unless include_stop_str for stop ids)."""
         self.num_tokens += 1
+        self._time_token()
         ends_by_id = finish == FR.FINISH_REASON_EOS or (finish == FR.FINISH_REASON_STOP and not stop_sequence)
         if not ends_by_id or (finish == FR.FINISH_REASON_STOP and self.params.include_stop_str_in_output):
             matched = self.detok.append(token_id)
@@ -110,6 +113,14 @@ class Pipeline:
         if finish:
             self._finish(chunk)
         return chunk
+
+    def _time_token(self) -> None:
+        """Timings: the gap between the first and the second token relayed."""
+        now = time.monotonic()
+        if self.num_tokens == 1:
+            self._first_token_at = now
+        elif self.num_tokens == 2:
+            self.timings.first_to_second_token_ms = (now - self._first_token_at) * 1000.0
 
     def _finish(self, chunk: Chunk) -> None:
         self.finished = True
@@ -328,6 +339,7 @@ class Pipeline:
                 if event.HasField("transfer_done"):
                     self.timings.kv_transfer_ms = event.transfer_done.ms
                     self.timings.kv_transfer_bytes = event.transfer_done.bytes
+                    self.timings.kv_transport = transport_name(event.transfer_done.transport)
             return None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and self.finished:

@@ -1,17 +1,28 @@
-"""The transfer interface, the KV layout both sides must agree on, and frame planning."""
+"""The transfer interfaces, the KV layout both sides must agree on, transport names, frame planning."""
 from __future__ import annotations
 
 import abc
 import zlib
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import torch
 
 from engine.rpc import convert
 from protos.pdserve.v1 import node_pb2
 
-MAX_FRAME_BYTES = 2**20  # payload per PushKV frame
+MAX_FRAME_BYTES = 4 * 2**20  # payload per PushKV frame (grpcio streams near its ceiling from 4 MiB)
 K, V = 0, 1
+T = node_pb2.KVTransport
+
+# One name per transport everywhere: CLI `--kv-transport`, the proto enum, timings, docs.
+TRANSPORTS = {"auto": T.KV_TRANSPORT_AUTO, "ipc": T.KV_TRANSPORT_IPC, "nccl": T.KV_TRANSPORT_NCCL,
+              "grpc": T.KV_TRANSPORT_GRPC}
+TRANSPORT_NAMES = {v: k for k, v in TRANSPORTS.items()}
+
+
+def transport_name(transport: int) -> str:
+    return TRANSPORT_NAMES.get(transport, "")
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,10 @@ class KVSpec:
         """Bytes of one block of one layer's K (or V)."""
         return self.block_size * self.num_kv_heads * self.head_dim * self.elem_size
 
+    def transfer_bytes(self, num_blocks: int) -> int:
+        """Payload bytes of a transfer: K and V of every layer."""
+        return 2 * self.num_layers * num_blocks * self.block_bytes
+
     def check_tensors(self, k: torch.Tensor, v: torch.Tensor) -> int:
         """Validates exported KV against this spec; returns its number of blocks."""
         if k.dtype != self.dtype or v.dtype != self.dtype:
@@ -67,27 +82,51 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def crc32(t_or_bytes) -> int:
+    """CRC32 of bytes or of a tensor's raw bytes (zlib releases the GIL on large buffers)."""
     if isinstance(t_or_bytes, torch.Tensor):
         t_or_bytes = memoryview(t_or_bytes.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy())
     return zlib.crc32(t_or_bytes) & 0xFFFFFFFF
 
 
-def plan_frames(spec: KVSpec, num_blocks: int, max_frame_bytes: int = MAX_FRAME_BYTES) -> list[tuple[int, int, int, int]]:
-    """(kind, layer, block_start, n_blocks) per frame: split along blocks, per layer, per K/V, each
-    at most `max_frame_bytes` of payload (one block per frame if a block alone is larger)."""
+@dataclass(frozen=True)
+class FramePlan:
+    """One frame: `layers` layers from `layer` of K or V, blocks [start, start + n)."""
+
+    kind: int
+    layer: int
+    start: int
+    n: int
+    layers: int = 1
+
+    def __iter__(self):  # (kind, layer, start, n), as callers unpack it
+        return iter((self.kind, self.layer, self.start, self.n))
+
+
+def plan_frames(spec: KVSpec, num_blocks: int, max_frame_bytes: int = MAX_FRAME_BYTES) -> list[FramePlan]:
+    """The frames of a transfer, K of every layer first, then V, each at most `max_frame_bytes` of
+    payload (one block per frame if a block alone is larger). When a whole layer fits, one frame
+    carries as many whole layers as fit; else layers are split along blocks."""
+    layer_bytes = num_blocks * spec.block_bytes
+    if layer_bytes <= max_frame_bytes:
+        per = max(1, max_frame_bytes // layer_bytes)
+        return [FramePlan(kind, first, 0, num_blocks, min(per, spec.num_layers - first))
+                for kind in (K, V) for first in range(0, spec.num_layers, per)]
     per_frame = max(1, max_frame_bytes // spec.block_bytes)
-    return [(kind, layer, start, min(per_frame, num_blocks - start))
-            for layer in range(spec.num_layers) for kind in (K, V)
+    return [FramePlan(kind, layer, start, min(per_frame, num_blocks - start))
+            for kind in (K, V) for layer in range(spec.num_layers)
             for start in range(0, num_blocks, per_frame)]
 
 
-def make_header(spec: KVSpec, kind: int, layer: int, start: int, n: int, crc: int) -> node_pb2.TensorHeader:
+def make_header(spec: KVSpec, kind: int, layer: int, start: int, n: int, crc: int,
+                layers: int = 1) -> node_pb2.TensorHeader:
     return node_pb2.TensorHeader(kind=kind, layer=layer, block_start=start, dtype=convert.dtype_name(spec.dtype),
-                                 shape=[n, *spec.block_shape], crc32=crc)
+                                 shape=[n, *spec.block_shape], crc32=crc, num_layers=layers if layers > 1 else 0)
 
 
 class KVSender(abc.ABC):
-    """Prefill side: moves one request's KV to a decode node's reservation."""
+    """Prefill side of one transport: moves one request's KV to a decode node's reservation."""
+
+    transport: int
 
     @abc.abstractmethod
     async def send(self, target: node_pb2.KVTarget, k: torch.Tensor, v: torch.Tensor, timeout: float) -> int:
@@ -96,4 +135,36 @@ class KVSender(abc.ABC):
         node cannot be reached or refuses the transfer."""
 
     async def close(self) -> None:
+        pass
+
+
+@dataclass
+class KVLanding:
+    """What a receiver needs of one decode reservation."""
+
+    reservation_id: str
+    spec: KVSpec
+    num_blocks: int
+    progress: Callable[[], None]  # a frame (or commit) arrived: renews the lease
+    write: Callable[[torch.Tensor, torch.Tensor], Awaitable[None]]  # into the reserved blocks, off the loop
+
+
+@dataclass(frozen=True)
+class Received:
+    bytes: int
+    frames: int
+
+
+class KVReceiver(abc.ABC):
+    """Decode side of one transport: lands one transfer in a reservation's blocks, validating
+    everything before it is written; never returns unless every block of every layer arrived."""
+
+    transport: int
+
+    @abc.abstractmethod
+    async def receive(self, landing: KVLanding, request, context) -> Received:
+        """`request`: the PushKV frames (an async iterator) or a KVCommit, per transport. Raises
+        `TransferError` (INVALID_ARGUMENT) for anything forged or incomplete."""
+
+    def close(self) -> None:
         pass

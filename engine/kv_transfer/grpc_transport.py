@@ -1,26 +1,90 @@
-"""KV over gRPC: `DecodeNode.PushKV` client stream of frames of at most 1 MiB payload."""
+"""KV over gRPC: a `DecodeNode.PushKV` client stream of frames of at most `MAX_FRAME_BYTES` payload.
+
+    prefill (GrpcKVSender)                                decode (GrpcKVReceiver)
+    export (device gather) -> one D2H copy per tensor      accept(header) on the loop: validated,
+      into pinned memory, on a worker thread                 lease renewed
+    frame i+1 built (CRC32, serialized) on a worker   ──►  fill (CRC32, copy into pinned staging)
+      thread while frame i is written                        on a worker thread, overlapping the next
+                                                           every frame in: one copy of K and V into
+                                                             the reserved blocks (write_blocks)
+
+Nothing on either event loop touches payload bytes: frames are serialized off the loop (the stub
+sends ready bytes) and the decode side's CRC and copies run on worker threads. Every write has a
+budget that follows its bytes; a stalled peer ends the transfer with one clear `Unavailable`.
+"""
 from __future__ import annotations
 
 import asyncio
+import functools
+import zlib
 
 import grpc
 import torch
 
-from engine.kv_transfer.base import K, KVSender, KVSpec, crc32, make_header, plan_frames, tensor_bytes
+from engine.kv_transfer.base import (K, MAX_FRAME_BYTES, T, KVLanding, KVReceiver, KVSender, KVSpec, Received,
+                                     make_header, plan_frames)
+from engine.kv_transfer.staging import KVStaging, TransferError
 from engine.rpc.channel import aio_channel
 from engine.rpc.errors import Unavailable
 from protos.pdserve.v1 import node_pb2, node_pb2_grpc
 
+PUSH_KV = "/pdserve.v1.DecodeNode/PushKV"
+FRAME_BASE_BUDGET_S = 10.0  # a frame write may wait this long for flow control...
+MIN_BYTES_PER_S = 4 * 2**20  # ...plus its bytes at this (very pessimistic) rate
+_DATA_TAG = bytes([(5 << 3) | 2])  # KVFrame.data: field 5, length-delimited
+
+
+def frame_budget(nbytes: int) -> float:
+    """Seconds one frame of `nbytes` may take before the peer counts as stalled."""
+    return FRAME_BASE_BUDGET_S + nbytes / MIN_BYTES_PER_S
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def to_host(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V in host memory, contiguous: on CUDA one asynchronous copy each into pinned memory on
+    a side stream (waited for here, on the calling worker thread)."""
+    if k.device.type != "cuda":
+        return k.contiguous(), v.contiguous()
+    stream = torch.cuda.Stream(k.device)
+    stream.wait_stream(torch.cuda.current_stream(k.device))
+    with torch.cuda.stream(stream):
+        host = []
+        for t in (k, v):
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            host.append(h)
+    stream.synchronize()
+    return host[0], host[1]
+
+
+def encode_frame(reservation_id: str, spec: KVSpec, k: torch.Tensor, v: torch.Tensor, plan: list, seq: int) -> bytes:
+    """The serialized PushKV frame `seq` of `plan` (host tensors): header fields, then the payload
+    appended as field 5 (one copy of the payload; protobuf accepts fields in any order)."""
+    p = plan[seq]
+    src = (k if p.kind == K else v)[p.layer:p.layer + p.layers, p.start:p.start + p.n]
+    payload = memoryview(src.contiguous().view(torch.uint8).reshape(-1).numpy())
+    header = make_header(spec, p.kind, p.layer, p.start, p.n, zlib.crc32(payload) & 0xFFFFFFFF, p.layers)
+    head = node_pb2.KVFrame(reservation_id=reservation_id, seq=seq, total_frames=len(plan),
+                            header=header).SerializeToString()
+    return b"".join((head, _DATA_TAG, _varint(len(payload)), payload))
+
 
 def grpc_frames(reservation_id: str, spec: KVSpec, k: torch.Tensor, v: torch.Tensor,
                 max_frame_bytes: int | None = None):
-    """The PushKV frames of one transfer, in order (a generator: one frame's bytes at a time)."""
+    """The PushKV frames of one transfer as messages, in order (a generator; tests and tools)."""
     num_blocks = spec.check_tensors(k, v)
+    k, v = to_host(k, v)
     plan = plan_frames(spec, num_blocks, *(() if max_frame_bytes is None else (max_frame_bytes,)))
-    for seq, (kind, layer, start, n) in enumerate(plan):
-        data = tensor_bytes((k if kind == K else v)[layer, start:start + n])
-        yield node_pb2.KVFrame(reservation_id=reservation_id, seq=seq, total_frames=len(plan),
-                               header=make_header(spec, kind, layer, start, n, crc32(data)), data=data)
+    for seq in range(len(plan)):
+        yield node_pb2.KVFrame.FromString(encode_frame(reservation_id, spec, k, v, plan, seq))
 
 
 class Channels:
@@ -29,10 +93,18 @@ class Channels:
     def __init__(self):
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def stub(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
+    def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
             self._channels[address] = aio_channel(address)
-        return node_pb2_grpc.DecodeNodeStub(self._channels[address])
+        return self._channels[address]
+
+    def stub(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
+        return node_pb2_grpc.DecodeNodeStub(self.channel(address))
+
+    def push_kv_raw(self, address: str):
+        """PushKV taking frames already serialized (bytes), so no payload is encoded on the loop."""
+        return self.channel(address).stream_unary(PUSH_KV, request_serializer=None,
+                                                  response_deserializer=node_pb2.PushKVResponse.FromString)
 
     async def close(self) -> None:
         channels, self._channels = self._channels, {}
@@ -40,22 +112,48 @@ class Channels:
             await ch.close()
 
 
+async def call_failure(call, exc: BaseException) -> str:
+    """A one-line reason for a failed client-streaming call (the status once the RPC ended)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    if isinstance(exc, asyncio.TimeoutError):
+        call.cancel()
+        return "the decode node stopped taking frames (no progress within the frame budget)"
+    try:  # InvalidStateError: the decode node ended the RPC while we were writing
+        await call
+    except grpc.aio.AioRpcError as rpc_exc:
+        return f"{rpc_exc.code().name}: {rpc_exc.details()}"
+    except asyncio.CancelledError:
+        return "CANCELLED"
+    return "the decode node ended the transfer early"
+
+
 class GrpcKVSender(KVSender):
-    def __init__(self, channels: Channels | None = None):
+    transport = T.KV_TRANSPORT_GRPC
+
+    def __init__(self, channels: Channels | None = None, max_frame_bytes: int = MAX_FRAME_BYTES):
         self.channels = channels or Channels()
+        self.max_frame_bytes = max_frame_bytes
 
     async def send(self, target: node_pb2.KVTarget, k: torch.Tensor, v: torch.Tensor, timeout: float) -> int:
         spec = KVSpec.from_proto(target.layout)
-        stub = self.channels.stub(target.decode_address)
-        call = stub.PushKV(timeout=timeout)
+        num_blocks = spec.check_tensors(k, v)
+        loop = asyncio.get_running_loop()
+        k, v = await loop.run_in_executor(None, to_host, k, v)
+        plan = plan_frames(spec, num_blocks, self.max_frame_bytes)
+        build = functools.partial(encode_frame, target.reservation_id, spec, k, v, plan)
+        call = self.channels.push_kv_raw(target.decode_address)(timeout=timeout)
         try:
-            for frame in grpc_frames(target.reservation_id, spec, k, v):
-                await call.write(frame)
+            pending = loop.run_in_executor(None, build, 0)
+            for seq in range(len(plan)):
+                data = await pending
+                if seq + 1 < len(plan):
+                    pending = loop.run_in_executor(None, build, seq + 1)  # overlaps this frame's write
+                await asyncio.wait_for(call.write(data), frame_budget(len(data)))
             await call.done_writing()
             reply = await call
-        except grpc.aio.AioRpcError as exc:
-            raise Unavailable(f"KV transfer to the decode node failed: {exc.code().name}: "
-                              f"{exc.details()}") from None
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, asyncio.TimeoutError) as exc:
+            raise Unavailable(f"KV transfer to the decode node failed: {await call_failure(call, exc)}") from None
         except asyncio.CancelledError:
             call.cancel()
             raise
@@ -63,3 +161,35 @@ class GrpcKVSender(KVSender):
 
     async def close(self) -> None:
         await self.channels.close()
+
+
+class GrpcKVReceiver(KVReceiver):
+    """Frames land in host staging (pinned when the cache is on CUDA), then one copy of K and V goes
+    into the reserved blocks."""
+
+    transport = T.KV_TRANSPORT_GRPC
+
+    def __init__(self, cache_device: torch.device):
+        self.pin_memory = cache_device.type == "cuda"
+
+    async def receive(self, landing: KVLanding, frames, context) -> Received:
+        staging = KVStaging(landing.reservation_id, landing.spec, landing.num_blocks, "cpu", self.pin_memory)
+        loop = asyncio.get_running_loop()
+        fill = None
+        try:
+            async for frame in frames:
+                slot = staging.accept(frame)  # every header check, before anything is copied
+                landing.progress()
+                if fill is not None:
+                    await fill
+                fill = loop.run_in_executor(None, staging.fill, frame, slot)
+            if fill is not None:
+                await fill
+            fill = None
+            if not staging.complete:
+                raise TransferError(f"the transfer ended after {staging.frames} of {staging.total_frames} frames")
+            await landing.write(staging.k, staging.v)
+            return Received(staging.bytes_received, staging.frames)
+        finally:
+            if fill is not None:  # let the worker finish with the buffer before it is dropped
+                await asyncio.wait([fill])

@@ -3,14 +3,21 @@
 Every header is checked before anything is allocated or copied:
     reservation id  == this reservation          seq          == the next expected frame
     total_frames    == the first frame's, and within what the reservation can hold
-    kind in {K, V}, layer < num_layers           dtype        == the receiver's cache dtype
+    kind in {K, V}, layer + num_layers <= the cache's layers       dtype == the receiver's cache dtype
     shape           == [n, block_size, kv_heads, head_dim], 1 <= n, product bounded by the reservation
-    block_start + n <= reserved blocks, and those blocks not already filled (no replays)
-    payload length  == product * element size    CRC32        == header.crc32
+    block_start + n <= reserved blocks, and those blocks not already filled (no replays); a frame of
+                       several layers covers every block of them (block_start 0, n == reserved)
+    payload length  == layers * product * element size              CRC32 == header.crc32
 A transfer is complete only when the last frame arrived and every block of every layer of K and V
 is filled exactly once. Anything else leaves `complete` False: decode never runs on partial KV.
+
+Two ways in: `add_frame` (header, CRC, then the copy, all at once) and, for a receiver that
+overlaps checking and copying with receiving, `accept` (header only, on the event loop) followed by
+`fill` (CRC and copy, on a worker thread); `complete` waits for every fill.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,12 +31,25 @@ class TransferError(ValueError):
     """A frame that must be rejected (INVALID_ARGUMENT)."""
 
 
+class Slot(NamedTuple):
+    """Where a validated frame lands."""
+
+    kind: int
+    layer: int
+    start: int
+    n: int
+    nbytes: int
+    layers: int = 1
+
+
 class KVStaging:
-    def __init__(self, reservation_id: str, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu"):
+    def __init__(self, reservation_id: str, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu",
+                 pin_memory: bool = False):
         self.reservation_id = reservation_id
         self.spec = spec
         self.num_blocks = num_blocks
         self.device = torch.device(device)
+        self.pin_memory = pin_memory and self.device.type == "cpu"
         self.k: torch.Tensor | None = None  # allocated after the first frame is validated
         self.v: torch.Tensor | None = None
         self.reset()
@@ -49,19 +69,20 @@ class KVStaging:
 
     @property
     def complete(self) -> bool:
-        return self.total_frames is not None and self.next_seq == self.total_frames and bool(self.filled.all())
+        return (self.total_frames is not None and self.next_seq == self.total_frames
+                and self.frames == self.total_frames and bool(self.filled.all()))
 
     @property
     def started(self) -> bool:
         return self.next_seq > 0
 
     # ---- validation -----------------------------------------------------------------------------
-    def check(self, frame: node_pb2.KVFrame, with_payload: bool = True) -> tuple[int, int, int, int, int]:
-        """Validates a frame's header (not its payload CRC); returns (kind, layer, start, n, nbytes)."""
+    def check(self, frame: node_pb2.KVFrame, with_payload: bool = True) -> Slot:
+        """Validates a frame's header (not its payload CRC); returns where it lands."""
         spec = self.spec
         if frame.reservation_id != self.reservation_id:
             raise TransferError("frame belongs to another reservation")
-        if self.complete:
+        if self.total_frames is not None and self.next_seq == self.total_frames:
             raise TransferError("the reservation's KV is already complete (replayed frame)")
         if frame.seq != self.next_seq:
             raise TransferError(f"frame seq {frame.seq} out of order (expected {self.next_seq}): stale or replayed")
@@ -73,8 +94,10 @@ class KVStaging:
         h = frame.header
         if h.kind not in (K, V):
             raise TransferError(f"header kind must be 0 (K) or 1 (V), got {h.kind}")
-        if h.layer >= spec.num_layers:
-            raise TransferError(f"layer {h.layer} out of range (the cache has {spec.num_layers} layers)")
+        layers = h.num_layers or 1
+        if h.layer >= spec.num_layers or layers > spec.num_layers - h.layer:
+            raise TransferError(f"layers [{h.layer}, {h.layer + layers}) out of range (the cache has "
+                                f"{spec.num_layers} layers)")
         expected_dtype = convert.dtype_name(spec.dtype)
         if h.dtype != expected_dtype:
             raise TransferError(f"dtype {h.dtype[:32]!r} differs from the receiver's {expected_dtype!r}")
@@ -88,65 +111,90 @@ class KVStaging:
         if h.block_start + n > self.num_blocks:
             raise TransferError(f"blocks [{h.block_start}, {h.block_start + n}) outside the {self.num_blocks} "
                                 f"reserved blocks")
-        if self.filled[h.kind, h.layer, h.block_start:h.block_start + n].any():
+        if layers > 1 and (h.block_start != 0 or n != self.num_blocks):
+            raise TransferError("a frame of several layers must carry every reserved block of them")
+        if self.filled[h.kind, h.layer:h.layer + layers, h.block_start:h.block_start + n].any():
             raise TransferError("frame overwrites blocks already received (replayed)")
-        nbytes = elems * spec.elem_size
+        nbytes = layers * elems * spec.elem_size
         if with_payload and len(frame.data) != nbytes:
             raise TransferError(f"payload has {len(frame.data)} bytes; the header declares {nbytes}")
         if not with_payload and frame.data:
             raise TransferError("a header-only frame must carry no payload")
         if frame.seq == frame.total_frames - 1:
-            covered = int(self.filled.sum()) + n
+            covered = int(self.filled.sum()) + layers * n
             if covered != self.filled.size:
                 raise TransferError(f"last frame leaves {self.filled.size - covered} blocks missing "
                                     f"(wrong total_frames)")
-        return h.kind, h.layer, h.block_start, n, nbytes
+        return Slot(h.kind, h.layer, h.block_start, n, nbytes, layers)
 
     # ---- filling ----------------------------------------------------------------------------------
     def _allocate(self) -> None:
         if self.k is None:
             shape = (self.spec.num_layers, self.num_blocks, *self.spec.block_shape)
-            self.k = torch.empty(shape, dtype=self.spec.dtype, device=self.device)
-            self.v = torch.empty(shape, dtype=self.spec.dtype, device=self.device)
+            kw = dict(dtype=self.spec.dtype, device=self.device, pin_memory=self.pin_memory)
+            self.k = torch.empty(shape, **kw)
+            self.v = torch.empty(shape, **kw)
 
-    def _commit(self, frame: node_pb2.KVFrame, kind: int, layer: int, start: int, n: int, nbytes: int) -> None:
-        self.filled[kind, layer, start:start + n] = True
+    def _accept_header(self, frame: node_pb2.KVFrame, slot: Slot) -> None:
+        self.filled[slot.kind, slot.layer:slot.layer + slot.layers, slot.start:slot.start + slot.n] = True
         self.total_frames = frame.total_frames
         self.next_seq += 1
-        self.frames += 1
-        self.bytes_received += nbytes
 
-    def _slot(self, kind: int, layer: int, start: int, n: int) -> torch.Tensor:
-        return (self.k if kind == K else self.v)[layer, start:start + n]
+    def _landed(self, slot: Slot) -> None:
+        self.frames += 1
+        self.bytes_received += slot.nbytes
+
+    def _slot(self, slot: Slot) -> torch.Tensor:
+        return (self.k if slot.kind == K else self.v)[slot.layer:slot.layer + slot.layers, slot.start:slot.start + slot.n]
+
+    def _copy_in(self, data: bytes, slot: Slot) -> None:
+        dst = self._slot(slot).view(torch.uint8).reshape(-1)
+        if dst.device.type == "cpu":
+            dst.numpy()[:] = np.frombuffer(data, dtype=np.uint8)
+        else:
+            dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
 
     def add_frame(self, frame: node_pb2.KVFrame) -> None:
-        """gRPC transport: header + payload in one frame."""
-        kind, layer, start, n, nbytes = self.check(frame, with_payload=True)
+        """gRPC transport: header + payload in one frame; checked, CRC-checked, then copied."""
+        slot = self.check(frame, with_payload=True)
         if crc32(frame.data) != frame.header.crc32:
             raise TransferError(f"CRC32 mismatch in frame {frame.seq}")
         self._allocate()
-        dst = self._slot(kind, layer, start, n)
-        if dst.device.type == "cpu":
-            dst.view(torch.uint8).reshape(-1).numpy()[:] = np.frombuffer(frame.data, dtype=np.uint8)
-        else:
-            src = torch.from_numpy(np.frombuffer(frame.data, dtype=np.uint8).copy())
-            dst.view(torch.uint8).reshape(-1).copy_(src)
-        self._commit(frame, kind, layer, start, n, nbytes)
+        self._copy_in(frame.data, slot)
+        self._accept_header(frame, slot)
+        self._landed(slot)
+
+    def accept(self, frame: node_pb2.KVFrame) -> Slot:
+        """Event loop: validates the header (and payload length) and books its blocks; `fill`
+        (a worker thread) then checks the CRC and copies. Allocates the staging buffers (bounded by
+        the reservation) once the first header is valid."""
+        slot = self.check(frame, with_payload=True)
+        self._allocate()
+        self._accept_header(frame, slot)
+        return slot
+
+    def fill(self, frame: node_pb2.KVFrame, slot: Slot) -> None:
+        """Worker thread: the CRC of an accepted frame, then its copy into the staging buffer."""
+        if crc32(frame.data) != frame.header.crc32:
+            raise TransferError(f"CRC32 mismatch in frame {frame.seq}")
+        self._copy_in(frame.data, slot)
+        self._landed(slot)
 
     def receive_buffer(self, frame: node_pb2.KVFrame) -> tuple[torch.Tensor, tuple]:
         """torch.distributed transport: validates a header-only frame and returns a uint8 buffer of the
         declared size to receive the payload into, plus a token for `add_received`."""
-        kind, layer, start, n, nbytes = self.check(frame, with_payload=False)
+        slot = self.check(frame, with_payload=False)
         self._allocate()
-        buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        return buf, (frame, kind, layer, start, n, nbytes)
+        buf = torch.empty(slot.nbytes, dtype=torch.uint8, device=self.device)
+        return buf, (frame, slot)
 
     def add_received(self, buf: torch.Tensor, token: tuple) -> None:
-        frame, kind, layer, start, n, nbytes = token
+        frame, slot = token
         if crc32(buf) != frame.header.crc32:
             raise TransferError(f"CRC32 mismatch in frame {frame.seq}")
-        self._slot(kind, layer, start, n).view(torch.uint8).reshape(-1).copy_(buf)
-        self._commit(frame, kind, layer, start, n, nbytes)
+        self._slot(slot).view(torch.uint8).reshape(-1).copy_(buf)
+        self._accept_header(frame, slot)
+        self._landed(slot)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.complete:

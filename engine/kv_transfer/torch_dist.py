@@ -29,10 +29,10 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from engine.kv_transfer.base import K, V, KVSender, KVSpec, crc32, make_header
-from engine.kv_transfer.grpc_transport import Channels
-from engine.kv_transfer.staging import KVStaging
-from engine.rpc.errors import Unavailable
+from engine.kv_transfer.base import K, T, V, KVLanding, KVReceiver, KVSender, KVSpec, Received, crc32, make_header
+from engine.kv_transfer.grpc_transport import Channels, call_failure
+from engine.kv_transfer.staging import KVStaging, TransferError
+from engine.rpc.errors import InvalidArgument, Unavailable
 from protos.pdserve.v1 import node_pb2
 
 logger = logging.getLogger("pdserve.kv_transfer")
@@ -78,8 +78,16 @@ class _Pair:
     lock: asyncio.Lock
 
 
+def _payload(t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Worker thread: one layer's K or V as raw bytes on the pair's device, and their CRC32."""
+    payload = t.to(device).contiguous().view(torch.uint8).reshape(-1)
+    return payload, crc32(payload)
+
+
 class TorchDistKVSender(KVSender):
     """Prefill side (rank 0 of every pair)."""
+
+    transport = T.KV_TRANSPORT_NCCL
 
     def __init__(self, node_id: str, device: torch.device | str = "cpu", host: str = "127.0.0.1",
                  channels: Channels | None = None):
@@ -123,8 +131,9 @@ class TorchDistKVSender(KVSender):
             answer = asyncio.ensure_future(_finish(call))  # completes early if the decode side refuses
             try:
                 for seq, (kind, layer) in enumerate(plan):
-                    payload = (k if kind == K else v)[layer].to(self.device).contiguous().view(torch.uint8).reshape(-1)
-                    header = make_header(spec, kind, layer, 0, num_blocks, crc32(payload))
+                    payload, crc = await loop.run_in_executor(None, _payload, (k if kind == K else v)[layer],
+                                                              self.device)
+                    header = make_header(spec, kind, layer, 0, num_blocks, crc)
                     await call.write(node_pb2.KVFrame(reservation_id=target.reservation_id, seq=seq,
                                                       total_frames=len(plan), header=header))
                     if pair is None:  # the decode side joins when it sees the first header
@@ -135,9 +144,9 @@ class TorchDistKVSender(KVSender):
                     sent += payload.numel()
                 await call.done_writing()
                 await answer
-            except grpc.aio.AioRpcError as exc:
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
                 self._drop(decode_id)
-                raise Unavailable(f"KV transfer to the decode node failed: {exc.code().name}: {exc.details()}") from None
+                raise Unavailable(f"KV transfer to the decode node failed: {await call_failure(call, exc)}") from None
             except asyncio.CancelledError:
                 call.cancel()
                 self._drop(decode_id)
@@ -267,7 +276,7 @@ class TorchDistHost:
         except asyncio.CancelledError:  # the sender went away: a receive may still be pending on the group
             self.drop(key)
             raise
-        staging.add_received(buf, token)
+        await asyncio.get_running_loop().run_in_executor(None, staging.add_received, buf, token)  # CRC off the loop
         return buf.numel()
 
     def drop(self, key: str) -> None:
@@ -280,3 +289,35 @@ class TorchDistHost:
         for key in list(self._groups):
             self.drop(key)
         self._store = None  # closes the listening socket
+
+
+class TorchDistKVReceiver(KVReceiver):
+    """Decode side: header-only PushKV frames (validated first), payloads over the pair group into a
+    staging buffer on the cache's device, then one copy into the reserved blocks."""
+
+    transport = T.KV_TRANSPORT_NCCL
+
+    def __init__(self, host: TorchDistHost):
+        self.host = host
+
+    @staticmethod
+    def announced(context) -> str:
+        """The pair key a torch.distributed sender puts in the PushKV metadata ("" for gRPC frames)."""
+        return dict(context.invocation_metadata() or ()).get(PAIR_METADATA_KEY, "")
+
+    async def receive(self, landing: KVLanding, frames, context) -> Received:
+        pair = self.announced(context)
+        if not pair:
+            raise InvalidArgument(f"torch.distributed KV frames need the {PAIR_METADATA_KEY} metadata")
+        staging = KVStaging(landing.reservation_id, landing.spec, landing.num_blocks, self.host.device)
+        async for frame in frames:
+            remaining = context.time_remaining()
+            await self.host.receive(staging, frame, pair, 60.0 if remaining is None else max(remaining, 0.0))
+            landing.progress()
+        if not staging.complete:
+            raise TransferError(f"the transfer ended after {staging.frames} of {staging.total_frames} frames")
+        await landing.write(staging.k, staging.v)
+        return Received(staging.bytes_received, staging.frames)
+
+    def close(self) -> None:
+        self.host.close()

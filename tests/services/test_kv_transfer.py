@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.kv_transfer import KVSpec, KVStaging, TransferError, plan_frames
-from engine.kv_transfer.base import MAX_FRAME_BYTES
+from engine.kv_transfer.base import MAX_FRAME_BYTES, FramePlan
 from engine.kv_transfer.grpc_transport import grpc_frames
 from protos.pdserve.v1 import node_pb2, node_pb2_grpc
 from tests.services.test_nodes import start_node
@@ -48,11 +48,63 @@ def test_grpc_framing_round_trip_is_byte_exact(dtype, max_frame_bytes):
     assert staging.bytes_received == 2 * k.numel() * k.element_size()
 
 
-def test_frames_are_at_most_one_mib():
+def test_frames_are_at_most_max_frame_bytes():
+    assert MAX_FRAME_BYTES == 4 * 2**20
     spec = KVSpec(2, 16, 8, 128, torch.float32)  # 64 KiB per block and layer
-    plan = plan_frames(spec, 40)
-    assert {n for *_, n in plan} == {16, 8}  # 16 blocks = 1 MiB, then the rest
-    assert len(plan) == 2 * 2 * 3
+    plan = plan_frames(spec, 100)  # 6.25 MiB per layer: split along blocks
+    assert {n for *_, n in plan} == {64, 36}  # 64 blocks = 4 MiB, then the rest
+    assert len(plan) == 2 * 2 * 2 and all(p.layers == 1 for p in plan)
+    assert plan_frames(spec, 40) == [FramePlan(kind, layer, 0, 40) for kind in (0, 1) for layer in (0, 1)]
+    # small layers travel several to a frame: 10 blocks = 640 KiB, 6 layers per 4 MiB frame
+    deep = KVSpec(16, 16, 8, 128, torch.float32)
+    plan = plan_frames(deep, 10)
+    assert [(p.kind, p.layer, p.layers) for p in plan] == [(k, first, min(6, 16 - first)) for k in (0, 1)
+                                                           for first in (0, 6, 12)]
+    assert all(p.layers * p.n * deep.block_bytes <= MAX_FRAME_BYTES for p in plan)
+
+
+@pytest.mark.parametrize("num_blocks", [3, 10])
+def test_multi_layer_frames_round_trip_and_are_validated(num_blocks):
+    spec = KVSpec(6, 16, 2, 8, torch.bfloat16)  # 512 B per block and layer
+    k, v, frames = frames_for(spec, num_blocks, max_frame_bytes=4 * num_blocks * spec.block_bytes)
+    assert [f.header.num_layers for f in frames] == [4, 2, 4, 2]
+    staging = KVStaging("r", spec, num_blocks)
+    for frame in frames:
+        staging.add_frame(frame)
+    assert staging.complete and torch.equal(staging.tensors()[0].view(torch.uint8), k.view(torch.uint8))
+    assert torch.equal(staging.tensors()[1].view(torch.uint8), v.view(torch.uint8))
+    for mutate, match in ((lambda f: setattr(f.header, "num_layers", 7), "out of range"),
+                          (lambda f: setattr(f.header, "block_start", 1), "reserved block"),
+                          (lambda f: f.header.shape.__setitem__(0, num_blocks - 1), "every reserved block")):
+        bad = node_pb2.KVFrame()
+        bad.CopyFrom(frames[0])
+        mutate(bad)
+        fresh = KVStaging("r", spec, num_blocks)
+        with pytest.raises(TransferError, match=match):
+            fresh.add_frame(bad)
+        assert fresh.k is None
+
+
+def test_pipelined_accept_and_fill_equal_add_frame():
+    """The receiver's path (header on the loop, CRC + copy on a worker) lands the same bytes and
+    still refuses a bad CRC before the transfer can complete."""
+    k, v, frames = frames_for(SPEC, 5, max_frame_bytes=3 * SPEC.block_bytes)
+    staging = KVStaging("r", SPEC, 5)
+    for frame in frames:
+        staging.fill(frame, staging.accept(frame))
+    assert staging.complete and torch.equal(staging.tensors()[0], k) and torch.equal(staging.tensors()[1], v)
+    staging = KVStaging("r", SPEC, 5)
+    bad = node_pb2.KVFrame()
+    bad.CopyFrom(frames[-1])
+    bad.header.crc32 ^= 1
+    for frame in frames[:-1]:
+        staging.fill(frame, staging.accept(frame))
+    slot = staging.accept(bad)
+    with pytest.raises(TransferError, match="CRC32"):
+        staging.fill(bad, slot)
+    assert not staging.complete
+    with pytest.raises(TransferError):
+        staging.tensors()
 
 
 def test_incomplete_transfer_is_never_usable():

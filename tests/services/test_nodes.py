@@ -23,7 +23,7 @@ from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NODE_ARGS = ("--num-gpu-blocks", "64", "--max-model-len", "256", "--max-num-seqs", "8", "--dtype", "float32",
              "--device", "cpu", "--shutdown-grace", "2")
-TRANSPORTS = {"grpc": node_pb2.KV_TRANSPORT_GRPC, "torch_dist": node_pb2.KV_TRANSPORT_TORCH_DIST}
+TRANSPORTS = {"grpc": node_pb2.KV_TRANSPORT_GRPC, "torch_dist": node_pb2.KV_TRANSPORT_NCCL}
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18",
            "A long time ago in a galaxy far, far away, there lived a"]
 FR = generation_pb2.FinishReason

@@ -200,7 +200,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class RequestTimings(_message.Message):
-    __slots__ = ("queue_ms", "ttft_ms", "e2e_ms", "prefill_ms", "kv_transfer_ms", "kv_transfer_bytes", "prefill_node", "decode_node")
+    __slots__ = ("queue_ms", "ttft_ms", "e2e_ms", "prefill_ms", "kv_transfer_ms", "kv_transfer_bytes", "prefill_node", "decode_node", "first_to_second_token_ms", "kv_transport")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     E2E_MS_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,8 @@ class RequestTimings(_message.Message):
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFILL_NODE_FIELD_NUMBER: _ClassVar[int]
     DECODE_NODE_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TO_SECOND_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     ttft_ms: float
     e2e_ms: float
@@ -217,7 +219,9 @@ class RequestTimings(_message.Message):
     kv_transfer_bytes: int
     prefill_node: str
     decode_node: str
-    def __init__(self, queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ...) -> None: ...
+    first_to_second_token_ms: float
+    kv_transport: str
+    def __init__(self, queue_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ..., prefill_ms: _Optional[float] = ..., kv_transfer_ms: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., prefill_node: _Optional[str] = ..., decode_node: _Optional[str] = ..., first_to_second_token_ms: _Optional[float] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class Completion(_message.Message):
     __slots__ = ("prompt_index", "index", "text", "token_ids", "logprobs", "finish_reason", "stop_sequence", "stop_token_id", "prompt_tokens", "completion_tokens", "cached_tokens", "timings")
@@ -382,7 +386,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "free_blocks", "total_blocks", "active_leases", "queued_prompt_tokens", "request_ids")
+    __slots__ = ("num_waiting", "num_running", "free_blocks", "total_blocks", "active_leases", "queued_prompt_tokens", "request_ids", "prefix_hashes", "model", "draining")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -390,6 +394,9 @@ class NodeLoad(_message.Message):
     ACTIVE_LEASES_FIELD_NUMBER: _ClassVar[int]
     QUEUED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     free_blocks: int
@@ -397,7 +404,10 @@ class NodeLoad(_message.Message):
     active_leases: int
     queued_prompt_tokens: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., active_leases: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    prefix_hashes: _containers.RepeatedScalarFieldContainer[int]
+    model: str
+    draining: bool
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., active_leases: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "address", "role", "healthy", "load")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos.pdserve.v1 import generation_pb2 as protos_dot_pdserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/pdserve/v1/node.proto\x12\npdserve.v1\x1a\"protos/pdserve/v1/generation.proto\"\xb5\x04\n\x0eResolvedParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12=\n\nlogit_bias\x18\t \x03(\x0b\x32).pdserve.v1.ResolvedParams.LogitBiasEntry\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x18\n\x10include_stop_str\x18\x0e \x01(\x08\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x11 \x01(\x08\x12\x14\n\x0csample_index\x18\x12 \x01(\r\x12\x30\n\nstructured\x18\x13 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xb8\x01\n\x08KVTarget\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12*\n\ttransport\x18\x03 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x05 \x01(\t\x12$\n\x06layout\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\"\xa2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.ResolvedParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12$\n\x06target\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVTarget\"\xbc\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12)\n\x07logprob\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\")\n\x0cTransferDone\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\n\n\x02ms\x18\x02 \x01(\x01\"y\n\x0cPrefillEvent\x12-\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x12\x31\n\rtransfer_done\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TransferDoneH\x00\x42\x07\n\x05\x65vent\"\x98\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12*\n\ttransport\x18\x04 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\"\x88\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\"m\n\x0cTensorHeader\x12\x0c\n\x04kind\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\"|\n\x07KVFrame\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x14\n\x0ctotal_frames\x18\x03 \x01(\r\x12(\n\x06header\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"8\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\"\xd6\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.ResolvedParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nkv_wait_ms\x18\x07 \x01(\r\x12\x15\n\rlocal_prefill\x18\x08 \x01(\x08\"\xd9\x01\n\x0b\x44\x65\x63odeEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x04 \x01(\t\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\rB\x10\n\x0e_stop_token_id\"&\n\x10NodeAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\"\n\x11NodeAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fNodeLoadRequest*_\n\x0bKVTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x01\x12\x1b\n\x17KV_TRANSPORT_TORCH_DIST\x10\x02\x32\xd4\x01\n\x0bPrefillNode\x12\x41\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x18.pdserve.v1.PrefillEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.v1.NodeAbortRequest\x1a\x1d.pdserve.v1.NodeAbortResponse\x12<\n\x07GetLoad\x12\x1b.pdserve.v1.NodeLoadRequest\x1a\x14.pdserve.v1.NodeLoad2\xd1\x02\n\nDecodeNode\x12\x42\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\x12;\n\x06PushKV\x12\x13.pdserve.v1.KVFrame\x1a\x1a.pdserve.v1.PushKVResponse(\x01\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.v1.NodeAbortRequest\x1a\x1d.pdserve.v1.NodeAbortResponse\x12<\n\x07GetLoad\x12\x1b.pdserve.v1.NodeLoadRequest\x1a\x14.pdserve.v1.NodeLoadb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprotos/pdserve/v1/node.proto\x12\npdserve.v1\x1a\"protos/pdserve/v1/generation.proto\"\xb5\x04\n\x0eResolvedParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x1a\n\x12repetition_penalty\x18\x06 \x01(\x02\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12=\n\nlogit_bias\x18\t \x03(\x0b\x32).pdserve.v1.ResolvedParams.LogitBiasEntry\x12\x12\n\nmax_tokens\x18\n \x01(\r\x12\x12\n\nmin_tokens\x18\x0b \x01(\r\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\x18\n\x10include_stop_str\x18\x0e \x01(\x08\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x01\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x11 \x01(\x08\x12\x14\n\x0csample_index\x18\x12 \x01(\r\x12\x30\n\nstructured\x18\x13 \x01(\x0b\x32\x1c.pdserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"i\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\"\xb8\x01\n\x08KVTarget\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12*\n\ttransport\x18\x03 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x05 \x01(\t\x12$\n\x06layout\x18\x06 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\"\xa2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.ResolvedParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12$\n\x06target\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVTarget\"\xbc\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12)\n\x07logprob\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x12\n\nprefill_ms\x18\x05 \x01(\x01\x12\x15\n\rstop_sequence\x18\x06 \x01(\t\"U\n\x0cTransferDone\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\n\n\x02ms\x18\x02 \x01(\x01\x12*\n\ttransport\x18\x03 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\"W\n\x08KVCommit\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x10\n\x08instance\x18\x02 \x01(\t\x12\x12\n\nnum_blocks\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\x10\n\x0eShareKVRequest\"\xd4\x01\n\rCudaIpcHandle\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\r\x12\x0e\n\x06handle\x18\x02 \x01(\x0c\x12\x1a\n\x12storage_size_bytes\x18\x03 \x01(\x04\x12\x1c\n\x14storage_offset_bytes\x18\x04 \x01(\x04\x12\x1a\n\x12ref_counter_handle\x18\x05 \x01(\x0c\x12\x1a\n\x12ref_counter_offset\x18\x06 \x01(\x04\x12\x14\n\x0c\x65vent_handle\x18\x07 \x01(\x0c\x12\x1b\n\x13\x65vent_sync_required\x18\x08 \x01(\x08\"\xc7\x01\n\x07KVShare\x12\x0f\n\x07host_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_uuid\x18\x02 \x01(\t\x12\x10\n\x08instance\x18\x03 \x01(\t\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12$\n\x01k\x18\x06 \x03(\x0b\x32\x19.pdserve.v1.CudaIpcHandle\x12$\n\x01v\x18\x07 \x03(\x0b\x32\x19.pdserve.v1.CudaIpcHandle\">\n\x11RenewLeaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\tipc_write\x18\x02 \x01(\x08\"9\n\x12RenewLeaseResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\r\x12\x11\n\tblock_ids\x18\x02 \x03(\r\"y\n\x0cPrefillEvent\x12-\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x16.pdserve.v1.FirstTokenH\x00\x12\x31\n\rtransfer_done\x18\x02 \x01(\x0b\x32\x18.pdserve.v1.TransferDoneH\x00\x42\x07\n\x05\x65vent\"\x98\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x10\n\x08lease_ms\x18\x03 \x01(\r\x12*\n\ttransport\x18\x04 \x01(\x0e\x32\x17.pdserve.v1.KVTransport\x12\x19\n\x11num_output_tokens\x18\x05 \x01(\r\"\x9a\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\r\x12$\n\x06layout\x18\x03 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\x12\n\nrendezvous\x18\x04 \x01(\t\x12\x0f\n\x07node_id\x18\x05 \x01(\t\x12\x10\n\x08lease_ms\x18\x06 \x01(\r\"\x81\x01\n\x0cTensorHeader\x12\x0c\n\x04kind\x18\x01 \x01(\r\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\r\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\r\n\x05shape\x18\x05 \x03(\r\x12\r\n\x05\x63rc32\x18\x06 \x01(\r\x12\x12\n\nnum_layers\x18\x07 \x01(\r\"|\n\x07KVFrame\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\r\x12\x14\n\x0ctotal_frames\x18\x03 \x01(\r\x12(\n\x06header\x18\x04 \x01(\x0b\x32\x18.pdserve.v1.TensorHeader\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"8\n\x0ePushKVResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x0e\n\x06\x66rames\x18\x02 \x01(\r\"\xf0\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12*\n\x06params\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.ResolvedParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x12\n\nkv_wait_ms\x18\x07 \x01(\r\x12\x15\n\rlocal_prefill\x18\x08 \x01(\x08\x12\x18\n\x10output_token_ids\x18\t \x03(\r\"\xd9\x01\n\x0b\x44\x65\x63odeEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12*\n\x08logprobs\x18\x02 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x15\n\rstop_sequence\x18\x04 \x01(\t\x12\x1a\n\rstop_token_id\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rcached_tokens\x18\x06 \x01(\rB\x10\n\x0e_stop_token_id\"&\n\x10NodeAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\"\n\x11NodeAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x11\n\x0fNodeLoadRequest\"\x12\n\x10NodeDrainRequest\"&\n\x11NodeDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\r*\x86\x01\n\x0bKVTransport\x12\x1c\n\x18KV_TRANSPORT_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_TRANSPORT_GRPC\x10\x01\x12\x15\n\x11KV_TRANSPORT_NCCL\x10\x02\x12\x14\n\x10KV_TRANSPORT_IPC\x10\x03\x12\x15\n\x11KV_TRANSPORT_AUTO\x10\x04\x32\x9a\x02\n\x0bPrefillNode\x12\x41\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x18.pdserve.v1.PrefillEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.v1.NodeAbortRequest\x1a\x1d.pdserve.v1.NodeAbortResponse\x12<\n\x07GetLoad\x12\x1b.pdserve.v1.NodeLoadRequest\x1a\x14.pdserve.v1.NodeLoad\x12\x44\n\x05\x44rain\x12\x1c.pdserve.v1.NodeDrainRequest\x1a\x1d.pdserve.v1.NodeDrainResponse2\xde\x04\n\nDecodeNode\x12\x42\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\x12;\n\x06PushKV\x12\x13.pdserve.v1.KVFrame\x1a\x1a.pdserve.v1.PushKVResponse(\x01\x12<\n\x08\x43ommitKV\x12\x14.pdserve.v1.KVCommit\x1a\x1a.pdserve.v1.PushKVResponse\x12:\n\x07ShareKV\x12\x1a.pdserve.v1.ShareKVRequest\x1a\x13.pdserve.v1.KVShare\x12K\n\nRenewLease\x12\x1d.pdserve.v1.RenewLeaseRequest\x1a\x1e.pdserve.v1.RenewLeaseResponse\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeEvent0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.pdserve.v1.NodeAbortRequest\x1a\x1d.pdserve.v1.NodeAbortResponse\x12<\n\x07GetLoad\x12\x1b.pdserve.v1.NodeLoadRequest\x1a\x14.pdserve.v1.NodeLoad\x12\x44\n\x05\x44rain\x12\x1c.pdserve.v1.NodeDrainRequest\x1a\x1d.pdserve.v1.NodeDrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_KVTRANSPORT']._serialized_start=2585
-  _globals['_KVTRANSPORT']._serialized_end=2680
+  _globals['_KVTRANSPORT']._serialized_start=3402
+  _globals['_KVTRANSPORT']._serialized_end=3536
   _globals['_RESOLVEDPARAMS']._serialized_start=81
   _globals['_RESOLVEDPARAMS']._serialized_end=646
   _globals['_RESOLVEDPARAMS_LOGITBIASENTRY']._serialized_start=576
@@ -49,31 +49,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FIRSTTOKEN']._serialized_start=1108
   _globals['_FIRSTTOKEN']._serialized_end=1296
   _globals['_TRANSFERDONE']._serialized_start=1298
-  _globals['_TRANSFERDONE']._serialized_end=1339
-  _globals['_PREFILLEVENT']._serialized_start=1341
-  _globals['_PREFILLEVENT']._serialized_end=1462
-  _globals['_RESERVEREQUEST']._serialized_start=1465
-  _globals['_RESERVEREQUEST']._serialized_end=1617
-  _globals['_RESERVERESPONSE']._serialized_start=1620
-  _globals['_RESERVERESPONSE']._serialized_end=1756
-  _globals['_TENSORHEADER']._serialized_start=1758
-  _globals['_TENSORHEADER']._serialized_end=1867
-  _globals['_KVFRAME']._serialized_start=1869
-  _globals['_KVFRAME']._serialized_end=1993
-  _globals['_PUSHKVRESPONSE']._serialized_start=1995
-  _globals['_PUSHKVRESPONSE']._serialized_end=2051
-  _globals['_DECODEREQUEST']._serialized_start=2054
-  _globals['_DECODEREQUEST']._serialized_end=2268
-  _globals['_DECODEEVENT']._serialized_start=2271
-  _globals['_DECODEEVENT']._serialized_end=2488
-  _globals['_NODEABORTREQUEST']._serialized_start=2490
-  _globals['_NODEABORTREQUEST']._serialized_end=2528
-  _globals['_NODEABORTRESPONSE']._serialized_start=2530
-  _globals['_NODEABORTRESPONSE']._serialized_end=2564
-  _globals['_NODELOADREQUEST']._serialized_start=2566
-  _globals['_NODELOADREQUEST']._serialized_end=2583
-  _globals['_PREFILLNODE']._serialized_start=2683
-  _globals['_PREFILLNODE']._serialized_end=2895
-  _globals['_DECODENODE']._serialized_start=2898
-  _globals['_DECODENODE']._serialized_end=3235
+  _globals['_TRANSFERDONE']._serialized_end=1383
+  _globals['_KVCOMMIT']._serialized_start=1385
+  _globals['_KVCOMMIT']._serialized_end=1472
+  _globals['_SHAREKVREQUEST']._serialized_start=1474
+  _globals['_SHAREKVREQUEST']._serialized_end=1490
+  _globals['_CUDAIPCHANDLE']._serialized_start=1493
+  _globals['_CUDAIPCHANDLE']._serialized_end=1705
+  _globals['_KVSHARE']._serialized_start=1708
+  _globals['_KVSHARE']._serialized_end=1907
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1909
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1971
+  _globals['_RENEWLEASERESPONSE']._serialized_start=1973
+  _globals['_RENEWLEASERESPONSE']._serialized_end=2030
+  _globals['_PREFILLEVENT']._serialized_start=2032
+  _globals['_PREFILLEVENT']._serialized_end=2153
+  _globals['_RESERVEREQUEST']._serialized_start=2156
+  _globals['_RESERVEREQUEST']._serialized_end=2308
+  _globals['_RESERVERESPONSE']._serialized_start=2311
+  _globals['_RESERVERESPONSE']._serialized_end=2465
+  _globals['_TENSORHEADER']._serialized_start=2468
+  _globals['_TENSORHEADER']._serialized_end=2597
+  _globals['_KVFRAME']._serialized_start=2599
+  _globals['_KVFRAME']._serialized_end=2723
+  _globals['_PUSHKVRESPONSE']._serialized_start=2725
+  _globals['_PUSHKVRESPONSE']._serialized_end=2781
+  _globals['_DECODEREQUEST']._serialized_start=2784
+  _globals['_DECODEREQUEST']._serialized_end=3024
+  _globals['_DECODEEVENT']._serialized_start=3027
+  _globals['_DECODEEVENT']._serialized_end=3244
+  _globals['_NODEABORTREQUEST']._serialized_start=3246
+  _globals['_NODEABORTREQUEST']._serialized_end=3284
+  _globals['_NODEABORTRESPONSE']._serialized_start=3286
+  _globals['_NODEABORTRESPONSE']._serialized_end=3320
+  _globals['_NODELOADREQUEST']._serialized_start=3322
+  _globals['_NODELOADREQUEST']._serialized_end=3339
+  _globals['_NODEDRAINREQUEST']._serialized_start=3341
+  _globals['_NODEDRAINREQUEST']._serialized_end=3359
+  _globals['_NODEDRAINRESPONSE']._serialized_start=3361
+  _globals['_NODEDRAINRESPONSE']._serialized_end=3399
+  _globals['_PREFILLNODE']._serialized_start=3539
+  _globals['_PREFILLNODE']._serialized_end=3821
+  _globals['_DECODENODE']._serialized_start=3824
+  _globals['_DECODENODE']._serialized_end=4430
 # @@protoc_insertion_point(module_scope)

@@ -12,10 +12,14 @@ class KVTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KV_TRANSPORT_UNSPECIFIED: _ClassVar[KVTransport]
     KV_TRANSPORT_GRPC: _ClassVar[KVTransport]
-    KV_TRANSPORT_TORCH_DIST: _ClassVar[KVTransport]
+    KV_TRANSPORT_NCCL: _ClassVar[KVTransport]
+    KV_TRANSPORT_IPC: _ClassVar[KVTransport]
+    KV_TRANSPORT_AUTO: _ClassVar[KVTransport]
 KV_TRANSPORT_UNSPECIFIED: KVTransport
 KV_TRANSPORT_GRPC: KVTransport
-KV_TRANSPORT_TORCH_DIST: KVTransport
+KV_TRANSPORT_NCCL: KVTransport
+KV_TRANSPORT_IPC: KVTransport
+KV_TRANSPORT_AUTO: KVTransport
 
 class ResolvedParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "max_tokens", "min_tokens", "stop", "stop_token_ids", "include_stop_str", "ignore_eos", "logprobs", "skip_special_tokens", "sample_index", "structured")
@@ -127,12 +131,84 @@ class FirstToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[_Union[_generation_pb2.TokenLogprob, _Mapping]] = ..., finish_reason: _Optional[_Union[_generation_pb2.FinishReason, str]] = ..., cached_tokens: _Optional[int] = ..., prefill_ms: _Optional[float] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
 
 class TransferDone(_message.Message):
-    __slots__ = ("bytes", "ms")
+    __slots__ = ("bytes", "ms", "transport")
     BYTES_FIELD_NUMBER: _ClassVar[int]
     MS_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     bytes: int
     ms: float
-    def __init__(self, bytes: _Optional[int] = ..., ms: _Optional[float] = ...) -> None: ...
+    transport: KVTransport
+    def __init__(self, bytes: _Optional[int] = ..., ms: _Optional[float] = ..., transport: _Optional[_Union[KVTransport, str]] = ...) -> None: ...
+
+class KVCommit(_message.Message):
+    __slots__ = ("reservation_id", "instance", "num_blocks", "bytes")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    instance: str
+    num_blocks: int
+    bytes: int
+    def __init__(self, reservation_id: _Optional[str] = ..., instance: _Optional[str] = ..., num_blocks: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ShareKVRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CudaIpcHandle(_message.Message):
+    __slots__ = ("device", "handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    device: int
+    handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    def __init__(self, device: _Optional[int] = ..., handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: _Optional[bool] = ...) -> None: ...
+
+class KVShare(_message.Message):
+    __slots__ = ("host_id", "device_uuid", "instance", "layout", "num_blocks", "k", "v")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    V_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    device_uuid: str
+    instance: str
+    layout: KVLayout
+    num_blocks: int
+    k: _containers.RepeatedCompositeFieldContainer[CudaIpcHandle]
+    v: _containers.RepeatedCompositeFieldContainer[CudaIpcHandle]
+    def __init__(self, host_id: _Optional[str] = ..., device_uuid: _Optional[str] = ..., instance: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_blocks: _Optional[int] = ..., k: _Optional[_Iterable[_Union[CudaIpcHandle, _Mapping]]] = ..., v: _Optional[_Iterable[_Union[CudaIpcHandle, _Mapping]]] = ...) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("reservation_id", "ipc_write")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_WRITE_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    ipc_write: bool
+    def __init__(self, reservation_id: _Optional[str] = ..., ipc_write: _Optional[bool] = ...) -> None: ...
+
+class RenewLeaseResponse(_message.Message):
+    __slots__ = ("lease_ms", "block_ids")
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    lease_ms: int
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, lease_ms: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
     __slots__ = ("first_token", "transfer_done")
@@ -157,34 +233,38 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("reservation_id", "num_blocks", "layout", "rendezvous", "node_id")
+    __slots__ = ("reservation_id", "num_blocks", "layout", "rendezvous", "node_id", "lease_ms")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     num_blocks: int
     layout: KVLayout
     rendezvous: str
     node_id: str
-    def __init__(self, reservation_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., rendezvous: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+    lease_ms: int
+    def __init__(self, reservation_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., rendezvous: _Optional[str] = ..., node_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("kind", "layer", "block_start", "dtype", "shape", "crc32")
+    __slots__ = ("kind", "layer", "block_start", "dtype", "shape", "crc32", "num_layers")
     KIND_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_START_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     kind: int
     layer: int
     block_start: int
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     crc32: int
-    def __init__(self, kind: _Optional[int] = ..., layer: _Optional[int] = ..., block_start: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., crc32: _Optional[int] = ...) -> None: ...
+    num_layers: int
+    def __init__(self, kind: _Optional[int] = ..., layer: _Optional[int] = ..., block_start: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class KVFrame(_message.Message):
     __slots__ = ("reservation_id", "seq", "total_frames", "header", "data")
@@ -209,7 +289,7 @@ class PushKVResponse(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "reservation_id", "prompt_token_ids", "first_token_id", "params", "priority", "kv_wait_ms", "local_prefill")
+    __slots__ = ("request_id", "reservation_id", "prompt_token_ids", "first_token_id", "params", "priority", "kv_wait_ms", "local_prefill", "output_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +298,7 @@ class DecodeRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     KV_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     reservation_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -226,7 +307,8 @@ class DecodeRequest(_message.Message):
     priority: int
     kv_wait_ms: int
     local_prefill: bool
-    def __init__(self, request_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., params: _Optional[_Union[ResolvedParams, _Mapping]] = ..., priority: _Optional[int] = ..., kv_wait_ms: _Optional[int] = ..., local_prefill: _Optional[bool] = ...) -> None: ...
+    output_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token_id: _Optional[int] = ..., params: _Optional[_Union[ResolvedParams, _Mapping]] = ..., priority: _Optional[int] = ..., kv_wait_ms: _Optional[int] = ..., local_prefill: _Optional[bool] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DecodeEvent(_message.Message):
     __slots__ = ("token_ids", "logprobs", "finish_reason", "stop_sequence", "stop_token_id", "cached_tokens")
@@ -259,3 +341,13 @@ class NodeAbortResponse(_message.Message):
 class NodeLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class NodeDrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NodeDrainResponse(_message.Message):
+    __slots__ = ("in_flight",)
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    in_flight: int
+    def __init__(self, in_flight: _Optional[int] = ...) -> None: ...

@@ -51,6 +51,11 @@ class PrefillNodeStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeLoadRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.NodeLoad.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdserve.v1.PrefillNode/Drain',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.FromString,
+                _registered_method=True)
 
 
 class PrefillNodeServicer:
@@ -79,6 +84,13 @@ class PrefillNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """/ Stops taking work, finishes what runs (pending transfers included), then exits (as SIGTERM).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +108,11 @@ def add_PrefillNodeServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeLoadRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.NodeLoad.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -190,6 +207,33 @@ class PrefillNode:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.PrefillNode/Drain',
+            protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class DecodeNodeStub:
     """/ Imports KV blocks and generates tokens with continuous batching.
@@ -211,6 +255,21 @@ class DecodeNodeStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVFrame.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.PushKVResponse.FromString,
                 _registered_method=True)
+        self.CommitKV = channel.unary_unary(
+                '/pdserve.v1.DecodeNode/CommitKV',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVCommit.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.PushKVResponse.FromString,
+                _registered_method=True)
+        self.ShareKV = channel.unary_unary(
+                '/pdserve.v1.DecodeNode/ShareKV',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.ShareKVRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVShare.FromString,
+                _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/pdserve.v1.DecodeNode/RenewLease',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.RenewLeaseResponse.FromString,
+                _registered_method=True)
         self.Decode = channel.unary_stream(
                 '/pdserve.v1.DecodeNode/Decode',
                 request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.DecodeRequest.SerializeToString,
@@ -226,6 +285,11 @@ class DecodeNodeStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeLoadRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.NodeLoad.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdserve.v1.DecodeNode/Drain',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeNodeServicer:
@@ -240,7 +304,30 @@ class DecodeNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushKV(self, request_iterator, context):
-        """/ KV frames of one reservation (gRPC transport), in order; ends with a summary.
+        """/ KV frames of one reservation (gRPC and NCCL transports), in order; ends with a summary.
+        / Every accepted frame renews the reservation's lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitKV(self, request, context):
+        """/ CUDA IPC transport: the prefill node wrote the KV straight into the reservation's blocks;
+        / this marks the reservation complete.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKV(self, request, context):
+        """/ CUDA IPC transport: handles to this node's KV cache tensors (asked once per prefill node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLease(self, request, context):
+        """/ Renews a reservation's lease while its prompt waits in a prefill queue or prefills.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,6 +354,13 @@ class DecodeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """/ Stops taking work, finishes what runs (pending transfers included), then exits (as SIGTERM).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -279,6 +373,21 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.PushKV,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVFrame.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.PushKVResponse.SerializeToString,
+            ),
+            'CommitKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitKV,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVCommit.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.PushKVResponse.SerializeToString,
+            ),
+            'ShareKV': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKV,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.ShareKVRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVShare.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.RenewLeaseResponse.SerializeToString,
             ),
             'Decode': grpc.unary_stream_rpc_method_handler(
                     servicer.Decode,
@@ -294,6 +403,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeLoadRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_generation__pb2.NodeLoad.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +465,87 @@ class DecodeNode:
             '/pdserve.v1.DecodeNode/PushKV',
             protos_dot_pdserve_dot_v1_dot_node__pb2.KVFrame.SerializeToString,
             protos_dot_pdserve_dot_v1_dot_node__pb2.PushKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeNode/CommitKV',
+            protos_dot_pdserve_dot_v1_dot_node__pb2.KVCommit.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_node__pb2.PushKVResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKV(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeNode/ShareKV',
+            protos_dot_pdserve_dot_v1_dot_node__pb2.ShareKVRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_node__pb2.KVShare.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeNode/RenewLease',
+            protos_dot_pdserve_dot_v1_dot_node__pb2.RenewLeaseRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_node__pb2.RenewLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -432,6 +627,33 @@ class DecodeNode:
             '/pdserve.v1.DecodeNode/GetLoad',
             protos_dot_pdserve_dot_v1_dot_node__pb2.NodeLoadRequest.SerializeToString,
             protos_dot_pdserve_dot_v1_dot_generation__pb2.NodeLoad.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeNode/Drain',
+            protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
