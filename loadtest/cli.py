@@ -105,7 +105,7 @@ def workload_config(ns, vocab_size: int, bursts: tuple) -> wl.WorkloadConfig:
     return wl.WorkloadConfig(
         kind=ns.workload, input_len=wl.LengthDist.parse(ns.input_len, ns.input_min, ns.input_max),
         output_len=wl.LengthDist.parse(ns.output_len, ns.output_min, ns.output_max), vocab_size=vocab_size,
-        low_id=min(ns.low_id, vocab_size - 1), text=text, dataset=ns.dataset, num_prefixes=ns.num_prefixes,
+        low_id=min(ns.low_id, vocab_size // 4), text=text, dataset=ns.dataset, num_prefixes=ns.num_prefixes,
         prefix_len=ns.prefix_len, bursts=bursts, seed=ns.seed)
 
 
