@@ -18,6 +18,7 @@ import uvicorn
 
 from engine.rpc.process import announce_ready
 from engine.rpc.server import run
+from engine.tool_parsers import PARSERS
 from gateway.app import MAX_BODY_BYTES, Settings, connect, create_app
 
 
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="how long to wait at startup for the router to answer, seconds")
     _flag(p, "--shutdown-grace", type=float, default=10.0,
           help="seconds in-flight requests may take to finish after SIGTERM")
+    _flag(p, "--tool-call-parser", default=None, choices=sorted(PARSERS),
+          help="parser of model output into OpenAI tool_calls (needed for tool_choice auto)")
     _flag(p, "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
           help="log level")
     return p
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(router=args.router, api_keys=api_keys(args), router_api_key=args.router_api_key,
                         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                        version=_version())
+                        version=_version(), tool_call_parser=args.tool_call_parser)
     # uvicorn re-raises the signal it caught once it has shut down; a Python handler here turns
     # that into a normal return (exit code 0) instead of death by the default SIGTERM action.
     for sig in (signal.SIGTERM, signal.SIGINT):

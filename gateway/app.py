@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.metrics import Metrics
+from engine.tool_parsers import ToolCallStream, tool_calls_json
 from gateway import protocol as P
 from gateway import responses as R
 from gateway.errors import APIError, from_grpc
@@ -46,6 +47,7 @@ class Settings:
     max_body_bytes: int = MAX_BODY_BYTES
     max_json_depth: int = MAX_JSON_DEPTH
     version: str = "0.1.0"
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral | pythonic; None: no auto tool choice
 
 
 class ClientGone(Exception):
@@ -191,9 +193,19 @@ class Gateway:
             raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         params = P.check_sampling(req, max_tokens, req.logprobs, self.info.vocab_size)
+        constraint = P.structured_output(req)
         inputs = P.completion_inputs(req.prompt, self.info.vocab_size)
-        grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs)
+        grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs,
+                                    constraint[1] if constraint else None)
+        self.label(request, grpc_req)
         return await self.generate(request, grpc_req, req, chat=False, num_prompts=len(inputs))
+
+    @staticmethod
+    def label(request: Request, grpc_req: pb.GenerateRequest) -> None:
+        """X-Request-Id (when the body has no request_id) becomes the client's label of the request."""
+        header = request.headers.get("x-request-id")
+        if header and not grpc_req.client_request_id:
+            grpc_req.client_request_id = header[:256]
 
     async def chat(self, request: Request):
         req = P.parse(P.ChatCompletionRequest, await read_json(request, self.settings))
@@ -203,10 +215,19 @@ class Gateway:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = P.check_sampling(req, max_tokens, logprobs, self.info.vocab_size)
-        chat = pb.ChatInput(messages=P.chat_messages(req.messages),
+        plan = P.tool_plan(req, self.settings.tool_call_parser)
+        constraint = P.structured_output(req)
+        if constraint and plan.structured is not None:
+            raise APIError(400, f"{constraint[0]} cannot be combined with tool_choice {req.tool_choice!r}"[:300],
+                           param=constraint[0])
+        chat = pb.ChatInput(messages=P.chat_messages(req.messages), tools=plan.tools,
                             add_generation_prompt=req.add_generation_prompt)
-        grpc_req = P.sampling_proto(req, params, max_tokens, logprobs, [pb.Input(chat=chat)])
-        return await self.generate(request, grpc_req, req, chat=True, num_prompts=1)
+        structured = plan.structured or (constraint[1] if constraint else None)
+        grpc_req = P.sampling_proto(req, params, max_tokens, logprobs, [pb.Input(chat=chat)], structured)
+        if plan.parser is not None and plan.parser.needs_special_tokens:
+            grpc_req.skip_special_tokens = False  # the parser's markers are special tokens
+        self.label(request, grpc_req)
+        return await self.generate(request, grpc_req, req, chat=True, num_prompts=1, plan=plan)
 
     async def legacy_generate(self, request: Request):
         req = P.parse(P.LegacyGenerateRequest, await read_json(request, self.settings))
@@ -224,10 +245,13 @@ class Gateway:
                 "model": self.info.model}
 
     async def generate(self, request: Request, grpc_req: pb.GenerateRequest, req, *, chat: bool,
-                       num_prompts: int):
+                       num_prompts: int, plan: P.ToolPlan | None = None):
+        plan = plan or P.ToolPlan()
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self.stream(request, grpc_req, chat, num_prompts, req.n, include_usage)
+            options = req.stream_options
+            usage_mode = ("every" if options and options.continuous_usage_stats else
+                          "last" if options and options.include_usage else None)
+            return await self.stream(request, grpc_req, chat, num_prompts, req.n, usage_mode, plan)
         reply = await self.unary(request, grpc_req)
         shape = R.Shape(chat, reply.request_id, self.info.model)
         strings = {}
@@ -240,8 +264,14 @@ class Gateway:
             if grpc_req.HasField("logprobs"):
                 logprobs = (R.chat_logprobs(c.logprobs, strings) if chat
                             else R.completion_logprobs(c.logprobs, strings, 0))
-            choices.append(shape.choice(c.prompt_index * req.n + c.index, c.text,
-                                        R.FINISH_REASONS[c.finish_reason], R.stop_reason(c), logprobs))
+            text, finish, calls = c.text, R.FINISH_REASONS[c.finish_reason], None
+            if plan.parser is not None:
+                parsed = plan.parser.parse(c.text, final=True)
+                calls = tool_calls_json(parsed) or None
+                text = parsed.content or None if calls else c.text
+                finish = "tool_calls" if calls and not plan.named and finish == "stop" else finish
+            choices.append(shape.choice(c.prompt_index * req.n + c.index, text, finish, R.stop_reason(c),
+                                        logprobs, tool_calls=calls))
         u = reply.usage
         return shape.full(choices, R.usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens))
 
@@ -271,7 +301,7 @@ class Gateway:
         return reply
 
     async def stream(self, request: Request, grpc_req: pb.GenerateRequest, chat: bool,
-                     num_prompts: int, n: int, include_usage: bool):
+                     num_prompts: int, n: int, usage_mode: str | None, plan: P.ToolPlan):
         """Opens one GenerateStream per prompt and waits for each one's first chunk, so that
         errors the router reports at once still become plain HTTP errors (400, 404, 429, ...)."""
         if num_prompts == 1:
@@ -300,17 +330,25 @@ class Gateway:
                 c.cancel()
             self.metrics.num_requests_running.dec()
             raise APIError(500, "the router closed the stream without output (internal error)")
-        body = SSEStream(self, calls, firsts, chat, n, include_usage, start,
-                         grpc_req.HasField("logprobs"))
+        body = SSEStream(self, calls, firsts, chat, n, usage_mode, start,
+                         grpc_req.HasField("logprobs"), plan)
         return StreamingResponse(body.events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- other routes --------------------------------------------------------------------------
 
-    async def models(self):
-        card = {"id": self.info.model, "object": "model", "created": self.started, "owned_by": "pdserve",
+    def model_card(self) -> dict:
+        return {"id": self.info.model, "object": "model", "created": self.started, "owned_by": "pdserve",
                 "root": self.info.model, "parent": None, "max_model_len": self.info.max_model_len}
-        return {"object": "list", "data": [card]}
+
+    async def models(self):
+        return {"object": "list", "data": [self.model_card()]}
+
+    async def model(self, model_id: str):
+        if model_id != self.info.model:
+            raise APIError(404, f"The model `{model_id[:200]}` does not exist.", param="model",
+                           code="model_not_found")
+        return self.model_card()
 
     async def tokenize(self, request: Request):
         req = P.parse(P.TokenizeBody, await read_json(request, self.settings))
@@ -353,11 +391,13 @@ async def _rest(call):
 class SSEStream:
     """The body of one streamed response: chunks of every prompt's stream, in arrival order."""
 
-    def __init__(self, gw: Gateway, calls, firsts, chat: bool, n: int, include_usage: bool,
-                 start: float, logprobs: bool):
+    def __init__(self, gw: Gateway, calls, firsts, chat: bool, n: int, usage_mode: str | None,
+                 start: float, logprobs: bool, plan: P.ToolPlan):
         self.gw, self.calls, self.firsts = gw, calls, firsts
-        self.chat, self.n, self.include_usage, self.start = chat, n, include_usage, start
-        self.logprobs = logprobs
+        self.chat, self.n, self.start = chat, n, start
+        self.include_usage, self.usage_every_chunk = usage_mode is not None, usage_mode == "every"
+        self.logprobs, self.plan = logprobs, plan
+        self.tool_streams: dict[int, ToolCallStream] = {}
         self.shape = R.Shape(chat, firsts[0].request_id, gw.info.model)
         self.prompt_tokens = [0] * len(calls)
         self.cached_tokens = [0] * len(calls)
@@ -460,8 +500,25 @@ class SSEStream:
                 offset = self.text_offset.get(index, 0)
                 logprobs = R.completion_logprobs(msg.logprobs, strings, offset)
         self.text_offset[index] = self.text_offset.get(index, 0) + len(msg.text)
-        return self.shape.chunk(index, msg.text, finish, R.stop_reason(msg), logprobs,
-                                with_usage=self.include_usage)
+        text, calls = msg.text, None
+        if self.plan.parser is not None:
+            text, calls, finish = self._tool_delta(index, msg.text, finish)
+        out = self.shape.chunk(index, text, finish, R.stop_reason(msg), logprobs,
+                               with_usage=self.include_usage, tool_calls=calls)
+        if self.usage_every_chunk:
+            out["usage"] = self._usage()
+        return out
+
+    def _tool_delta(self, index: int, text: str, finish: str | None):
+        """(content delta, tool_call deltas, finish reason) of one chunk through the tool parser."""
+        stream = self.tool_streams.setdefault(index, ToolCallStream(self.plan.parser))
+        content, calls = stream.feed(text)
+        if finish is not None:
+            more, last = stream.finish()
+            content, calls = content + more, calls + last
+            if stream.num_calls and not self.plan.named and finish == "stop":
+                finish = "tool_calls"
+        return content, calls or None, finish
 
     def _usage(self) -> dict:
         return R.usage(sum(self.prompt_tokens), sum(self.completion_tokens.values()),
@@ -545,6 +602,9 @@ def create_app(settings: Settings, router_wait_s: float = 60.0,
     async def models():
         return await gw().models()
 
+    async def model(model_id: str):
+        return await gw().model(model_id)
+
     async def health():
         return await gw().health()
 
@@ -558,8 +618,28 @@ def create_app(settings: Settings, router_wait_s: float = 60.0,
             ("/v1/completions", completions, "POST"), ("/v1/chat/completions", chat, "POST"),
             ("/generate", generate, "POST"), ("/tokenize", tokenize, "POST"),
             ("/detokenize", detokenize, "POST"), ("/v1/models", models, "GET"),
+            ("/v1/models/{model_id:path}", model, "GET"),
             ("/health", health, "GET"), ("/metrics", metrics, "GET"), ("/version", version, "GET")):
         app.add_api_route(path, endpoint, methods=[method])
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
+
+class RequestIdMiddleware:
+    """Echoes the client's X-Request-Id on the response (pure ASGI: streams untouched)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        header = dict(scope["headers"]).get(b"x-request-id") if scope["type"] == "http" else None
+        if not header:
+            return await self.app(scope, receive, send)
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", header[:256])]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_id)

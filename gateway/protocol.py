@@ -3,14 +3,23 @@
 Bodies are parsed by pydantic (types) and then checked by the engine's own `SamplingParams`
 (ranges and caps, with messages that name the limit), so the gateway refuses exactly what the
 engine would, before any gRPC call. Every error here is an `APIError(400, ...)` naming the field.
+
+A field we do not implement is refused with 400 naming it, never ignored; the only fields
+accepted and ignored are `IGNORED_FIELDS` (they change nothing about the output):
+user, metadata, store, service_tier, prompt_cache_key, safety_identifier.
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Strict, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr,
+                      ValidationError)
 
 from engine.sampling_params import SamplingParams
+from engine.structured.spec import spec_from_proto
+from engine.tool_parsers import NamedFunctionOutput, RequiredOutput, ToolParser, get_parser
 from gateway.errors import APIError
 from protos.pdserve.v1 import generation_pb2 as pb
 
@@ -19,8 +28,14 @@ INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
 
 
+# Accepted and ignored: they label or bill a request and change nothing about its output.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
+                            "safety_identifier"})
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI SDKs send fields we do not use
+    # unknown fields are kept so that refuse_unknown() can name them in a 400
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
 class StreamOptions(_Body):
@@ -43,6 +58,8 @@ class _Sampling(_Body):
     frequency_penalty: Float | None = None
     logit_bias: dict[str, Float] | None = None
     user: StrictStr | None = None
+    best_of: StrictInt | None = None  # only == n (or 1): we do not rank candidates
+    response_format: "ResponseFormat | None" = None
     # vLLM extras
     top_k: StrictInt | None = None
     min_p: Float | None = None
@@ -54,6 +71,33 @@ class _Sampling(_Body):
     include_stop_str_in_output: StrictBool = False
     priority: StrictInt = 0
     request_id: StrictStr | None = None
+    structured_outputs: "StructuredOutputs | None" = None
+    guided_json: dict | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+    guided_decoding_backend: Literal["xgrammar", "auto"] | None = None  # we only have xgrammar
+
+
+class JsonSchemaFormat(_Body):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: StrictBool | None = None  # always enforced strictly
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Body):
+    """vLLM's `structured_outputs` (one of its constraint fields)."""
+    json_: dict | StrictStr | None = Field(None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
 
 
 Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -71,9 +115,44 @@ class TextPart(_Body):
     text: StrictStr
 
 
+class FunctionCallIn(_Body):
+    name: StrictStr
+    arguments: StrictStr
+
+
+class ToolCallIn(_Body):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Body):
     role: StrictStr
     content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: StrictStr | None = None
+
+
+class FunctionDef(_Body):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict | None = None
+    strict: StrictBool | None = None  # arguments of a forced call always follow the schema
+
+
+class ToolDef(_Body):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_Sampling):
@@ -82,6 +161,9 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     add_generation_prompt: StrictBool = True
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class LegacyGenerateRequest(_Sampling):
@@ -102,15 +184,39 @@ class DetokenizeBody(_Body):
     tokens: list[StrictInt]
 
 
+_Sampling.model_rebuild()
+for _cls in (CompletionRequest, ChatCompletionRequest, LegacyGenerateRequest):
+    _cls.model_rebuild()
+
+
 def parse(model: type[BaseModel], data: dict):
-    """`model` from a JSON object, or APIError 400 naming the first bad field."""
+    """`model` from a JSON object, or APIError 400 naming the first bad (or unsupported) field."""
     try:
-        return model.model_validate(data)
+        body = model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors(include_url=False)[0]
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "str", "int"))]
+        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "list[", "str", "int", "dict["))]
         param = ".".join(loc) or None
         raise APIError(400, f"{param or 'body'}: {err['msg']}", param=param) from None
+    refuse_unknown(body)
+    return body
+
+
+def refuse_unknown(body: BaseModel, path: str = "") -> None:
+    """400 naming the first field we do not implement (IGNORED_FIELDS at the top level pass)."""
+    for name in body.model_extra or {}:
+        if path or name not in IGNORED_FIELDS:
+            param = f"{path}{name}"
+            raise APIError(400, f"{param} is not supported by this server", param=param,
+                           code="unsupported_field")
+    for name in type(body).model_fields:
+        value = getattr(body, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                alias = type(body).model_fields[name].alias or name
+                index = f".{i}" if isinstance(value, list) else ""
+                refuse_unknown(item, f"{path}{alias}{index}.")
 
 
 # -- sampling ------------------------------------------------------------------------------------
@@ -122,6 +228,11 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetitio
 def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None,
                    vocab_size: int | None = None) -> SamplingParams:
     """Validates every sampling / stopping field with the engine's rules (ValueError -> 400)."""
+    if req.best_of is not None and req.best_of not in (1, req.n):
+        raise APIError(400, f"best_of must equal n ({req.n}) or 1: candidates are not ranked, got {req.best_of}",
+                       param="best_of")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
     given = {f: getattr(req, f) for f in _SAMPLING_FIELDS if getattr(req, f) is not None}
     bias = None
     if req.logit_bias:
@@ -155,7 +266,8 @@ def check_token_ids(name: str, ids, vocab_size: int | None = None) -> None:
 
 
 def sampling_proto(req: _Sampling, params: SamplingParams, max_tokens: int | None,
-                   logprobs: int | None, inputs: list[pb.Input]) -> pb.GenerateRequest:
+                   logprobs: int | None, inputs: list[pb.Input],
+                   structured: pb.StructuredOutput | None = None) -> pb.GenerateRequest:
     """The GenerateRequest: client-given fields only, so the router applies model defaults."""
     sampling = pb.SamplingParameters(**{f: getattr(params, f) for f in _SAMPLING_FIELDS
                                         if getattr(req, f) is not None})
@@ -173,6 +285,8 @@ def sampling_proto(req: _Sampling, params: SamplingParams, max_tokens: int | Non
                                  skip_special_tokens=params.skip_special_tokens)
     if logprobs is not None:
         request.logprobs = logprobs
+    if structured is not None:
+        request.structured.CopyFrom(structured)
     if len(inputs) == 1:
         request.MergeFrom(single_input(inputs[0]))
     else:
@@ -184,6 +298,68 @@ def single_input(item: pb.Input) -> pb.GenerateRequest:
     """The single-prompt form of one Input (GenerateStream takes only that form)."""
     kind = item.WhichOneof("kind")
     return pb.GenerateRequest(**{kind: getattr(item, kind)})
+
+
+# -- structured outputs -------------------------------------------------------------------------
+
+def structured_output(req: _Sampling) -> tuple[str, pb.StructuredOutput] | None:
+    """(the field that set it, the constraint) from response_format, structured_outputs or
+    guided_*; at most one of them; the schema / regex / grammar is parsed here (400 naming it)."""
+    given = _constraints(req)
+    if len(given) > 1:
+        raise APIError(400, f"give at most one output constraint, got {', '.join(f for f, _ in given)}",
+                       param=given[1][0])
+    if not given:
+        return None
+    field, msg = given[0]
+    check_structured(field, msg)
+    return field, msg
+
+
+def check_structured(field: str, msg: pb.StructuredOutput) -> None:
+    try:
+        spec = spec_from_proto(msg)
+        if spec is not None:
+            spec.check()
+    except ValueError as exc:
+        raise APIError(400, f"{field}: {exc}", param=field) from None
+
+
+def _schema_text(schema) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema, ensure_ascii=False)
+
+
+def _constraints(req: _Sampling) -> list[tuple[str, pb.StructuredOutput]]:
+    out = []
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        out.append(("response_format", pb.StructuredOutput(json_object=True)))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise APIError(400, "response_format.json_schema.schema is required for type json_schema",
+                           param="response_format.json_schema.schema")
+        out.append(("response_format", pb.StructuredOutput(json_schema=_schema_text(fmt.json_schema.schema_))))
+    so = req.structured_outputs
+    if so is not None:
+        for name, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                            ("grammar", so.grammar), ("json_object", so.json_object or None)):
+            if value is not None:
+                out.append((f"structured_outputs.{name}", _one(name, value)))
+    for name in ("json", "regex", "choice", "grammar"):
+        value = getattr(req, f"guided_{name}")
+        if value is not None:
+            out.append((f"guided_{name}", _one(name, value)))
+    return out
+
+
+def _one(name: str, value) -> pb.StructuredOutput:
+    if name == "json":
+        return pb.StructuredOutput(json_schema=_schema_text(value))
+    if name == "choice":
+        return pb.StructuredOutput(choice=pb.ChoiceList(choices=value))
+    if name == "json_object":
+        return pb.StructuredOutput(json_object=True)
+    return pb.StructuredOutput(**{name: value})
 
 
 # -- prompts ---------------------------------------------------------------------------------------
@@ -221,5 +397,79 @@ def chat_messages(messages: list[ChatMessageIn]) -> list[pb.ChatMessage]:
                            param=f"messages.{i}.role")
         content = m.content if isinstance(m.content, str) or m.content is None else \
             "".join(part.text for part in m.content)
-        out.append(pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=content or ""))
+        if m.tool_calls and m.role != "assistant":
+            raise APIError(400, f"messages[{i}].tool_calls is only allowed on assistant messages",
+                           param=f"messages.{i}.tool_calls")
+        calls = [pb.ToolCall(id=c.id, name=c.function.name,
+                             arguments=_json_object_text(c.function.arguments,
+                                                         f"messages.{i}.tool_calls.{j}.function.arguments"))
+                 for j, c in enumerate(m.tool_calls or ())]
+        out.append(pb.ChatMessage(role="system" if m.role == "developer" else m.role, content=content or "",
+                                  tool_calls=calls, tool_call_id=m.tool_call_id or "", name=m.name or ""))
     return out
+
+
+def _json_object_text(text: str, param: str) -> str:
+    try:
+        ok = isinstance(json.loads(text), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise APIError(400, f"{param} must be a JSON object as a string", param=param)
+    return text
+
+
+# -- tools ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """How one chat request uses tools: the parser that reads the output (None: plain content),
+    the grammar forcing the call (required / named), and the tools for the prompt."""
+    tools: tuple[pb.Tool, ...] = ()
+    parser: ToolParser | None = None
+    structured: pb.StructuredOutput | None = None
+    named: bool = False  # the finish reason stays "stop" (OpenAI's behaviour for a named function)
+
+
+def tool_plan(req: ChatCompletionRequest, parser_name: str | None) -> ToolPlan:
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return ToolPlan()
+    tools = tuple(pb.Tool(name=t.function.name, description=t.function.description or "",
+                          parameters=json.dumps(t.function.parameters) if t.function.parameters else "")
+                  for t in req.tools)
+    if choice == "none":
+        return ToolPlan(tools)
+    if choice is None or choice == "auto":
+        if parser_name is None:
+            raise APIError(400, "tool_choice auto needs a server started with --tool-call-parser "
+                                "(hermes, llama3_json, mistral, pythonic); use tool_choice required or a named "
+                                "function", param="tool_choice")
+        return ToolPlan(tools, get_parser(parser_name))
+    if choice == "required":
+        schema = _required_schema(req.tools, req.parallel_tool_calls)
+        return ToolPlan(tools, RequiredOutput(), _checked("tool_choice", json.dumps(schema)))
+    fn = next((t.function for t in req.tools if t.function.name == choice.function.name), None)
+    if fn is None:
+        raise APIError(400, f"tool_choice names {choice.function.name[:64]!r}, which is not in tools",
+                       param="tool_choice.function.name")
+    schema = fn.parameters or {"type": "object"}
+    return ToolPlan(tools, NamedFunctionOutput(fn.name), _checked("tool_choice", json.dumps(schema)), named=True)
+
+
+def _required_schema(tools: list[ToolDef], parallel: bool) -> dict:
+    calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                               "parameters": t.function.parameters or {"type": "object"}},
+              "required": ["name", "parameters"]} for t in tools]
+    schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    return schema
+
+
+def _checked(field: str, schema: str) -> pb.StructuredOutput:
+    msg = pb.StructuredOutput(json_schema=schema)
+    check_structured(field, msg)
+    return msg

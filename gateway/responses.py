@@ -101,17 +101,23 @@ class Shape:
         out["usage"] = usage_
         return out
 
-    def choice(self, index: int, text: str, finish: str | None, stop, logprobs) -> dict:
+    def choice(self, index: int, text: str | None, finish: str | None, stop, logprobs,
+               tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text},
+            message = {"role": "assistant", "content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            return {"index": index, "message": message,
                     "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish,
                 "stop_reason": stop}
 
     def chunk(self, index: int, text: str | None, finish: str | None, stop, logprobs,
-              role: bool = False, with_usage: bool = False) -> dict:
+              role: bool = False, with_usage: bool = False, tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {"content": text}
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         else:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.cli_args import add_engine_args, add_flag
+from engine.tool_parsers import PARSERS
 
 DELEGATES = {"router": "router", "prefill": "prefill_node", "decode": "decode_node", "gateway": "gateway"}
 ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_model_len", "gpu_memory_utilization",
@@ -162,6 +163,8 @@ def plan(ns) -> list[Child]:
         gateway = ["gateway", "--router", router_address, "--host", ns.gateway_host, "--port", str(ns.gateway_port)]
         for key in keys:
             gateway += ["--api-key", key]
+        if ns.tool_call_parser:
+            gateway += ["--tool-call-parser", ns.tool_call_parser]
         children.append(Child("gateway", gateway))
     return children
 
@@ -181,6 +184,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
              help="also start the HTTP gateway (--no-gateway: gRPC only)")
     add_flag(g, "--gateway-port", type=int, default=8000, help="port of the HTTP gateway")
     add_flag(g, "--gateway-host", default="127.0.0.1", help="address the HTTP gateway listens on")
+    add_flag(g, "--tool-call-parser", default=None, choices=sorted(PARSERS),
+             help="the gateway's parser of model output into OpenAI tool_calls (needed for tool_choice auto)")
     add_flag(g, "--api-key", action=_Append, default=None,
              help="API key required by the router and the gateway (repeatable, or comma-separated)")
     add_flag(g, "--metrics-port", type=int, default=None,

@@ -5,6 +5,7 @@ naming the field and its limit (the error interceptor makes that INVALID_ARGUMEN
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from engine.chat import render_chat
@@ -59,7 +60,7 @@ class PromptBuilder:
         elif kind == "token_ids":
             ids = list(holder.token_ids.ids)
         elif kind == "chat":
-            ids = self.chat(holder.chat.messages, add_generation_prompt=(
+            ids = self.chat(holder.chat.messages, tools=holder.chat.tools, add_generation_prompt=(
                 holder.chat.add_generation_prompt if holder.chat.HasField("add_generation_prompt") else True))
         else:
             raise ValueError("the prompt is empty: set text, token_ids or chat")
@@ -77,13 +78,14 @@ class PromptBuilder:
                              "(prompt plus at least one new token must fit)")
         return list(ids)
 
-    def chat(self, messages, add_generation_prompt: bool = True) -> list[int]:
+    def chat(self, messages, add_generation_prompt: bool = True, tools=()) -> list[int]:
         """Renders with the chat template; special-token strings inside message contents are
         tokenized as plain text (engine.chat), so a user can never inject control tokens."""
         if len(messages) > MAX_CHAT_MESSAGES:
             raise ValueError(f"at most {MAX_CHAT_MESSAGES} chat messages, got {len(messages)}")
-        turns = [{"role": m.role or "user", "content": m.content} for m in messages]
-        return render_chat(self.tokenizer, turns, add_generation_prompt=add_generation_prompt)
+        turns = [_turn(i, m) for i, m in enumerate(messages)]
+        return render_chat(self.tokenizer, turns, add_generation_prompt=add_generation_prompt,
+                           tools=[_tool(i, t) for i, t in enumerate(tools)] or None)
 
     # ---- sampling ---------------------------------------------------------------------------
     def params(self, request: generation_pb2.GenerateRequest) -> SamplingParams:
@@ -132,3 +134,37 @@ class PromptBuilder:
             max_tokens = params.verify(self.limits.vocab_size, self.limits.max_model_len, len(ids))
             prompts.append(Prompt(ids, params, max_tokens))
         return prompts
+
+
+def _json_object(text: str, what: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a JSON object, got invalid JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object")
+    return value
+
+
+def _turn(i: int, m: generation_pb2.ChatMessage) -> dict:
+    """One ChatMessage as the chat template sees it (tool call arguments as dicts)."""
+    turn = {"role": "system" if m.role == "developer" else (m.role or "user"), "content": m.content}
+    if m.tool_calls:
+        turn["tool_calls"] = [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": _json_object(
+                 c.arguments or "{}", f"messages[{i}].tool_calls[{j}].arguments")}}
+            for j, c in enumerate(m.tool_calls)]
+    if m.tool_call_id:
+        turn["tool_call_id"] = m.tool_call_id
+    if m.name:
+        turn["name"] = m.name
+    return turn
+
+
+def _tool(i: int, t: generation_pb2.Tool) -> dict:
+    if not t.name:
+        raise ValueError(f"tools[{i}].name must not be empty")
+    fn = {"name": t.name, "description": t.description,
+          "parameters": _json_object(t.parameters, f"tools[{i}].parameters") if t.parameters else {}}
+    return {"type": "function", "function": fn}

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.structured import StructuredSpec
+from engine.structured.spec import spec_from_proto as structured_from_proto
+from engine.structured.spec import spec_to_proto as structured_to_proto
 from protos.pdserve.v1 import generation_pb2, node_pb2
 
 FR = generation_pb2.FinishReason
@@ -95,27 +96,6 @@ def params_from_proto(msg: node_pb2.ResolvedParams) -> tuple[SamplingParams, int
         skip_special_tokens=msg.skip_special_tokens, logit_bias=dict(msg.logit_bias) or None,
         structured=structured_from_proto(msg.structured) if msg.HasField("structured") else None)
     return params, msg.sample_index
-
-
-# ---- structured outputs ----------------------------------------------------------------------------
-def structured_to_proto(spec: StructuredSpec) -> generation_pb2.StructuredOutput:
-    if spec.kind == "choice":
-        return generation_pb2.StructuredOutput(choice=generation_pb2.ChoiceList(choices=spec.choices))
-    if spec.kind == "json_object":
-        return generation_pb2.StructuredOutput(json_object=True)
-    return generation_pb2.StructuredOutput(**{spec.kind: spec.value})
-
-
-def structured_from_proto(msg: generation_pb2.StructuredOutput) -> StructuredSpec | None:
-    """None when no kind is set (or json_object is false). Raises ValueError on a bad spec shape."""
-    kind = msg.WhichOneof("kind")
-    if kind is None or (kind == "json_object" and not msg.json_object):
-        return None
-    if kind == "choice":
-        return StructuredSpec("choice", choices=tuple(msg.choice.choices))
-    if kind == "json_object":
-        return StructuredSpec("json_object")
-    return StructuredSpec(kind, getattr(msg, kind))
 
 
 # ---- logprobs ------------------------------------------------------------------------------------

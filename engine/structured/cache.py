@@ -8,10 +8,12 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from engine.structured.spec import StructuredSpec
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CACHE_ENTRIES = 256
 

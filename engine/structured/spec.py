@@ -81,6 +81,30 @@ class StructuredSpec:
         self.grammar()
 
 
+def spec_to_proto(spec: StructuredSpec):
+    """-> pdserve.v1.StructuredOutput."""
+    from protos.pdserve.v1 import generation_pb2 as pb
+
+    if spec.kind == "choice":
+        return pb.StructuredOutput(choice=pb.ChoiceList(choices=spec.choices))
+    if spec.kind == "json_object":
+        return pb.StructuredOutput(json_object=True)
+    return pb.StructuredOutput(**{spec.kind: spec.value})
+
+
+def spec_from_proto(msg) -> StructuredSpec | None:
+    """pdserve.v1.StructuredOutput -> spec; None when no kind is set (or json_object is false).
+    Raises ValueError on a bad spec shape (the grammar itself is parsed by `check()`)."""
+    kind = msg.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "choice":
+        return StructuredSpec("choice", choices=tuple(msg.choice.choices))
+    if kind == "json_object":
+        return StructuredSpec("json_object")
+    return StructuredSpec(kind, getattr(msg, kind))
+
+
 def _xgr_message(exc: Exception) -> str:
     """xgrammar prefixes its messages with '[time] /path/file.cc:line: '; keep the message."""
     text = str(exc).strip()
