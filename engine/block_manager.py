@@ -13,6 +13,8 @@ findable until it is reused (LRU eviction from the front of the free queue).
 """
 from __future__ import annotations
 
+import itertools
+
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -30,6 +32,15 @@ class Block:
 
 def chain_hash(parent_hash: int, token_ids: tuple[int, ...]) -> int:
     return hash((parent_hash, token_ids))
+
+
+def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """The chain hashes of every full block of `token_ids` (what the prefix cache registers)."""
+    hashes, parent = [], _NO_HASH
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = chain_hash(parent, tuple(token_ids[start:start + block_size]))
+        hashes.append(parent)
+    return hashes
 
 
 @dataclass
@@ -151,6 +162,11 @@ class BlockManager:
             if block.ref_count == 0:
                 self.used.discard(block_id)
                 self.free_queue[block_id] = None
+
+    def recent_hashes(self, limit: int) -> list[int]:
+        """Up to `limit` prefix-cache hashes, the most recently registered first (what a router
+        needs to place a prompt where its prefix is cached; bounded, O(limit))."""
+        return list(itertools.islice(reversed(self.hash_to_block), limit))
 
     def reset_prefix_cache(self) -> None:
         for block_id in list(self.hash_to_block.values()):

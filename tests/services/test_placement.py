@@ -1,0 +1,237 @@
+"""The router's placement (issue: a router that earns the split).
+
+In-process: the policies against fake nodes, and the router's prompt hashes against the engine's
+block manager. Real processes on loopback: prefix-aware placement caches more prompt tokens than
+least-load on a shared-prefix workload (outputs unchanged); a short follow-up turn is prefilled by
+the decode node that holds the conversation (no transfer); kill -9 of a decode node mid-stream
+moves its streams to another decode node with identical output; RouterControl.Drain stops
+placement on a node at once, lets its streams finish, and the node exits.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from engine.block_manager import BlockManager
+from protos.pdserve.v1 import generation_pb2 as g
+from protos.pdserve.v1 import router_pb2, router_pb2_grpc
+from router.policy import DECODE_REQUEST_TOKENS, Choice, Placement, Policy, prompt_hashes
+from router.registry import Node
+from tests.services.helpers import ENGINE_KW, assert_idle, greedy_request
+from tests.services.stack import pid_alive, port_open, start_stack
+
+BS = 16
+NODE_KEY = "placement-test-node-key"
+NODE_AUTH = (("authorization", f"Bearer {NODE_KEY}"),)
+
+
+# ---- in-process: policies ----------------------------------------------------------------------
+def fake(node_id: str, running=0, queued=0, free=100, hashes=(), healthy=True, draining=False) -> Node:
+    node = Node(node_id, f"127.0.0.1:{1000 + len(node_id)}", "decode", channel=None, stub=None, healthy=healthy)
+    node.load = g.NodeLoad(num_running=running, queued_prompt_tokens=queued, free_blocks=free, total_blocks=100,
+                           prefix_hashes=list(hashes), draining=draining)
+    return node
+
+
+def test_prompt_hashes_match_the_engines_prefix_cache():
+    tokens = list(range(1000, 1000 + 5 * BS + 7))  # 5 full blocks and a partial one
+    bm = BlockManager(num_blocks=16, block_size=BS, enable_prefix_caching=True)
+    blocks = bm.allocate(6)
+    bm.cache_full_blocks(blocks, tokens, len(tokens))
+    assert set(prompt_hashes(tokens, BS)) == set(bm.recent_hashes(100)) and len(prompt_hashes(tokens, BS)) == 5
+    assert bm.recent_hashes(2) == prompt_hashes(tokens, BS)[::-1][:2]  # most recent first, bounded
+    bm.check_invariants()
+
+
+def test_prefix_policy_prefers_the_cached_node_until_load_outweighs_it():
+    tokens = list(range(8 * BS))
+    hashes = prompt_hashes(tokens, BS)
+    cold, warm = fake("p-cold"), fake("p-warm", hashes=hashes[:6])
+    prefill = Policy("prefix", "prefill", BS)
+    assert prefill.pick([cold, warm], hashes, len(tokens)) == Choice(warm, 6 * BS)
+    warm.pending_prompt_tokens = 6 * BS + 1  # more queued work than the cache saves
+    assert prefill.pick([cold, warm], hashes, len(tokens)).node is cold
+    decode = Policy("prefix", "decode", BS)
+    assert decode.pick([cold, warm], hashes, len(tokens)).node is warm
+    warm.active = 1 + 6 * BS // DECODE_REQUEST_TOKENS
+    assert decode.pick([cold, warm], hashes, len(tokens)).node is cold
+    # a broken chain counts only its leading blocks
+    gap = fake("p-gap", hashes=[hashes[0], hashes[2], hashes[3]])
+    assert prefill.pick([gap], hashes, len(tokens)).cached_tokens == BS
+
+
+def test_least_load_round_robin_and_exclusions():
+    a, b, c = fake("a", running=3), fake("b", running=1), fake("c", running=2)
+    least = Policy("least-load", "decode", BS)
+    assert least.pick([a, b, c], [], 10).node is b
+    b.active = 5  # placed since the last report: counted at once
+    assert least.pick([a, b, c], [], 10).node is c
+    rr = Policy("round-robin", "decode", BS)
+    assert [rr.pick([a, b, c], [], 10).node.node_id for _ in range(4)] == ["a", "b", "c", "a"]
+    down, draining, full = fake("d", healthy=False), fake("e", draining=True), fake("f", free=2)
+    assert least.pick([down, draining, full], [], 10, need_blocks=3) is None
+    assert least.pick([a, b, c], [], 10, exclude={"c", "a"}).node is b
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Policy("random", "decode", BS)
+
+
+def test_local_prefill_threshold():
+    placement = Placement(BS, local_prefill_tokens=32)
+    node = fake("d")
+    assert placement.prefill_locally(Choice(node, 100), 130)  # 30 uncached tokens
+    assert not placement.prefill_locally(Choice(node, 100), 140)
+    assert not Placement(BS).prefill_locally(Choice(node, 100), 101)  # 0 = never
+    assert not placement.prefill_locally(None, 10)
+    with pytest.raises(ValueError):
+        Placement(BS, local_prefill_tokens=-1)
+
+
+# ---- real processes ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny(make_tiny_model):
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    from engine.llm import LLM
+
+    return LLM(str(tiny), **ENGINE_KW)
+
+
+def _reference(llm, prompt_ids, max_tokens, **sampling):
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(**{"temperature": 0.0, **sampling}, max_tokens=max_tokens, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate([list(p) for p in prompt_ids], params, use_tqdm=False)]
+
+
+def _ids_request(ids, max_tokens, **kw) -> g.GenerateRequest:
+    return g.GenerateRequest(token_ids=g.TokenIds(ids=list(ids)), sampling=g.SamplingParameters(temperature=0.0),
+                             stopping=g.StoppingCriteria(max_new_tokens=max_tokens, ignore_eos=True), **kw)
+
+
+def _shared_prefix_prompts(vocab: int):
+    systems = [[(37 * s + 11 * i) % (vocab - 10) + 5 for i in range(3 * BS)] for s in range(4)]
+    return systems, [sys + [(7 * q + 3) % (vocab - 10) + 5, 4 + q] for sys in systems for q in range(4)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prefix_aware_placement_caches_more_than_least_load(tiny, llm):
+    systems, prompts = _shared_prefix_prompts(llm.engine.shape.vocab_size)
+    expected = _reference(llm, prompts, 4)
+    cached = {}
+    for policy in ("least-load", "prefix"):
+        with start_stack(tiny, num_prefill=2, num_decode=2,
+                         extra_args=("--prefill-policy", policy, "--decode-policy", "least-load")) as stack:
+            stub = stack.stub()
+            for sys in systems:  # one request per system prompt warms one prefill node's cache
+                stub.Generate(_ids_request(sys + [5], 2), timeout=60)
+            time.sleep(1.0)  # the nodes report their prefix hashes; the router polls them
+            with ThreadPoolExecutor(16) as pool:
+                replies = list(pool.map(lambda p: stub.Generate(_ids_request(p, 4), timeout=60), prompts))
+            outs = [list(r.completions[0].token_ids) for r in replies]
+            assert outs == expected, policy  # placement never changes the output
+            cached[policy] = sum(r.completions[0].cached_tokens for r in replies)
+            assert_idle(stub)
+    assert cached["prefix"] >= 3 * BS * len(prompts) * 0.9, cached  # (almost) every system prompt hit
+    assert cached["prefix"] > cached["least-load"], cached
+
+
+@pytest.fixture(scope="module")
+def stack(tiny):
+    with start_stack(tiny, num_prefill=1, num_decode=3,
+                     extra_args=("--local-prefill-tokens", "24", "--node-key", NODE_KEY)) as s:
+        yield s
+
+
+@pytest.mark.timeout(240)
+def test_short_follow_up_turn_is_prefilled_by_the_decode_node(stack, llm):
+    stub = stack.stub()
+    vocab = llm.engine.shape.vocab_size
+    turn1 = [(13 * i) % (vocab - 10) + 5 for i in range(5 * BS)]
+    first = stub.Generate(_ids_request(turn1, 2 * BS), timeout=60).completions[0]
+    assert first.timings.prefill_node == "prefill-0" and first.timings.kv_transfer_bytes > 0  # 80 tokens: P/D
+    time.sleep(1.0)  # the decode node reports the conversation's blocks
+    turn2 = turn1 + list(first.token_ids) + [7, 8, 9, 10, 11]  # the whole history + a short new message
+    second = stub.Generate(_ids_request(turn2, 8), timeout=60).completions[0]
+    assert second.timings.decode_node == second.timings.prefill_node == first.timings.decode_node
+    assert second.timings.kv_transfer_bytes == 0 and second.cached_tokens >= len(turn1)
+    assert list(second.token_ids) == _reference(llm, [turn2], 8)[0]
+    assert_idle(stub)
+
+
+def _stream_all(stub, request, got: list, tokens_seen: threading.Event | None = None):
+    last = None
+    for chunk in stub.GenerateStream(request, timeout=120):
+        got.extend(chunk.token_ids)
+        last = chunk
+        if tokens_seen is not None and len(got) >= 3:
+            tokens_seen.set()
+    return last
+
+
+@pytest.mark.timeout(300)
+def test_decode_killed_mid_stream_streams_move_with_identical_output(stack, llm):
+    stub = stack.stub()
+    vocab = llm.engine.shape.vocab_size
+    prompts = [[(17 * i + 5 * k) % (vocab - 10) + 5 for i in range(20 + k)] for k in range(8)]
+    max_tokens = 120
+    expected = _reference(llm, prompts[:7], max_tokens)
+    expected += _reference(llm, prompts[7:], max_tokens, **{"temperature": 1.0, "seed": 7})  # a seeded stream
+    requests = [_ids_request(p, max_tokens) for p in prompts[:7]]
+    requests.append(g.GenerateRequest(token_ids=g.TokenIds(ids=prompts[7]),
+                                      sampling=g.SamplingParameters(temperature=1.0, seed=7),
+                                      stopping=g.StoppingCriteria(max_new_tokens=max_tokens, ignore_eos=True)))
+    got = [[] for _ in requests]
+    seen = [threading.Event() for _ in requests]
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_stream_all, stub, r, got[i], seen[i]) for i, r in enumerate(requests)]
+        assert all(e.wait(60) for e in seen)
+        loads = {n.node_id: n for n in stub.GetLoads(g.GetLoadsRequest(), timeout=5).nodes}
+        on_victim = len(loads["decode-0"].load.request_ids)
+        stack.kill("decode-0", signal.SIGKILL)
+        finals = [f.result(timeout=120) for f in futures]
+    assert on_victim > 0, "no stream was on the killed node: the test proved nothing"
+    for out, want, final in zip(got, expected, finals):
+        assert out == list(want)  # no duplicate, no missing token
+        assert final.finish_reason == g.FinishReason.FINISH_REASON_LENGTH
+        assert final.timings.decode_node != "decode-0"
+    assert_idle(stub)
+
+
+@pytest.mark.timeout(240)
+def test_drain_stops_placement_and_lets_streams_finish(stack, llm):
+    stub = stack.stub()
+    vocab = llm.engine.shape.vocab_size
+    prompts = [[(23 * i + k) % (vocab - 10) + 5 for i in range(30)] for k in range(6)]
+    expected = _reference(llm, prompts, 80)
+    got = [[] for _ in prompts]
+    seen = [threading.Event() for _ in prompts]
+    control = router_pb2_grpc.RouterControlStub(stack.channel())
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(_stream_all, stub, _ids_request(p, 80), got[i], seen[i]) for i, p in enumerate(prompts)]
+        assert all(e.wait(60) for e in seen)
+        reply = control.Drain(router_pb2.DrainNodeRequest(node_id="decode-1"), timeout=10, metadata=NODE_AUTH)
+        assert reply.acknowledged
+        after = stub.Generate(_ids_request(prompts[0], 4), timeout=60).completions[0]
+        assert after.timings.decode_node != "decode-1"  # placement stopped at once
+        finals = [f.result(timeout=120) for f in futures]
+    assert [list(e) for e in expected] == got and all(f.finish_reason for f in finals)  # nothing lost
+    deadline = time.monotonic() + 30
+    while pid_alive(stack.processes["decode-1"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not pid_alive(stack.processes["decode-1"]) and not port_open(stack.node_addresses["decode-1"])
+    with pytest.raises(grpc.RpcError) as err:
+        control.Drain(router_pb2.DrainNodeRequest(node_id="decode-9"), timeout=10, metadata=NODE_AUTH)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:  # a control call needs the node credential
+        control.Drain(router_pb2.DrainNodeRequest(node_id="decode-2"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert_idle(stub)
