@@ -99,6 +99,14 @@ def add_engine_args(parser: argparse.ArgumentParser, *, env: Mapping[str, str] |
     add_flag(g, "--async-scheduling", env=env, action=argparse.BooleanOptionalAction, default=None,
              help="schedule step N+1 while step N runs (default: on with CUDA)")
     add_flag(g, "--seed", env=env, type=int, default=0, help="random seed of the engine")
+    add_flag(g, "--tensor-parallel-size", env=env, type=int, default=1,
+             help="split the model across this many ranks (one process per rank; CUDA: one GPU each)")
+    add_flag(g, "--quantization", env=env, default=None, choices=["fp8", "awq", "gptq", "gguf"],
+             help="weight quantization: fp8 (e4m3, quantized at load or a pre-quantized fp8 checkpoint), awq / gptq "
+                  "(4-bit checkpoints), gguf (keep a .gguf's quantized weights packed); default: as the checkpoint's "
+                  "quantization_config says")
+    add_flag(g, "--kv-cache-dtype", env=env, default="auto", choices=["auto", "fp8"],
+             help="KV cache dtype: auto = the model dtype (fp8 is not built yet)")
     add_flag(g, "--kv-transport", env=env, default="auto", choices=["auto", "ipc", "nccl", "grpc"],
              help="how KV blocks move from prefill to decode nodes: ipc (CUDA IPC, same host: straight into the "
                   "decode node's blocks), nccl (torch.distributed point-to-point: NCCL on CUDA, gloo on CPU), "
@@ -117,4 +125,5 @@ def engine_args_from(ns: argparse.Namespace, role: str) -> EngineArgs:
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         block_size=ns.block_size, enable_prefix_caching=ns.enable_prefix_caching,
         num_gpu_blocks=ns.num_gpu_blocks, seed=ns.seed, role=role, enforce_eager=ns.enforce_eager,
-        async_scheduling=ns.async_scheduling)
+        async_scheduling=ns.async_scheduling, tensor_parallel_size=ns.tensor_parallel_size,
+        quantization=ns.quantization, kv_cache_dtype=ns.kv_cache_dtype)

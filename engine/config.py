@@ -12,6 +12,8 @@ import torch
 
 Role = Literal["both", "prefill", "decode"]
 ROLES = ("both", "prefill", "decode")
+QUANTIZATIONS = (None, "fp8", "awq", "gptq", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8")
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -61,6 +63,11 @@ class EngineArgs:
     async_scheduling: bool | None = None
     seed: int = 0
     served_model_name: str | None = None
+    # Ranks the model is split across (Megatron-style): one process per rank, rank 0 schedules.
+    tensor_parallel_size: int = 1
+    # Weight quantization (vLLM's names): fp8 | awq | gptq | gguf; None = as the checkpoint says.
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto = the model dtype; fp8 (e4m3) is not built yet
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -77,6 +84,14 @@ class EngineArgs:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(map(str, QUANTIZATIONS))}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8":
+            raise ValueError("kv_cache_dtype fp8 is not supported yet (issue 16 item 3); use auto")
 
 
 @dataclass(frozen=True)

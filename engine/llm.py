@@ -14,12 +14,23 @@ Prompt = str | list[int] | dict
 
 
 class LLM:
-    """Generates completions for batches of prompts in one process (role `both`)."""
+    """Generates completions for batches of prompts (role `both`): in this process, plus one
+    process per further rank with `tensor_parallel_size=N`."""
 
     def __init__(self, model: str | None = None, **kwargs):
         kwargs.setdefault("role", "both")
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stops the engine's other tensor-parallel ranks (nothing to do with one rank)."""
+        self.engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

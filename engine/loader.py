@@ -35,6 +35,8 @@ _ALWAYS_KEYS = ("min_p", "repetition_penalty")
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 WeightIterator = Iterator[tuple[str, torch.Tensor]]
+# HF name -> (dim, start, stop) of it to load, or None for the whole tensor (a TP rank's shard).
+WeightSelector = Callable[[str], "tuple[int, int, int] | None"]
 
 
 @dataclass
@@ -44,12 +46,15 @@ class ModelSource:
     tokenizer: transformers.PreTrainedTokenizerBase
     eos_token_ids: list[int]
     generation_defaults: dict  # subset of temperature, top_p, top_k, min_p, repetition_penalty
-    weights: Callable[[], WeightIterator] = field(repr=False, compare=False)
+    weights: Callable[[WeightSelector | None], WeightIterator] = field(repr=False, compare=False)
+    # gguf only: the weights with quantized tensors kept packed (--quantization gguf, engine/quant).
+    packed_weights: Callable[[], Iterator] | None = field(default=None, repr=False, compare=False)
 
-    def iter_weights(self) -> WeightIterator:
+    def iter_weights(self, select: WeightSelector | None = None) -> WeightIterator:
         """(HF parameter name, CPU tensor) pairs, loaded one at a time. Tensors keep their
-        stored dtype (fp32 for gguf). A tied lm_head is not yielded."""
-        return self.weights()
+        stored dtype (fp32 for gguf). A tied lm_head is not yielded. `select` cuts each tensor
+        to a slice as it is read (safetensors: only the slice's bytes are read)."""
+        return self.weights(select)
 
 
 def load_model_source(model: str | os.PathLike | None = None, *, revision: str | None = None,
@@ -86,7 +91,7 @@ def _load_hf_dir(path: pathlib.Path, name: str, trust_remote_code: bool) -> Mode
         tokenizer=tokenizer,
         eos_token_ids=_eos_token_ids(gen, config, tokenizer),
         generation_defaults=_generation_defaults(gen),
-        weights=lambda: _iter_safetensors(weight_files),
+        weights=lambda select: _iter_safetensors(weight_files, select),
     )
 
 
@@ -117,12 +122,27 @@ def _safetensors_files(path: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
-def _iter_safetensors(files: list[pathlib.Path]) -> WeightIterator:
+def _iter_safetensors(files: list[pathlib.Path], select: WeightSelector | None = None) -> WeightIterator:
     for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
             for key in f.keys():
-                if not key.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints stored
+                if key.endswith("rotary_emb.inv_freq"):  # a buffer old checkpoints stored
+                    continue
+                cut = select(key) if select else None
+                if cut is None:
                     yield key, f.get_tensor(key)
+                else:
+                    dim, start, stop = cut
+                    part = f.get_slice(key)
+                    yield key, part[start:stop] if dim == 0 else part[:, start:stop]
+
+
+def slice_tensor(tensor: torch.Tensor, cut: tuple[int, int, int] | None) -> torch.Tensor:
+    """`tensor` cut to (dim, start, stop), as its own compact copy (the full one can be freed)."""
+    if cut is None:
+        return tensor
+    dim, start, stop = cut
+    return tensor.narrow(dim, start, stop - start).clone()
 
 
 def _eos_token_ids(gen: dict, config, tokenizer) -> list[int]:
@@ -174,5 +194,7 @@ def _load_gguf(path: pathlib.Path) -> ModelSource:
         tokenizer=tokenizer,
         eos_token_ids=_eos_token_ids(gen, config, tokenizer),
         generation_defaults={},
-        weights=lambda: checkpoint.iter_weights(config),
+        weights=lambda select: (
+            (name, slice_tensor(t, select(name) if select else None)) for name, t in checkpoint.iter_weights(config)),
+        packed_weights=lambda: checkpoint.iter_packed(config),
     )

@@ -3,6 +3,10 @@
 Fused QKV and gate/up projections; GQA; RoPE with HF's scaling variants (llama3, linear, yarn, ...);
 optional QKV bias (Qwen2); tied embeddings. Attention goes through the step's attention backend,
 which reads and writes the paged KV cache.
+
+Tensor parallel (`tp` given): each rank builds and loads only its `Shard` (engine/parallel/
+sharding.py): whole heads of QKV and rows of gate/up, the matching columns of o/down (one
+all-reduce each), 1/N of the vocabulary for the embedding and LM head (logits gathered).
 """
 from __future__ import annotations
 
@@ -13,29 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention.base import AttentionBackend
+from engine.parallel.group import TPGroup
+from engine.parallel.layers import Linear, RowParallelLinear, VocabParallelEmbedding, gather_vocab, linear
+from engine.parallel.sharding import Shard, make_shard
 from kernels.activation import silu_and_mul
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
 from kernels.rotary import apply_rotary
-from kernels.skinny_gemm import MAX_M, skinny_gemm
-
-
-_SKINNY_DTYPES = (torch.bfloat16, torch.float16)  # its tuned tiles do not fit shared memory in fp32
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except decode-sized batches on CUDA (<= 16 rows) go to our skinny GEMM, which
-    streams the weights closer to the bandwidth ceiling than cuBLAS does at these shapes (H100,
-    Llama-3-8B: 5.10 vs 5.64 ms of GEMMs per batch-1 step; bench/skinny_gemm_bench.py)."""
-    if (x.is_cuda and x.dtype in _SKINNY_DTYPES and x.dtype == weight.dtype and x.dim() == 2
-            and 0 < x.shape[0] <= MAX_M and x.stride(1) == 1):
-        y = skinny_gemm(x, weight)
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 def rope_parameters(config) -> dict:
@@ -114,15 +101,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config, head_dim: int, bias: bool):
+    def __init__(self, config, shard: Shard, bias: bool, tp: TPGroup | None):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim
-        self.q_size = self.num_heads * head_dim
-        self.kv_size = self.num_kv_heads * head_dim
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
+        self.head_dim = shard.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(self.q_size, config.hidden_size, tp)
 
     def forward(self, x, positions, rotary, attn: AttentionBackend, kv_cache):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -135,12 +122,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, shard: Shard, tp: TPGroup | None):
         super().__init__()
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {config.hidden_act!r} (only silu)")
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * shard.intermediate_size, bias=False)
+        self.down_proj = RowParallelLinear(shard.intermediate_size, config.hidden_size, tp)
 
     def forward(self, x):
         gate_up = self.gate_up_proj(x)
@@ -151,12 +138,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int, bias: bool):
+    def __init__(self, config, shard: Shard, bias: bool, tp: TPGroup | None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, head_dim, bias)
+        self.self_attn = Attention(config, shard, bias, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, shard, tp)
 
     def forward(self, x, residual, positions, rotary, attn, kv_cache):
         """x: the previous layer's output (or the embeddings, with residual None); returns this
@@ -179,17 +166,19 @@ _FUSED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, max_positions: int | None = None):
+    def __init__(self, config, max_positions: int | None = None, tp: TPGroup | None = None):
         super().__init__()
         self.config = config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.tp = tp
+        self.shard = make_shard(config, tp.rank if tp else 0, tp.size if tp else 1)
         bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
-        self.head_dim = head_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, head_dim, bias) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.head_dim = head_dim = self.shard.head_dim
+        vocab_rows, hidden = self.shard.vocab_per_rank, config.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(vocab_rows, hidden, self.shard.vocab_start, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, self.shard, bias, tp) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(hidden, config.rms_norm_eps)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if self.tie_word_embeddings else Linear(hidden, vocab_rows, bias=False)
         self.rotary = RotaryEmbedding(config, head_dim, max_positions or config.max_position_embeddings)
 
     def forward(self, input_ids, positions, kv_caches, attn: AttentionBackend) -> torch.Tensor:
@@ -200,11 +189,20 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits `[T, vocab_size]` (gathered from every rank under TP)."""
+        packed_head = getattr(self, "packed_head", None)  # an LM head kept quantized (engine/quant/gguf.py)
+        if packed_head is not None:
+            return gather_vocab(packed_head(hidden), self.config.vocab_size, self.tp)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight)
+        return gather_vocab(linear(hidden, weight), self.config.vocab_size, self.tp)
 
     # ---- weights ---------------------------------------------------------------------------
+    def weight_slice(self, hf_name: str) -> tuple[int, int, int] | None:
+        """(dim, start, stop) of checkpoint tensor `hf_name` that this rank loads; None = all."""
+        return self.shard.slice_of(hf_name.removeprefix("model."))
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """HF-named tensors, each already cut to `weight_slice(name)`."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for hf_name, tensor in weights:
@@ -217,7 +215,13 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} has no place in the model")
             param = params[target]
+            if hasattr(param, "weight_loader"):  # quantized layers place their own tensors (engine/quant)
+                param.weight_loader(tensor, offset, size)
+                loaded.add(f"{target}@{offset}")
+                continue
             dst = param.data if size is None else param.data.narrow(0, offset, size)
+            if name in ("embed_tokens.weight", "lm_head.weight"):
+                dst = dst[:self.shard.vocab_rows]  # the last rank's padding rows stay zero
             if dst.shape != tensor.shape:
                 raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model {tuple(dst.shape)}")
             dst.copy_(tensor)
@@ -241,7 +245,7 @@ class LlamaForCausalLM(nn.Module):
         attn = self.layers[0].self_attn
         if fused == "qkv_proj":
             return [attn.q_size, attn.kv_size, attn.kv_size]
-        n = self.config.intermediate_size
+        n = self.shard.intermediate_size
         return [n, n]
 
     def _expected_loads(self, params: dict) -> set[str]:

@@ -1,0 +1,108 @@
+"""Ranks 1..N-1 of a tensor-parallel group, as child processes of rank 0 (the engine's process).
+
+    rank 0 (LLMEngine)                       rank r (python -m engine.parallel.worker)
+    TCPStore on 127.0.0.1:<free port>  ◄──   joins the store, builds its group, loads its shard
+    TPLeaderRunner: header + tensors   ──►   TPFollower: same forward on its shard, same collectives
+
+Children get only primitive arguments (rank, size, store port, device, the EngineArgs as JSON),
+die with their parent (PR_SET_PDEATHSIG plus a parent watcher), and are watched by rank 0: when one
+exits unasked, the group is aborted so that rank 0's next (or current) collective fails at once
+and the engine goes fatal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import threading
+import weakref
+
+import torch
+
+from engine.config import EngineArgs
+from engine.parallel.group import TPGroup, host_store, make_group
+from engine.parallel.sharding import MAX_CPU_TP_SIZE
+
+logger = logging.getLogger("pdserve.engine")
+
+STOP_GRACE_S = 10.0
+_WATCH_INTERVAL_S = 0.2
+
+
+class RankDied(RuntimeError):
+    """A tensor-parallel rank exited while the engine was running."""
+
+
+def rank_devices(device: torch.device, size: int) -> list[torch.device]:
+    """The device of every rank: cuda:0..N-1, or the CPU for all; ValueError when N GPUs are missing."""
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if size > count:
+            raise ValueError(f"tensor_parallel_size {size} exceeds the {count} visible GPU(s)")
+        return [torch.device("cuda", r) for r in range(size)]
+    if size > MAX_CPU_TP_SIZE:
+        raise ValueError(f"tensor_parallel_size {size} on CPU exceeds the cap of {MAX_CPU_TP_SIZE}")
+    return [device] * size
+
+
+class RankProcesses:
+    """Spawns ranks 1..N-1 and builds rank 0's side of the group (blocks until all joined)."""
+
+    def __init__(self, args: EngineArgs, devices: list[torch.device]):
+        size = len(devices)
+        store = host_store(size)
+        spec = json.dumps(dataclasses.asdict(args))
+        self.procs = [
+            subprocess.Popen([sys.executable, "-m", "engine.parallel.worker", "--rank", str(rank),
+                              "--world-size", str(size), "--store-port", str(store.port),
+                              "--device", str(devices[rank]), "--engine-args", spec],
+                             stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno())
+            for rank in range(1, size)]
+        self._finalizer = weakref.finalize(self, _terminate, list(self.procs))
+        self.died: str | None = None
+        self._closing = threading.Event()
+        try:
+            self.group: TPGroup = make_group(store, 0, size, devices[0])
+        except Exception as exc:
+            self.close(grace=0)
+            raise RuntimeError(f"tensor-parallel ranks did not join: {exc}") from None
+        self._store = store  # keep the rendezvous alive while the group lives
+        threading.Thread(target=self._watch, name="tp-rank-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._closing.wait(_WATCH_INTERVAL_S):
+            for rank, proc in enumerate(self.procs, start=1):
+                code = proc.poll()
+                if code is not None and not self._closing.is_set():
+                    self.died = f"tensor-parallel rank {rank} exited with code {code}"
+                    logger.critical("%s; aborting the group", self.died)
+                    self.group.abort()
+                    return
+
+    def check(self) -> None:
+        """RankDied if a rank has exited."""
+        if self.died is not None:
+            raise RankDied(self.died)
+
+    def close(self, grace: float = STOP_GRACE_S) -> None:
+        """Waits up to `grace` seconds for the ranks to exit (after STOP), then kills them."""
+        self._closing.set()
+        for proc in self.procs:
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self._finalizer()
+
+
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            logger.error("tensor-parallel rank pid %d did not exit", proc.pid)
