@@ -12,14 +12,17 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import sys
 
 import uvicorn
 
 from engine.rpc.process import announce_ready
 from engine.rpc.server import run
+from engine.rpc.security import ClientSecurity
+from engine.metrics import PREFIXES
 from engine.tool_parsers import PARSERS
-from gateway.app import MAX_BODY_BYTES, Settings, connect, create_app
+from gateway.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, Settings, connect, create_app
 
 
 def env_name(flag: str) -> str:
@@ -54,8 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (-> HTTP 413)")
     _flag(p, "--router-wait", type=float, default=60.0,
           help="how long to wait at startup for the router to answer, seconds")
-    _flag(p, "--shutdown-grace", type=float, default=10.0,
+    _flag(p, "--shutdown-grace", type=float, default=30.0,
           help="seconds in-flight requests may take to finish after SIGTERM")
+    _flag(p, "--body-timeout", type=float, default=BODY_TIMEOUT_S,
+          help="seconds a request body may take to arrive (-> HTTP 408)")
+    _flag(p, "--tls-cert", default=None, help="PEM certificate: serve HTTPS (also our client certificate "
+                                              "towards a router that requires mTLS)")
+    _flag(p, "--tls-key", default=None, help="PEM private key of --tls-cert")
+    _flag(p, "--tls-client-ca", default=None, help="PEM CA bundle: HTTP clients must present a certificate it signed")
+    _flag(p, "--tls-ca", default=None, help="PEM CA bundle that verifies the router's certificate (TLS to the router)")
+    _flag(p, "--metrics-prefix", default="pdserve", choices=PREFIXES,
+          help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
     _flag(p, "--tool-call-parser", default=None, choices=sorted(PARSERS),
           help="parser of model output into OpenAI tool_calls (needed for tool_choice auto)")
     _flag(p, "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
@@ -106,7 +118,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(router=args.router, api_keys=api_keys(args), router_api_key=args.router_api_key,
                         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                        version=_version(), tool_call_parser=args.tool_call_parser)
+                        version=_version(), body_timeout_s=args.body_timeout,
+                        tool_call_parser=args.tool_call_parser, metrics_prefix=args.metrics_prefix,
+                        router_security=ClientSecurity(tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                                                       tls_key=args.tls_key))
     # uvicorn re-raises the signal it caught once it has shut down; a Python handler here turns
     # that into a normal return (exit code 0) instead of death by the default SIGTERM action.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -116,8 +131,13 @@ def main(argv=None) -> int:
 
 def _uvicorn_config(app, args: argparse.Namespace) -> uvicorn.Config:
     # the event loop is already running (uvloop when installed, see engine.rpc.server.run)
+    tls = {}
+    if args.tls_cert:
+        tls = {"ssl_certfile": args.tls_cert, "ssl_keyfile": args.tls_key}
+    if args.tls_client_ca:
+        tls.update(ssl_ca_certs=args.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                          lifespan="on", timeout_graceful_shutdown=args.shutdown_grace, server_header=False)
+                          lifespan="on", timeout_graceful_shutdown=args.shutdown_grace, server_header=False, **tls)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from engine.metrics import Metrics
+from engine.rpc.security import ClientSecurity
 from engine.tool_parsers import ToolCallStream, tool_calls_json
 from gateway import protocol as P
 from gateway import responses as R
@@ -33,6 +35,11 @@ from protos.pdserve.v1 import generation_pb2 as pb
 logger = logging.getLogger("pdserve.gateway")
 
 MAX_BODY_BYTES = 8 * 2**20
+BODY_TIMEOUT_S = 30.0  # the whole body must arrive within this (a stalled upload holds nothing longer)
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024  # all header names and values together
+MAX_SSE_BUFFER = 256  # router messages one multi-prompt stream may hold for a client that reads slowly
+RETRY_AFTER_S = 1  # sent with 429 and 503
 MAX_JSON_DEPTH = 32
 _DRAIN_LIMIT = 8 * MAX_BODY_BYTES  # read (and drop) at most this much of an oversized body
 OPEN_PATHS = frozenset({"/health"})
@@ -47,7 +54,10 @@ class Settings:
     max_body_bytes: int = MAX_BODY_BYTES
     max_json_depth: int = MAX_JSON_DEPTH
     version: str = "0.1.0"
+    body_timeout_s: float = BODY_TIMEOUT_S
+    router_security: ClientSecurity | None = None  # TLS towards the router
     tool_call_parser: str | None = None  # hermes | llama3_json | mistral | pythonic; None: no auto tool choice
+    metrics_prefix: str = "pdserve"  # or "vllm": vLLM's metric names
 
 
 class ClientGone(Exception):
@@ -93,13 +103,14 @@ async def read_json(request: Request, settings: Settings) -> dict:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         await _drain(request)
         raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            await _drain(request)
-            raise too_big
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            chunks = await _read_body(request, limit, too_big)
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {settings.body_timeout_s:g} s",
+                       code="body_timeout") from None
+    except ClientDisconnect:  # gone mid-upload: nobody to answer, nothing to log
+        raise ClientGone() from None
     try:
         data = json.loads(b"".join(chunks))
     except RecursionError:
@@ -111,6 +122,17 @@ async def read_json(request: Request, settings: Settings) -> dict:
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
     _check_tree(data, 0, settings.max_json_depth)
     return data
+
+
+async def _read_body(request: Request, limit: int, too_big: APIError) -> list[bytes]:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            await _drain(request)
+            raise too_big
+        chunks.append(chunk)
+    return chunks
 
 
 async def _drain(request: Request) -> None:
@@ -286,10 +308,9 @@ class Gateway:
         finally:
             m.num_requests_running.dec()
         m.e2e_request_latency_seconds.observe(time.monotonic() - start)
-        m.prompt_tokens.inc(reply.usage.prompt_tokens)
-        m.generation_tokens.inc(reply.usage.completion_tokens)
-        for c in reply.completions:
+        for c in reply.completions:  # tokens are counted by the nodes, once
             m.request_success(R.METRIC_REASONS.get(c.finish_reason, "error")).inc()
+            m.observe_completion(c.prompt_tokens, c.completion_tokens, c.timings)
         if reply.completions:
             timings = reply.completions[0].timings
             if timings.ttft_ms > 0:
@@ -403,6 +424,7 @@ class SSEStream:
         self.cached_tokens = [0] * len(calls)
         self.completion_tokens: dict[int, int] = {}
         self.last_token_at: dict[int, float] = {}
+        self.first_token_at: dict[int, float] = {}
         self.text_offset: dict[int, int] = {}
 
     async def _merged(self):
@@ -411,7 +433,8 @@ class SSEStream:
             async for msg in _rest(self.calls[0]):
                 yield 0, msg
             return
-        queue: asyncio.Queue = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue(MAX_SSE_BUFFER)  # full: the pumps stop reading, gRPC flow
+        # control holds the router back, and the router aborts a stream that falls too far behind
 
         async def pump(i: int, call, first):
             try:
@@ -419,6 +442,8 @@ class SSEStream:
                 async for msg in _rest(call):
                     await queue.put((i, msg))
                 await queue.put((i, None))
+            except asyncio.CancelledError:  # the stream is over: never wait on a full queue again
+                raise
             except BaseException as exc:  # the error travels to the consumer
                 await queue.put((i, exc))
 
@@ -463,10 +488,8 @@ class SSEStream:
             for c in self.calls:
                 c.cancel()
             m.num_requests_running.dec()
-            if finished:
+            if finished:  # tokens are counted by the nodes, once
                 m.e2e_request_latency_seconds.observe(time.monotonic() - self.start)
-                m.prompt_tokens.inc(sum(self.prompt_tokens))
-                m.generation_tokens.inc(sum(self.completion_tokens.values()))
         yield R.SSE_DONE
 
     async def _chunk(self, prompt_index: int, msg: pb.GenerateStreamResponse) -> dict:
@@ -482,10 +505,15 @@ class SSEStream:
                     m.time_to_first_token_seconds.observe(now - self.start)
             else:
                 m.inter_token_latency_seconds.observe(now - last)
+                m.time_per_output_token_seconds.observe(now - last)
+            self.first_token_at.setdefault(index, now)
             self.last_token_at[index] = now
         finish = R.FINISH_REASONS[msg.finish_reason]
         if finish is not None:
             m.request_success(R.METRIC_REASONS[msg.finish_reason]).inc()
+            first = self.first_token_at.get(index)
+            m.observe_completion(msg.prompt_tokens, msg.completion_tokens, msg.timings,
+                                 None if first is None else now - first)
             if msg.timings.queue_ms > 0 and msg.index == 0:
                 m.request_queue_time_seconds.observe(msg.timings.queue_ms / 1e3)
         if finish == "error":
@@ -530,7 +558,8 @@ class SSEStream:
 async def connect(settings: Settings, wait_s: float = 60.0) -> tuple[RouterClient, pb.ModelInfoResponse]:
     """A client whose router answered ModelInfo (retried until `wait_s` runs out)."""
     router_key = settings.router_api_key or (settings.api_keys[0] if settings.api_keys else None)
-    client = RouterClient(settings.router, api_key=router_key, timeout_s=settings.request_timeout_s)
+    client = RouterClient(settings.router, api_key=router_key, timeout_s=settings.request_timeout_s,
+                          security=settings.router_security)
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -552,7 +581,8 @@ def create_app(settings: Settings, router_wait_s: float = 60.0,
     @asynccontextmanager
     async def lifespan(_app):
         client, info = connected or await connect(settings, router_wait_s)
-        holder["gw"] = Gateway(settings, client, info, Metrics(info.model, "gateway"))
+        holder["gw"] = Gateway(settings, client, info, Metrics(info.model, "gateway", prefix=settings.metrics_prefix,
+                                                                max_model_len=info.max_model_len))
         try:
             yield
         finally:
@@ -565,7 +595,8 @@ def create_app(settings: Settings, router_wait_s: float = 60.0,
 
     @app.exception_handler(APIError)
     async def _api_error(_req, exc: APIError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(ClientGone)
     async def _gone(_req, _exc):
@@ -623,7 +654,25 @@ def create_app(settings: Settings, router_wait_s: float = 60.0,
         app.add_api_route(path, endpoint, methods=[method])
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(HeaderLimitMiddleware)
     return app
+
+
+class HeaderLimitMiddleware:
+    """At most MAX_HEADERS headers of MAX_HEADER_BYTES in all, else 431 (pure ASGI, before any route)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope["headers"]
+            size = sum(len(k) + len(v) for k, v in headers)
+            if len(headers) > MAX_HEADERS or size > MAX_HEADER_BYTES:
+                err = APIError(431, f"request headers exceed the limits ({MAX_HEADERS} headers, "
+                                    f"{MAX_HEADER_BYTES} bytes in all)", code="headers_too_large")
+                return await JSONResponse(err.body(), status_code=431)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class RequestIdMiddleware:

@@ -8,7 +8,8 @@ router gRPC status codes to HTTP statuses.
     DEADLINE_EXCEEDED                                -> 504 (the request's time limit ran out upstream)
     UNAUTHENTICATED, PERMISSION_DENIED               -> 502 (the router refused the gateway's own key:
                                                             a deployment problem, not the client's)
-    CANCELLED                                        -> 499 (the call was cancelled: client gone)
+    CANCELLED                                        -> 503 (cancelled upstream: a node or the router
+                                                            gave up; a client that left is ClientGone, 499)
     anything else                                    -> 500 "internal error"
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ _FROM_GRPC = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
     grpc.StatusCode.UNAUTHENTICATED: 502,
     grpc.StatusCode.PERMISSION_DENIED: 502,
-    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.CANCELLED: 503,
 }
 
 

@@ -6,7 +6,9 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.metrics import COUNTED_BY_KEY
 from engine.rpc.channel import aio_channel
+from engine.rpc.security import ClientSecurity
 from protos.pdserve.v1 import generation_pb2 as pb
 from protos.pdserve.v1 import generation_pb2_grpc
 
@@ -16,12 +18,14 @@ _TOKEN_CACHE_SIZE = 65536
 
 
 class RouterClient:
-    def __init__(self, address: str, api_key: str | None = None, timeout_s: float = 600.0):
+    def __init__(self, address: str, api_key: str | None = None, timeout_s: float = 600.0,
+                 security: ClientSecurity | None = None):
         self.address, self.timeout_s = address, timeout_s
-        self.channel = aio_channel(address)
+        self.channel = aio_channel(address, security=security)  # TLS when security.tls_ca is set
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.generate_metadata = (*self.metadata, (COUNTED_BY_KEY, "gateway"))  # we count these requests
         self._info: pb.ModelInfoResponse | None = None
         self._tokens: dict[int, str] = {}
 
@@ -31,10 +35,10 @@ class RouterClient:
     # -- calls ------------------------------------------------------------------------------------
 
     async def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
-        return await self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
+        return await self.stub.Generate(request, timeout=self.timeout_s, metadata=self.generate_metadata)
 
     def generate_stream(self, request: pb.GenerateRequest):
-        return self.stub.GenerateStream(request, timeout=self.timeout_s, metadata=self.metadata)
+        return self.stub.GenerateStream(request, timeout=self.timeout_s, metadata=self.generate_metadata)
 
     async def tokenize(self, request: pb.TokenizeRequest) -> pb.TokenizeResponse:
         return await self.stub.Tokenize(request, timeout=INFO_TIMEOUT_S, metadata=self.metadata)

@@ -3,7 +3,8 @@
     python -m router --prefill 127.0.0.1:50061 --decode 127.0.0.1:50071 --port 50051 --model <model>
 
 Prints `READY host:port` once listening; health turns SERVING when at least one prefill and one
-decode node answer. SIGTERM/SIGINT: health NOT_SERVING, then in-flight calls get a grace period.
+decode node answer. SIGTERM/SIGINT: health NOT_SERVING and new calls refused at once; in-flight
+streams get --grace-period seconds to finish, then end with UNAVAILABLE ("shutting down").
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ from engine.cli_args import add_flag, add_server_args, env_name
 from engine.kv_transfer import TRANSPORTS
 from engine.loader import load_model_source
 from engine.llm_engine import resolve_max_model_len
-from engine.metrics import Metrics, start_metrics_server
+from engine.metrics import PREFIX, PREFIXES, Metrics, start_metrics_server
 from engine.rpc import process
+from engine.rpc.security import Security, add_security_args
 from engine.rpc.server import build_server, run
-from protos.pdserve.v1 import generation_pb2_grpc, node_pb2, router_pb2_grpc
-from router.auth import ApiKeyInterceptor
+from protos.pdserve.v1 import generation_pb2_grpc, router_pb2_grpc
+from router.auth import Scopes, router_interceptor
 from router.pipeline import PipelineConfig
+from router.policy import POLICIES, Placement, PlacementCollector
 from router.prompts import ModelLimits, PromptBuilder
 from router.registry import NodeRegistry
-from router.servicer import GenerationServicer, ModelCard, Router, RouterControlServicer
+from router.servicer import GenerationServicer, ModelCard, Router, RouterControlServicer, RouterLimits
 
 logger = logging.getLogger("pdserve.router")
 
@@ -63,15 +66,36 @@ def build_parser() -> argparse.ArgumentParser:
                   "nccl when both are on CUDA, else grpc), ipc (CUDA IPC), nccl (torch.distributed; gloo on CPU) "
                   "or grpc")
     _list_flag(p, "--api-key", help="accepted API key (repeatable); clients send 'authorization: Bearer <key>'")
+    _list_flag(p, "--admin-key", help="accepted API key that also sees and aborts every client's requests "
+                                      "(GetLoads, Abort); repeatable")
+    add_flag(p, "--max-stream-buffer", type=int, default=RouterLimits.max_stream_buffer,
+             help="chunks a stream may buffer for a client that reads slowly; past it the request is aborted")
     add_flag(p, "--kv-lease-ms", type=int, default=PipelineConfig.lease_ms,
              help="a decode reservation is freed after this long without progress (the prefill node renews it "
                   "while the prompt is queued or prefilled, every KV frame renews it)")
+    add_flag(p, "--prefill-policy", default="prefix", choices=POLICIES,
+             help="how a prefill node is chosen: round-robin, least-load (fewest queued prompt tokens) or "
+                  "prefix (least queued + uncached tokens: prompts go where their prefix is cached)")
+    add_flag(p, "--decode-policy", default="prefix", choices=POLICIES,
+             help="how a decode node is chosen: round-robin, least-load (fewest requests) or prefix "
+                  "(requests there, less the prompt tokens it has cached)")
+    add_flag(p, "--local-prefill-tokens", type=int, default=0,
+             help="the chosen decode node prefills a prompt itself (no prefill node, no KV transfer) when at "
+                  "most this many of its tokens are not in that node's prefix cache; 0 = always use the "
+                  "prefill pool (when there is one)")
+    add_flag(p, "--max-failovers", type=int, default=2,
+             help="how often one completion may move to another decode node mid-stream (the tokens already "
+                  "sent are resumed there); 0 = a decode failure after the second token ends it")
     add_flag(p, "--admission-wait-ms", type=int, default=2_000,
              help="how long a request waits for a decode node with room before RESOURCE_EXHAUSTED")
-    add_flag(p, "--grace-period", type=float, default=5.0, help="seconds in-flight calls get on shutdown")
+    add_flag(p, "--grace-period", type=float, default=30.0,
+             help="seconds in-flight streams get to finish on SIGTERM before they end with UNAVAILABLE")
     add_flag(p, "--metrics-port", type=int, default=None,
              help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    add_flag(p, "--metrics-prefix", default="pdserve", choices=PREFIXES,
+             help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
     add_server_args(p, default_port=50051)
+    add_security_args(p)
     return p
 
 
@@ -87,26 +111,36 @@ def build_router(ns) -> tuple[Router, NodeRegistry]:
                      eos_token_ids=list(source.eos_token_ids),
                      dtype="float32" if ns.dtype == "auto" else ns.dtype)
     builder = PromptBuilder(source.tokenizer, ModelLimits(card.vocab_size, max_len), source.generation_defaults)
+    placement = Placement(ns.block_size, ns.prefill_policy, ns.decode_policy, ns.local_prefill_tokens)
     config = PipelineConfig(block_size=ns.block_size, transport=TRANSPORTS[ns.kv_transport],
-                            lease_ms=ns.kv_lease_ms, admission_wait_s=ns.admission_wait_ms / 1000.0)
-    registry = NodeRegistry()
+                            lease_ms=ns.kv_lease_ms, admission_wait_s=ns.admission_wait_ms / 1000.0,
+                            max_failovers=ns.max_failovers, placement=placement)
+    registry = NodeRegistry(Security.from_args(ns).client, block_size=ns.block_size)
     for address in _list_value(ns, "prefill"):
         registry.add(address, "prefill")
     for address in _list_value(ns, "decode"):
         registry.add(address, "decode")
-    return Router(registry, builder, card, config), registry
+    return Router(registry, builder, card, config, RouterLimits(max_stream_buffer=ns.max_stream_buffer)), registry
 
 
 async def serve(ns) -> None:
     stop = process.stop_signals()
     router, registry = build_router(ns)
     if ns.metrics_port is not None:
-        router.metrics = Metrics(router.card.name, "router")
+        router.metrics = Metrics(router.card.name, "router", prefix=ns.metrics_prefix,
+                                 max_model_len=router.card.max_model_len)
+        if router.config.placement is not None:
+            router.metrics.registry.register(PlacementCollector(
+                router.config.placement.stats, router.card.name, getattr(router.metrics, "prefix", PREFIX)))
         start_metrics_server(ns.metrics_port, ns.host, router.metrics)
-    keys = _api_keys(ns)
-    server = build_server([(generation_pb2_grpc.add_GenerationServicer_to_server, GenerationServicer(router)),
+    security = Security.from_args(ns)
+    admin_keys = _list_value(ns, "admin_key")
+    auth = router_interceptor(_api_keys(ns), admin_keys, security.node_key)
+    server = build_server([(generation_pb2_grpc.add_GenerationServicer_to_server,
+                            GenerationServicer(router, Scopes(admin_keys))),
                            (router_pb2_grpc.add_RouterControlServicer_to_server, RouterControlServicer(router))],
-                          port=ns.port, host=ns.host, interceptors=[ApiKeyInterceptor(keys)] if keys else ())
+                          port=ns.port, host=ns.host, interceptors=[auth] if auth else (),
+                          credentials=security.server_credentials())
     await server.start()
     registry.start()
     process.announce_ready(server.address)
@@ -120,9 +154,21 @@ async def serve(ns) -> None:
             await asyncio.wait_for(stop.wait(), timeout=0.2)
         except asyncio.TimeoutError:
             pass
-    logger.info("shutting down (grace %.1fs)", ns.grace_period)
-    await server.stop(ns.grace_period)
+    await shutdown(server, router, ns.grace_period)
     await registry.close()
+
+
+async def shutdown(server, router: Router, grace: float) -> None:
+    """New calls refused at once; running streams finish within `grace`, then end with UNAVAILABLE."""
+    logger.info("shutting down: %d requests in flight, grace %.1fs", len(router.ledger), grace)
+    stopping = asyncio.ensure_future(server.stop(grace + 1.0))
+    loop = asyncio.get_running_loop()
+    end = loop.time() + grace
+    while len(router.ledger) and loop.time() < end:
+        await asyncio.sleep(0.05)
+    if len(router.ledger):
+        logger.info("grace period over: ending %d requests", router.shutdown())
+    await stopping
 
 
 def main(argv=None) -> int:

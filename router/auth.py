@@ -1,54 +1,45 @@
-"""API keys on the public API: `authorization: Bearer <key>` metadata, compared in constant time.
+"""Who may call what on the router's port.
 
-Health, reflection and the nodes' RouterControl stay open (RouterControl binds loopback)."""
+- pdserve.v1.Generation: a client API key (`--api-key`) or an admin key (`--admin-key`), when any
+  is set; the key also scopes what a caller sees (`caller()`): Abort and GetLoads only reach the
+  caller's own requests, an admin key reaches every request.
+- pdserve.v1.RouterControl (node Register / Heartbeat): only the node key (`--node-key`); client
+  keys never do. With API keys but no node key, RouterControl is switched off.
+- Health and reflection stay open.
+"""
 from __future__ import annotations
 
-import hmac
+import hashlib
 
-import grpc
+from engine.rpc.security import KeyInterceptor, bearer_ok
 
-PROTECTED_PREFIX = "/pdserve.v1.Generation/"
-
-
-def _key_ok(metadata, keys: list[bytes]) -> bool:
-    for key, value in metadata or ():
-        if key == "authorization":
-            value = value.encode() if isinstance(value, str) else value
-            if not value.startswith(b"Bearer "):
-                return False
-            given = value[len(b"Bearer "):].strip()
-            ok = False
-            for k in keys:  # compare with every key, so timing does not say which one matched
-                ok |= hmac.compare_digest(given, k)
-            return ok
-    return False
+GENERATION_PREFIX = "/pdserve.v1.Generation/"
+CONTROL_PREFIX = "/pdserve.v1.RouterControl/"
+ADMIN = "*admin*"  # the scope of an admin key: every request
 
 
-def _deny(handler):
-    async def unary(request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid API key "
-                            "(send metadata 'authorization: Bearer <key>')")
-
-    async def streaming(request, context):
-        await unary(request, context)
-        yield  # pragma: no cover - makes this an async generator
-
-    if handler.response_streaming:
-        make = grpc.stream_stream_rpc_method_handler if handler.request_streaming else grpc.unary_stream_rpc_method_handler
-        return make(streaming, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
-    make = grpc.stream_unary_rpc_method_handler if handler.request_streaming else grpc.unary_unary_rpc_method_handler
-    return make(unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+def router_interceptor(api_keys: list[str], admin_keys: list[str], node_key: str | None) -> KeyInterceptor | None:
+    rules = []
+    client_keys = [*api_keys, *admin_keys]
+    if client_keys:
+        rules.append((GENERATION_PREFIX, client_keys, "API key"))
+    if node_key or client_keys:
+        rules.append((CONTROL_PREFIX, [node_key] if node_key else [], "node key"))
+    return KeyInterceptor(rules) if rules else None
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, keys: list[str]):
-        self._keys = [k.encode() for k in keys if k]
+class Scopes:
+    """The caller's scope from its key: a stable digest of an API key, ADMIN for an admin key, ""
+    when the router runs without keys (then every caller shares one scope)."""
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if (handler is None or not self._keys or not handler_call_details.method.startswith(PROTECTED_PREFIX)
-                or _key_ok(handler_call_details.invocation_metadata, self._keys)):
-            return handler
-        return _deny(handler)
+    def __init__(self, admin_keys: list[str]):
+        self._admin = [k.encode() for k in admin_keys if k]
+
+    def caller(self, context) -> str:
+        metadata = context.invocation_metadata() or ()
+        if self._admin and bearer_ok(metadata, self._admin):
+            return ADMIN
+        for key, value in metadata:
+            if key == "authorization":
+                return hashlib.sha256(value.encode() if isinstance(value, str) else value).hexdigest()[:16]
+        return ""

@@ -3,9 +3,17 @@ relayed at once) -> Decode stream (relayed token by token).
 
 A `Pipeline` yields `Chunk`s. It does its own incremental detokenization over the token ids it
 relays, mirroring the engine's stop rules, so text deltas never split a character and stop
-strings are never emitted. Retries: UNAVAILABLE from a prefill node before the first token ->
-another prefill node, with a fresh reservation. Once a token reached the client, a node failure
-ends the completion with UNAVAILABLE.
+strings are never emitted.
+
+Every stage has its own budget (`PipelineConfig`): Reserve, prefill to the first token, the KV
+transfer up to the first decode event, and each later gap between tokens; node channels also
+notice a frozen peer by keepalive within seconds. Retries: a prefill node failing before the first
+token -> another prefill node, with a fresh reservation. A failure after the first token but
+before the second (the transfer broke, the reservation expired, the decode node died or stalled)
+-> a fresh reservation and prefill, decoding on from the token the client already has. Any later
+failure ends the completion with UNAVAILABLE within a stage budget. A failing call only makes the
+router re-check that node (`NodeRegistry.suspect`): a node is marked down by its own health poll,
+never because its peer failed.
 """
 from __future__ import annotations
 
@@ -21,14 +29,17 @@ from engine.kv_transfer.base import transport_name
 from engine.rpc import convert
 from engine.rpc.errors import RpcError, ResourceExhausted, Unavailable
 from protos.pdserve.v1 import generation_pb2, node_pb2
-from router.placement import blocks_needed, pick_decode, pick_prefill
+from router.placement import blocks_needed
+from router.policy import Choice, Placement, prompt_hashes
 from router.prompts import Prompt
 from router.registry import Node, NodeRegistry
 
 logger = logging.getLogger("pdserve.router")
 FR = generation_pb2.FinishReason
 ABORT_TIMEOUT_S = 2.0
-RESERVE_TIMEOUT_S = 5.0
+# A decode stream that ends with one of these moves to another decode node (a dead, stalled or
+# shut-down node); anything else (bad input, out of blocks) goes back to the client.
+FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,13 @@ class PipelineConfig:
     lease_ms: int = 10_000  # idle budget: renewed by the prefill node while queued/prefilling, and by every frame
     admission_wait_s: float = 2.0
     kv_wait_ms: int = 10_000
+    reserve_timeout_s: float = 5.0  # one Reserve call
+    prefill_timeout_s: float = 60.0  # to the first token: queueing plus this ...
+    prefill_s_per_token: float = 0.01  # ... plus this per prompt token
+    token_gap_s: float = 30.0  # longest wait for the next decode event (after the first one)
+    max_retries: int = 2  # fresh attempts of one completion before its second token
+    max_failovers: int = 2  # moves of one completion to another decode node once tokens were sent
+    placement: Placement | None = None  # policies + local-prefill threshold (None: defaults per pipeline)
 
 
 @dataclass
@@ -57,8 +75,10 @@ class Chunk:
 
 
 def _forward_error(exc: grpc.aio.AioRpcError, what: str) -> RpcError:
+    """A node's error, passed on to the client. CANCELLED from a node is the node's doing (it was
+    aborted or is shutting down), never the client's: it becomes UNAVAILABLE."""
     err = RpcError(f"{what}: {exc.details() or exc.code().name}")
-    err.code = exc.code()
+    err.code = grpc.StatusCode.UNAVAILABLE if exc.code() == grpc.StatusCode.CANCELLED else exc.code()
     return err
 
 
@@ -76,9 +96,14 @@ class Pipeline:
         self.wire_params = convert.params_to_proto(self.params, sample_index=index)
         self.detok = IncrementalDetokenizer(tokenizer, prompt.token_ids, self.params)
         self.holders: set[Node] = set()  # nodes that may hold state for this completion
+        self.placement = config.placement or Placement(config.block_size)
+        self.hashes = prompt_hashes(prompt.token_ids, config.block_size)  # for prefix-aware placement
+        self.output_ids: list[int] = []  # every token relayed so far (resumed on a failover)
+        self._background: set[asyncio.Task] = set()
         self._active: Node | None = None
         self.finished = False
         self.num_tokens = 0
+        self.first_token_id = 0
         self.cached_tokens = 0
         self.timings = generation_pb2.RequestTimings()
         self._first_token_at = 0.0
@@ -99,6 +124,7 @@ class Pipeline:
         """Relays one token; mirrors the engine: a stop token id or eos that ends the output adds
         no text (unless include_stop_str for stop ids)."""
         self.num_tokens += 1
+        self.output_ids.append(token_id)
         self._time_token()
         ends_by_id = finish == FR.FINISH_REASON_EOS or (finish == FR.FINISH_REASON_STOP and not stop_sequence)
         if not ends_by_id or (finish == FR.FINISH_REASON_STOP and self.params.include_stop_str_in_output):
@@ -140,19 +166,23 @@ class Pipeline:
         give_up = min(time.monotonic() + self.config.admission_wait_s, self.deadline)
         tried: set[str] = set(exclude)
         while True:
-            node = pick_decode(self.registry.healthy("decode"), need, tried)
+            choice = self.placement.decode.pick(self.registry.healthy("decode"), self.hashes, prompt_len, tried, need)
+            node = choice.node if choice is not None else None
             if node is not None:
                 self.holders.add(node)
                 request = node_pb2.ReserveRequest(
                     request_id=self.node_request_id, num_prompt_tokens=prompt_len, lease_ms=self.config.lease_ms,
                     transport=self.config.transport, num_output_tokens=self.prompt.max_tokens)
                 try:
-                    reply = await node.stub.Reserve(request, timeout=min(self._remaining(), RESERVE_TIMEOUT_S))
+                    reply = await node.stub.Reserve(request, timeout=min(self._remaining(),
+                                                                         self.config.reserve_timeout_s))
                     node.pending_blocks += need
                     return node, reply
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                        node.mark_down(f"Reserve: {exc.details()}")
+                    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                      grpc.StatusCode.CANCELLED):
+                        self.registry.suspect(node)
+                        await self._abort(node)  # a late Reserve may still have landed
                     elif exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                         raise _forward_error(exc, f"decode node {node.node_id}") from None
                     tried.add(node.node_id)
@@ -169,12 +199,19 @@ class Pipeline:
             except asyncio.TimeoutError:
                 pass
 
-    async def _prefill(self) -> tuple[Node, node_pb2.ReserveResponse, Node, grpc.aio.UnaryStreamCall,
-                                      node_pb2.FirstToken]:
+    def _prefill_budget(self) -> float:
+        budget = self.config.prefill_timeout_s + self.config.prefill_s_per_token * len(self.prompt.token_ids)
+        return min(budget, self._remaining())
+
+    async def _prefill(self) -> "_Attempt":
+        """A reservation and a prefill node that returned the first token (retried on other prefill
+        nodes while none did)."""
         tried: set[str] = set()
         while True:
             decode, reservation = await self._reserve(set())
-            prefill = pick_prefill(self.registry.healthy("prefill"), tried)
+            choice = self.placement.prefill.pick(self.registry.healthy("prefill"), self.hashes,
+                                                 len(self.prompt.token_ids), tried)
+            prefill = choice.node if choice is not None else None
             if prefill is None:
                 await self._abort(decode)
                 raise Unavailable("no prefill node is available")
@@ -186,24 +223,29 @@ class Pipeline:
             request = node_pb2.PrefillRequest(request_id=self.node_request_id, prompt_token_ids=self.prompt.token_ids,
                                               params=self.wire_params, priority=self.priority, target=target)
             self.timings.queue_ms = self._ms_since_arrival()
-            prefill.pending_prompt_tokens += len(self.prompt.token_ids)
+            self.placement.stats.placed(choice)
+            prefill.pending_prompt_tokens += len(self.prompt.token_ids) - choice.cached_tokens
             call = prefill.stub.Prefill(request, timeout=self._remaining())
             try:
-                event = await call.read()
+                event = await asyncio.wait_for(call.read(), timeout=self._prefill_budget())
+            except asyncio.TimeoutError:
+                event = None
+                logger.warning("request %s: no first token from %s within its budget", self.node_request_id,
+                               prefill.node_id)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     await self._abort(decode)
                     raise _forward_error(exc, f"prefill node {prefill.node_id}") from None
                 event = None
             if event is None or event is grpc.aio.EOF or not event.HasField("first_token"):
                 call.cancel()
-                prefill.mark_down("Prefill failed before the first token")
+                self.registry.suspect(prefill)
                 tried.add(prefill.node_id)
-                await self._abort(decode)
+                await asyncio.gather(self._abort(decode), self._abort(prefill))
                 self.holders.discard(decode)
                 logger.info("request %s: retrying on another prefill node", self.node_request_id)
                 continue
-            return decode, reservation, prefill, call, event.first_token
+            return _Attempt(decode, reservation, prefill, call, event.first_token)
 
     def _event_chunks(self, event: node_pb2.DecodeEvent):
         """The chunks of one DecodeEvent, a token each; the event's finish belongs to its last token."""
@@ -221,55 +263,89 @@ class Pipeline:
 
     async def run(self):
         if self.colocated:
-            async for chunk in self._run_local():
-                yield chunk
-            return
-        async for chunk in self._run_disaggregated():
+            chunks = self._run_local()
+        else:
+            choice = self._decode_first()
+            chunks = self._run_local(first=choice) if choice is not None else self._run_disaggregated()
+        async for chunk in chunks:
             yield chunk
 
-    async def _run_local(self):
-        """Colocated: one decode node prefills the prompt in its own batch and generates; no
-        reservation, no KV transfer. UNAVAILABLE before the first token -> another decode node."""
+    def _decode_first(self) -> Choice | None:
+        """Decode node first, then decide: it prefills the prompt itself when the part it has not
+        cached is short (`Placement.local_prefill_tokens`); None = use the prefill pool."""
         prompt_len = len(self.prompt.token_ids)
         need = blocks_needed(prompt_len + self.prompt.max_tokens, self.config.block_size)
-        tried: set[str] = set()
+        choice = self.placement.decode.pick(self.registry.healthy("decode"), self.hashes, prompt_len, set(), need)
+        if not self.placement.prefill_locally(choice, prompt_len):
+            return None
+        self.placement.stats.prefills_skipped += 1
+        self.placement.stats.placed(choice)
+        return choice
+
+    def spawn_abort(self, node: Node) -> None:
+        """Frees what a failed node may still hold, without waiting for it."""
+        task = asyncio.get_running_loop().create_task(self._abort(node))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _run_local(self, first: Choice | None = None, exclude: frozenset[str] = frozenset(),
+                         failovers: int = 0):
+        """A decode node runs the prompt itself, in its own batch (no reservation, no KV transfer):
+        colocated serving, a prompt whose uncached part is short on `first`'s node, or a failover,
+        where the tokens the client already has are resumed (the node recomputes their KV and goes
+        on from them, same seeded stream). A decode node failing or stalling moves the completion
+        to another one, at most `max_failovers` times once tokens were sent."""
+        prompt_len = len(self.prompt.token_ids)
+        need = blocks_needed(prompt_len + self.prompt.max_tokens, self.config.block_size)
+        tried: set[str] = set(exclude)
         call = None
         try:
             while True:
-                node = pick_decode(self.registry.healthy("decode"), need, tried) or \
-                    pick_decode(self.registry.healthy("decode"), 0, tried)  # the node queues what does not fit yet
-                if node is None:
-                    raise Unavailable("no decode node is available")
+                choice = first or self.placement.decode.pick(
+                    self.registry.healthy("decode"), self.hashes, prompt_len, tried, need) or \
+                    self.placement.decode.pick(self.registry.healthy("decode"), self.hashes, prompt_len, tried)
+                first = None  # the node queues what does not fit yet
+                if choice is None:
+                    raise Unavailable("no decode node is available" if not self.num_tokens else
+                                      f"no decode node could take over; {self.num_tokens} tokens were sent")
+                node = choice.node
                 self.holders.add(node)
-                self.timings.queue_ms = self._ms_since_arrival()
-                self.timings.prefill_node = self.timings.decode_node = node.node_id
+                if not self.num_tokens:
+                    self.timings.queue_ms = self._ms_since_arrival()
+                    self.timings.prefill_node = node.node_id
+                self.timings.decode_node = node.node_id
                 node.pending_blocks += need
                 node.active += 1
                 self._active = node
                 call = node.stub.Decode(node_pb2.DecodeRequest(
                     request_id=self.node_request_id, prompt_token_ids=self.prompt.token_ids, params=self.wire_params,
-                    priority=self.priority, local_prefill=True), timeout=self._remaining())
+                    priority=self.priority, local_prefill=True, output_token_ids=self.output_ids),
+                    timeout=self._remaining())
                 try:
-                    async for event in call:
-                        if self.num_tokens == 0:
-                            self.timings.ttft_ms = self._ms_since_arrival()
-                            self.cached_tokens = event.cached_tokens
-                        for chunk in self._event_chunks(event):
-                            yield chunk
-                            if self.finished:
-                                return
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    async for chunk in self._relay_local(call):
+                        yield chunk
+                        if self.finished:
+                            return
+                    raise Unavailable(f"decode node {node.node_id} ended the stream without finishing")
+                except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+                    code = exc.code() if isinstance(exc, grpc.aio.AioRpcError) else grpc.StatusCode.DEADLINE_EXCEEDED
+                    if code not in FAILOVER_CODES or (self.num_tokens and failovers >= self.config.max_failovers):
+                        if code in FAILOVER_CODES:
+                            raise Unavailable(f"decode node {node.node_id} failed mid-stream; {self.num_tokens} "
+                                              f"tokens were sent") from None
                         raise _forward_error(exc, f"decode node {node.node_id}") from None
-                    node.mark_down(f"Decode stream broke: {exc.code().name}")
-                    if self.num_tokens:
-                        raise Unavailable(f"decode node {node.node_id} failed mid-stream; "
-                                          f"{self.num_tokens} tokens were sent") from None
+                    call.cancel()
+                    self.registry.suspect(node)
+                    self.spawn_abort(node)
+                    self.holders.discard(node)
                     node.active -= 1
                     self._active = None
                     tried.add(node.node_id)
-                    continue
-                raise Unavailable(f"decode node {node.node_id} ended the stream without finishing")
+                    if self.num_tokens:
+                        failovers += 1
+                        self.placement.stats.failovers += 1
+                        logger.info("request %s: decode node %s failed after %d tokens (%s); resuming elsewhere",
+                                    self.node_request_id, node.node_id, self.num_tokens, code.name)
         finally:
             if call is not None:
                 call.cancel()
@@ -279,63 +355,143 @@ class Pipeline:
             if not self.finished:
                 await asyncio.gather(*(self._abort(n) for n in self.holders))
 
+    async def _relay_local(self, call):
+        """The chunks of a local-prefill Decode stream; a gap longer than its stage budget raises
+        TimeoutError (the first event's budget covers the prompt's prefill)."""
+        budget = self._prefill_budget() if not self.num_tokens else self.config.token_gap_s
+        while True:
+            event = await asyncio.wait_for(call.read(), timeout=min(budget, self._remaining()))
+            if event is grpc.aio.EOF:
+                return
+            budget = self.config.token_gap_s
+            if self.num_tokens == 0:
+                self.timings.ttft_ms = self._ms_since_arrival()
+                self.cached_tokens = event.cached_tokens
+            for chunk in self._event_chunks(event):
+                yield chunk
+
     async def _run_disaggregated(self):
-        decode_call = transfer = prefill_call = None
+        attempt = None
         try:
-            decode, reservation, prefill, prefill_call, first = await self._prefill()
-            decode.active += 1
-            self._active = decode
+            attempt = await self._prefill()
+            first = attempt.first_token
+            self.first_token_id = first.token_id
             self.timings.ttft_ms = self._ms_since_arrival()
             self.timings.prefill_ms = first.prefill_ms
-            self.timings.prefill_node = prefill.node_id
             self.cached_tokens = first.cached_tokens
             first_chunk = self._token(first.token_id, first.finish_reason, first.stop_sequence,
                                       logprob=first.logprob if first.HasField("logprob") else None)
-            if self.finished:
-                prefill_call.cancel()
-                await self._abort(decode)
+            if self.finished:  # the first token ended it: the prefill node freed its KV, free the reservation
+                attempt.close()
+                await self._abort(attempt.decode)
                 yield first_chunk
                 return
-            self.timings.decode_node = decode.node_id
             yield first_chunk
-            decode_call = decode.stub.Decode(node_pb2.DecodeRequest(
-                request_id=self.node_request_id, reservation_id=reservation.reservation_id,
-                prompt_token_ids=self.prompt.token_ids, first_token_id=first.token_id, params=self.wire_params,
-                priority=self.priority, kv_wait_ms=self.config.kv_wait_ms), timeout=self._remaining())
-            transfer = asyncio.get_running_loop().create_task(self._watch_transfer(prefill, prefill_call, decode_call))
-            try:
-                async for event in decode_call:
-                    for chunk in self._event_chunks(event):
-                        if chunk.finish_reason:
-                            await self._transfer_result(transfer)
+            retries = 0
+            while True:
+                try:
+                    async for chunk in self._decode(attempt):
                         yield chunk
                         if self.finished:
                             return
-            except grpc.aio.AioRpcError as exc:
-                failed = await self._transfer_result(transfer)
-                if failed is not None:
-                    raise failed from None
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    decode.mark_down(f"Decode stream broke: {exc.code().name}")
-                    raise Unavailable(f"decode node {decode.node_id} failed mid-stream; "
-                                      f"{self.num_tokens} tokens were sent") from None
-                raise _forward_error(exc, f"decode node {decode.node_id}") from None
-            raise Unavailable(f"decode node {decode.node_id} ended the stream without finishing")
+                    raise _Retry(f"decode node {attempt.decode.node_id} ended the stream without finishing")
+                except _Retry as why:
+                    if self.num_tokens > 1 and self.config.max_failovers > 0:  # mid-stream: resume elsewhere
+                        failed = attempt.decode.node_id
+                        await self._end_attempt(attempt)
+                        attempt = None
+                        self.placement.stats.failovers += 1
+                        logger.info("request %s: %s after %d tokens; resuming on another decode node",
+                                    self.node_request_id, why, self.num_tokens)
+                        async for chunk in self._run_local(exclude=frozenset({failed}), failovers=1):
+                            yield chunk
+                        return
+                    if self.num_tokens > 1 or retries >= self.config.max_retries:
+                        raise Unavailable(f"{why}; {self.num_tokens} tokens were sent") from None
+                    retries += 1
+                    logger.info("request %s: %s; retrying with a fresh reservation", self.node_request_id, why)
+                    await self._end_attempt(attempt)
+                    attempt = None
+                    attempt = await self._prefill()
         finally:
-            for call in (decode_call, prefill_call):
-                if call is not None:
-                    call.cancel()
-            if transfer is not None:
-                transfer.cancel()
-            if self._active is not None:
-                self._active.active -= 1
+            if attempt is not None:
+                attempt.close()
             if not self.finished:
                 await asyncio.gather(*(self._abort(n) for n in self.holders))
 
-    async def _watch_transfer(self, prefill: Node, call, decode_call) -> RpcError | None:
-        """Reads the prefill stream's TransferDone. A failure there fails the decode call too."""
+    async def _end_attempt(self, attempt: "_Attempt") -> None:
+        attempt.close()
+        await asyncio.gather(self._abort(attempt.decode), self._abort(attempt.prefill))
+        self.holders.clear()
+
+    async def _decode(self, attempt: "_Attempt"):
+        """The tokens after the first, from the attempt's decode node; raises _Retry for failures that
+        a fresh attempt may fix (only acted on before the second token)."""
+        decode, prefill = attempt.decode, attempt.prefill
+        attempt.decode_call = decode.stub.Decode(node_pb2.DecodeRequest(
+            request_id=self.node_request_id, reservation_id=attempt.reservation.reservation_id,
+            prompt_token_ids=self.prompt.token_ids, first_token_id=self.first_token_id, params=self.wire_params,
+            priority=self.priority, kv_wait_ms=self.config.kv_wait_ms), timeout=self._remaining())
+        attempt.transfer = asyncio.get_running_loop().create_task(self._watch_transfer(attempt))
+        decode.active += 1
+        self._active = decode
+        self.timings.decode_node = decode.node_id
+        self.timings.prefill_node = prefill.node_id
+        budget = self.config.kv_wait_ms / 1000.0 + self.config.token_gap_s  # transfer + import + a step
         try:
-            while (event := await call.read()) is not grpc.aio.EOF:  # read(): the first event was read() too
+            while True:
+                event = await self._next_event(attempt, budget)
+                if event is grpc.aio.EOF:
+                    return
+                budget = self.config.token_gap_s
+                for chunk in self._event_chunks(event):
+                    if chunk.finish_reason:
+                        await self._transfer_result(attempt.transfer)
+                    yield chunk
+                    if self.finished:
+                        return
+        finally:
+            decode.active -= 1
+            self._active = None
+
+    async def _next_event(self, attempt: "_Attempt", budget: float):
+        """The next DecodeEvent (or EOF) within `budget` seconds, watching the KV transfer meanwhile."""
+        decode = attempt.decode
+        if attempt.read is None:  # a read is never cancelled while the call lives: that cancels the call
+            attempt.read = asyncio.ensure_future(attempt.decode_call.read())
+            attempt.read.add_done_callback(_retrieve)
+        read = attempt.read
+        watch = {read} if attempt.transfer.done() else {read, attempt.transfer}
+        done, _ = await asyncio.wait(watch, timeout=min(budget, self._remaining()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if read not in done:
+            if attempt.transfer in done:
+                failed = attempt.transfer.result()
+                if failed is not None:
+                    raise _Retry(failed)
+                return await self._next_event(attempt, budget)  # the KV arrived: wait on for the token
+            self.registry.suspect(decode)
+            raise _Retry(f"decode node {decode.node_id} sent nothing for {budget:.0f} s")
+        attempt.read = None
+        try:
+            return read.result()
+        except grpc.aio.AioRpcError as exc:
+            failed = await self._transfer_result(attempt.transfer)
+            if failed is not None:
+                raise _Retry(failed) from None
+            code = exc.code()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self.registry.suspect(decode)
+                raise _Retry(f"decode node {decode.node_id} failed ({code.name})") from None
+            if code == grpc.StatusCode.NOT_FOUND:  # the reservation expired before the KV or Decode came
+                raise _Retry(f"decode node {decode.node_id}: {exc.details()}") from None
+            raise _forward_error(exc, f"decode node {decode.node_id}") from None
+
+    async def _watch_transfer(self, attempt: "_Attempt") -> str | None:
+        """Reads the prefill stream's TransferDone; returns what went wrong, or None."""
+        prefill = attempt.prefill
+        try:
+            while (event := await attempt.prefill_call.read()) is not grpc.aio.EOF:
                 if event.HasField("transfer_done"):
                     self.timings.kv_transfer_ms = event.transfer_done.ms
                     self.timings.kv_transfer_bytes = event.transfer_done.bytes
@@ -344,16 +500,16 @@ class Pipeline:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and self.finished:
                 return None
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                prefill.mark_down("Prefill stream broke during the KV transfer")
-            decode_call.cancel()
-            return Unavailable(f"prefill node {prefill.node_id} failed during the KV transfer "
-                               f"({exc.code().name})")
+            self.registry.suspect(prefill)
+            self.registry.suspect(attempt.decode)
+            return f"the KV transfer from prefill node {prefill.node_id} failed ({exc.code().name})"
 
-    async def _transfer_result(self, transfer: asyncio.Task) -> RpcError | None:
+    async def _transfer_result(self, transfer: asyncio.Task | None) -> str | None:
+        if transfer is None:
+            return None
         try:
             return await asyncio.wait_for(asyncio.shield(transfer), timeout=1.0)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except asyncio.TimeoutError:
             return None
 
     async def _abort(self, node: Node) -> None:
@@ -361,5 +517,38 @@ class Pipeline:
             await node.stub.Abort(node_pb2.NodeAbortRequest(request_id=self.node_request_id),
                                   timeout=ABORT_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                node.mark_down("Abort failed")
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                self.registry.suspect(node)
+
+
+class _Retry(Exception):
+    """A failure before the second token that a fresh reservation and prefill may fix."""
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One try at a completion: the decode node's reservation and the prefill call that produced
+    the first token and moves the KV."""
+
+    decode: Node
+    reservation: node_pb2.ReserveResponse
+    prefill: Node
+    prefill_call: grpc.aio.UnaryStreamCall
+    first_token: node_pb2.FirstToken | None = None
+    decode_call: grpc.aio.UnaryStreamCall | None = None
+    transfer: asyncio.Task | None = None
+    read: asyncio.Future | None = None  # the pending read of decode_call
+
+    def close(self) -> None:
+        for call in (self.decode_call, self.prefill_call):
+            if call is not None:
+                call.cancel()
+        for task in (self.transfer, self.read):
+            if task is not None:
+                task.cancel()
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    """Marks an abandoned read's outcome as seen (no 'exception was never retrieved' at exit)."""
+    if not task.cancelled():
+        task.exception()

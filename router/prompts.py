@@ -14,7 +14,11 @@ from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2
 
 MAX_PROMPTS = 64  # prompts in one Generate call
-MAX_CHAT_MESSAGES = 1024
+MAX_COMPLETIONS = 128  # prompts x n in one request
+MAX_CHAT_MESSAGES = 256  # a chat this long still prefills in seconds on CPU with the default model
+CHAT_ROLES = ("system", "user", "assistant", "developer", "tool")  # as the HTTP gateway's
+MAX_BYTES_PER_TOKEN = 32  # text longer than max_model_len x this cannot fit the context: refused untokenized
+MIN_TEXT_BYTES = 64 * 1024
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
 
 
@@ -38,6 +42,13 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.limits = limits
         self.defaults = {**OPENAI_DEFAULTS, **(generation_defaults or {})}
+        self.max_text_bytes = max(MIN_TEXT_BYTES, limits.max_model_len * MAX_BYTES_PER_TOKEN)
+
+    def check_text_size(self, num_bytes: int, what: str = "the prompt") -> None:
+        """Refuses text that cannot fit the context before any tokenizer time is spent on it."""
+        if num_bytes > self.max_text_bytes:
+            raise ValueError(f"{what} has {num_bytes} bytes; at most {self.max_text_bytes} bytes are accepted "
+                             f"(max_model_len {self.limits.max_model_len} x {MAX_BYTES_PER_TOKEN})")
 
     # ---- inputs -----------------------------------------------------------------------------
     def inputs(self, request: generation_pb2.GenerateRequest) -> list[list[int]]:
@@ -56,6 +67,7 @@ class PromptBuilder:
         if kind == "text":
             if not holder.text:
                 raise ValueError("the prompt is empty")
+            self.check_text_size(len(holder.text.encode("utf-8", "surrogatepass")))
             ids = self.tokenizer.encode(holder.text, add_special_tokens=True)
         elif kind == "token_ids":
             ids = list(holder.token_ids.ids)
@@ -83,6 +95,10 @@ class PromptBuilder:
         tokenized as plain text (engine.chat), so a user can never inject control tokens."""
         if len(messages) > MAX_CHAT_MESSAGES:
             raise ValueError(f"at most {MAX_CHAT_MESSAGES} chat messages, got {len(messages)}")
+        for i, m in enumerate(messages):
+            if m.role and m.role not in CHAT_ROLES:
+                raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role[:40]!r}")
+        self.check_text_size(sum(len(m.content.encode("utf-8", "surrogatepass")) for m in messages), "the chat")
         turns = [_turn(i, m) for i, m in enumerate(messages)]
         return render_chat(self.tokenizer, turns, add_generation_prompt=add_generation_prompt,
                            tools=[_tool(i, t) for i, t in enumerate(tools)] or None)
@@ -128,7 +144,12 @@ class PromptBuilder:
         return spec
 
     def build(self, request: generation_pb2.GenerateRequest) -> list[Prompt]:
+        """Validates and tokenizes (slow for long text: the router runs it on a worker thread)."""
         params = self.params(request)
+        num_prompts = len(request.inputs) or 1
+        if num_prompts * params.n > MAX_COMPLETIONS:
+            raise ValueError(f"at most {MAX_COMPLETIONS} completions per request (prompts x n), "
+                             f"got {num_prompts} x {params.n}")
         prompts = []
         for ids in self.inputs(request):
             max_tokens = params.verify(self.limits.vocab_size, self.limits.max_model_len, len(ids))

@@ -1,9 +1,17 @@
 """The router's view of its nodes: address, role, health and last known load.
 
-Nodes come from command-line flags and from RouterControl.Register. A poller reads every
-node's load (GetLoad) a few times a second; a node whose poll or call fails is marked down and
-skipped by placement until a poll succeeds again. Between polls, placement keeps a local
-estimate (`pending_blocks`, `pending_prompt_tokens`) of what it sent since the last reading.
+Nodes come from command-line flags and from RouterControl.Register. Every node has its own poll
+loop reading its load (GetLoad, answered from the node's published snapshot) a few times a second.
+Health tells the truth:
+- a broken connection (UNAVAILABLE) marks a node down at once; a poll that only times out is a
+  miss, and MISSES_DOWN consecutive misses mark it down (a frozen node: within ~3 s);
+- a slow answer only lowers the node's placement score (`latency_s`);
+- a call that failed during a request does not mark anyone down: it makes the router poll that
+  node now (`suspect`), so a healthy peer of a dead node is never blamed;
+- a registered node is placed on only once a poll on its claimed role's service answered and
+  named the router's model (its KV layout was checked at Register).
+Between polls, placement keeps a local estimate (`pending_blocks`, `pending_prompt_tokens`) of
+what it sent since the last reading.
 """
 from __future__ import annotations
 
@@ -14,35 +22,51 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.rpc.channel import aio_channel
+from engine.rpc.channel import NODE_KEEPALIVE, aio_channel
+from engine.rpc.errors import FailedPrecondition, InvalidArgument
+from engine.rpc.security import ClientSecurity
 from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
 
 logger = logging.getLogger("pdserve.router")
 
 POLL_INTERVAL_S = 0.3
 POLL_TIMEOUT_S = 1.0
+MISSES_DOWN = 3  # consecutive poll timeouts that mark a node down
 HEARTBEAT_INTERVAL_MS = 1000
+ROLES = ("prefill", "decode")
 
 
 @dataclass(eq=False)
 class Node:
     node_id: str
     address: str
-    role: str  # "prefill" | "decode" | "both"
+    role: str  # "prefill" | "decode"
     channel: grpc.aio.Channel = field(repr=False)
     stub: object = field(repr=False)
     healthy: bool = False
     load: generation_pb2.NodeLoad = field(default_factory=generation_pb2.NodeLoad)
     layout: node_pb2.KVLayout | None = None
+    expected_model: str = ""  # set for registered nodes: polls must name this model
     last_ok: float = 0.0
+    misses: int = 0  # consecutive poll timeouts
+    latency_s: float = 0.0  # smoothed GetLoad round trip
+    draining: bool = False  # said so in a heartbeat: no new work until it re-registers
     pending_blocks: int = 0  # reserved by the router since the last poll
     pending_prompt_tokens: int = 0  # sent for prefill since the last poll
     active: int = 0  # pipelines currently using this node
+    _prefix_of: object = field(default=None, repr=False)
+    _prefix: frozenset = field(default=frozenset(), repr=False)
 
     def mark_down(self, why: str) -> None:
         if self.healthy:
             logger.warning("node %s (%s) marked down: %s", self.node_id, self.address, why)
         self.healthy = False
+
+    def prefix_set(self) -> frozenset[int]:
+        """The reported prefix-cache hashes as a set (rebuilt once per new load report)."""
+        if self._prefix_of is not self.load:
+            self._prefix_of, self._prefix = self.load, frozenset(self.load.prefix_hashes)
+        return self._prefix
 
     def info(self) -> generation_pb2.NodeInfo:
         return generation_pb2.NodeInfo(node_id=self.node_id, address=self.address, role=self.role,
@@ -54,18 +78,58 @@ def _stub_for(role: str, channel):
 
 
 class NodeRegistry:
-    def __init__(self):
+    def __init__(self, security: ClientSecurity | None = None, block_size: int | None = None):
         self.nodes: dict[str, Node] = {}  # by node id
-        self._poller: asyncio.Task | None = None
-        self.changed = asyncio.Event()  # set after each poll round
+        self.security = security
+        self.block_size = block_size
+        self._loops: dict[str, asyncio.Task] = {}
+        self._interval: float | None = None
+        self._checks: set[asyncio.Task] = set()
+        self.changed = asyncio.Event()  # set after each poll
 
     def add(self, address: str, role: str, node_id: str | None = None) -> Node:
+        """A node from the command line (trusted: no model check), or the one already at `address`."""
         for node in self.nodes.values():
             if node.address == address:
-                if role != node.role:
-                    node.role, node.stub = role, _stub_for(role, node.channel)
                 return node
-        if role not in ("prefill", "decode"):
+        return self._new(address, role, node_id)
+
+    def register(self, request) -> Node:
+        """RouterControl.Register: a new node, or the same node again. Never changes the address or
+        role a node id or address already has."""
+        role, address = request.role, request.address
+        if role not in ROLES:
+            raise InvalidArgument(f"role must be prefill or decode, got {role[:32]!r}")
+        if not address or len(address) > 256:
+            raise InvalidArgument("address is required (host:port, at most 256 characters)")
+        known = self.nodes.get(request.node_id) if request.node_id else None
+        at_address = next((n for n in self.nodes.values() if n.address == address), None)
+        for node in {known, at_address} - {None}:
+            if node.address != address or node.role != role:
+                raise FailedPrecondition(f"node {node.node_id!r} is registered as a {node.role} node at another "
+                                         "address or role; a node's address and role never change")
+        if request.HasField("layout"):
+            self._check_layout(request.layout)
+        node = known or at_address
+        if node is None:
+            node = self._new(address, role, request.node_id or None)
+            node.expected_model = request.model
+        if request.HasField("layout"):
+            node.layout = request.layout
+        node.draining = False
+        return node
+
+    def _check_layout(self, layout: node_pb2.KVLayout) -> None:
+        if self.block_size is not None and layout.block_size != self.block_size:
+            raise InvalidArgument(f"the node's KV block size is {layout.block_size}; this pool uses {self.block_size}")
+        for other in self.nodes.values():
+            if other.layout is not None and other.layout != layout:
+                raise InvalidArgument(f"the node's KV layout differs from node {other.node_id}'s "
+                                      f"({other.layout.num_layers} layers, {other.layout.num_kv_heads} KV heads, "
+                                      f"head dim {other.layout.head_dim}, {other.layout.dtype})")
+
+    def _new(self, address: str, role: str, node_id: str | None) -> Node:
+        if role not in ROLES:
             raise ValueError(f"node role must be prefill or decode, got {role!r}")
         if node_id is None or node_id in self.nodes:
             index = sum(1 for n in self.nodes.values() if n.role == role)
@@ -73,16 +137,18 @@ class NodeRegistry:
             while node_id in self.nodes:
                 index += 1
                 node_id = f"{role}-{index}"
-        channel = aio_channel(address)
+        channel = aio_channel(address, options=NODE_KEEPALIVE, security=self.security)
         node = Node(node_id, address, role, channel, _stub_for(role, channel))
         self.nodes[node_id] = node
+        if self._interval is not None:
+            self._start_loop(node)
         return node
 
     def by_role(self, role: str) -> list[Node]:
         return [n for n in self.nodes.values() if n.role == role]
 
     def healthy(self, role: str) -> list[Node]:
-        return [n for n in self.by_role(role) if n.healthy]
+        return [n for n in self.by_role(role) if n.healthy and not n.draining and not n.load.draining]
 
     @property
     def ready(self) -> bool:
@@ -92,31 +158,63 @@ class NodeRegistry:
         return prefill_ok and bool(self.healthy("decode"))
 
     async def poll(self, node: Node, timeout: float = POLL_TIMEOUT_S) -> bool:
+        start = time.monotonic()
         try:
             load = await node.stub.GetLoad(node_pb2.NodeLoadRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            node.mark_down(f"GetLoad: {exc.code().name}")
+            self._missed(node, exc)
+            return False
+        if node.expected_model and load.model != node.expected_model:
+            node.mark_down(f"serves model {load.model[:100]!r}, registered for {node.expected_model[:100]!r}")
             return False
         if not node.healthy:
             logger.info("node %s (%s) is up", node.node_id, node.address)
-        node.load, node.healthy, node.last_ok = load, True, time.monotonic()
+        rtt = time.monotonic() - start
+        node.latency_s = rtt if not node.last_ok else 0.7 * node.latency_s + 0.3 * rtt
+        node.load, node.healthy, node.last_ok, node.misses = load, True, time.monotonic(), 0
         node.pending_blocks = node.pending_prompt_tokens = 0
+        self._notify()
         return True
 
-    async def poll_all(self) -> None:
-        await asyncio.gather(*(self.poll(n) for n in list(self.nodes.values())))
+    def _missed(self, node: Node, exc: grpc.aio.AioRpcError) -> None:
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            node.misses += 1
+            if node.misses >= MISSES_DOWN:
+                node.mark_down(f"{node.misses} GetLoad polls in a row timed out")
+        elif code == grpc.StatusCode.UNIMPLEMENTED:
+            node.mark_down(f"it does not serve the {node.role} role")
+        else:  # UNAVAILABLE (connection refused or broken), UNAUTHENTICATED, ...
+            node.mark_down(f"GetLoad: {code.name}")
+
+    def suspect(self, node: Node) -> None:
+        """A call to `node` failed: poll it now rather than waiting for its loop."""
+        task = asyncio.get_running_loop().create_task(self.poll(node))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    def _notify(self) -> None:
         self.changed.set()
         self.changed = asyncio.Event()
 
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self.poll(n) for n in list(self.nodes.values())))
+
     def start(self, interval: float = POLL_INTERVAL_S) -> None:
+        self._interval = interval
+        for node in self.nodes.values():
+            self._start_loop(node)
+
+    def _start_loop(self, node: Node) -> None:
         async def loop():
             while True:
-                await self.poll_all()
-                await asyncio.sleep(interval)
-        self._poller = asyncio.get_running_loop().create_task(loop())
+                await self.poll(node)
+                await asyncio.sleep(self._interval)
+        self._loops[node.node_id] = asyncio.get_running_loop().create_task(loop())
 
     async def close(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        tasks = [*self._loops.values(), *self._checks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(n.channel.close() for n in self.nodes.values()), return_exceptions=True)

@@ -3,8 +3,9 @@
     prefill (GrpcKVSender)                                decode (GrpcKVReceiver)
     export (device gather) -> one D2H copy per tensor      accept(header) on the loop: validated,
       into pinned memory, on a worker thread                 lease renewed
-    frame i+1 built (CRC32, serialized) on a worker   ──►  fill (CRC32, copy into pinned staging)
-      thread while frame i is written                        on a worker thread, overlapping the next
+    frames i+1..i+4 built (CRC32, serialized) on     ──►   fill (CRC32, copy into pinned staging)
+      worker threads while frame i is written                on worker threads, up to 4 at once,
+                                                             overlapping the next frames
                                                            every frame in: one copy of K and V into
                                                              the reserved blocks (write_blocks)
 
@@ -15,6 +16,7 @@ budget that follows its bytes; a stalled peer ends the transfer with one clear `
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import zlib
 
@@ -29,6 +31,7 @@ from engine.rpc.errors import Unavailable
 from protos.pdserve.v1 import node_pb2, node_pb2_grpc
 
 PUSH_KV = "/pdserve.v1.DecodeNode/PushKV"
+PIPELINE_DEPTH = 4  # frames built (sender) or checked and copied (receiver) at once on worker threads
 FRAME_BASE_BUDGET_S = 10.0  # a frame write may wait this long for flow control...
 MIN_BYTES_PER_S = 4 * 2**20  # ...plus its bytes at this (very pessimistic) rate
 _DATA_TAG = bytes([(5 << 3) | 2])  # KVFrame.data: field 5, length-delimited
@@ -48,6 +51,7 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
+@torch.inference_mode()
 def to_host(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V in host memory, contiguous: on CUDA one asynchronous copy each into pinned memory on
     a side stream (waited for here, on the calling worker thread)."""
@@ -143,12 +147,13 @@ class GrpcKVSender(KVSender):
         plan = plan_frames(spec, num_blocks, self.max_frame_bytes)
         build = functools.partial(encode_frame, target.reservation_id, spec, k, v, plan)
         call = self.channels.push_kv_raw(target.decode_address)(timeout=timeout)
+        ahead = collections.deque(loop.run_in_executor(None, build, seq)
+                                  for seq in range(min(PIPELINE_DEPTH, len(plan))))
         try:
-            pending = loop.run_in_executor(None, build, 0)
             for seq in range(len(plan)):
-                data = await pending
-                if seq + 1 < len(plan):
-                    pending = loop.run_in_executor(None, build, seq + 1)  # overlaps this frame's write
+                data = await ahead.popleft()
+                if seq + PIPELINE_DEPTH < len(plan):  # built while this frame is written
+                    ahead.append(loop.run_in_executor(None, build, seq + PIPELINE_DEPTH))
                 await asyncio.wait_for(call.write(data), frame_budget(len(data)))
             await call.done_writing()
             reply = await call
@@ -157,6 +162,9 @@ class GrpcKVSender(KVSender):
         except asyncio.CancelledError:
             call.cancel()
             raise
+        finally:
+            for fut in ahead:
+                fut.cancel()
         return reply.bytes_received
 
     async def close(self) -> None:
@@ -175,21 +183,25 @@ class GrpcKVReceiver(KVReceiver):
     async def receive(self, landing: KVLanding, frames, context) -> Received:
         staging = KVStaging(landing.reservation_id, landing.spec, landing.num_blocks, "cpu", self.pin_memory)
         loop = asyncio.get_running_loop()
-        fill = None
+        fills: collections.deque = collections.deque()
+
+        async def land_oldest():
+            slot = await fills[0][1]
+            fills.popleft()
+            staging.landed(slot)
         try:
             async for frame in frames:
                 slot = staging.accept(frame)  # every header check, before anything is copied
                 landing.progress()
-                if fill is not None:
-                    await fill
-                fill = loop.run_in_executor(None, staging.fill, frame, slot)
-            if fill is not None:
-                await fill
-            fill = None
+                if len(fills) >= PIPELINE_DEPTH:
+                    await land_oldest()
+                fills.append((slot, loop.run_in_executor(None, staging.fill, frame, slot)))
+            while fills:
+                await land_oldest()
             if not staging.complete:
                 raise TransferError(f"the transfer ended after {staging.frames} of {staging.total_frames} frames")
             await landing.write(staging.k, staging.v)
             return Received(staging.bytes_received, staging.frames)
         finally:
-            if fill is not None:  # let the worker finish with the buffer before it is dropped
-                await asyncio.wait([fill])
+            if fills:  # let the workers finish with the buffer before it is dropped
+                await asyncio.wait([fut for _, fut in fills])

@@ -163,6 +163,7 @@ def open_cache(share: node_pb2.KVShare, own_device: torch.device) -> OpenedCache
     return OpenedCache(share, spec, device, k, v)
 
 
+@torch.inference_mode()
 def scatter_into(cache: OpenedCache, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
     """Worker thread: K and V (`[layers, n, ...]`, on our GPU) into the decode node's blocks, on a
     side stream after what the engine queued so far; returns once the copies are done."""

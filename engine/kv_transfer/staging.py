@@ -140,7 +140,8 @@ class KVStaging:
         self.total_frames = frame.total_frames
         self.next_seq += 1
 
-    def _landed(self, slot: Slot) -> None:
+    def landed(self, slot: Slot) -> None:
+        """Counts a frame whose `fill` returned (call on the thread that owns the staging)."""
         self.frames += 1
         self.bytes_received += slot.nbytes
 
@@ -162,7 +163,7 @@ class KVStaging:
         self._allocate()
         self._copy_in(frame.data, slot)
         self._accept_header(frame, slot)
-        self._landed(slot)
+        self.landed(slot)
 
     def accept(self, frame: node_pb2.KVFrame) -> Slot:
         """Event loop: validates the header (and payload length) and books its blocks; `fill`
@@ -173,12 +174,13 @@ class KVStaging:
         self._accept_header(frame, slot)
         return slot
 
-    def fill(self, frame: node_pb2.KVFrame, slot: Slot) -> None:
-        """Worker thread: the CRC of an accepted frame, then its copy into the staging buffer."""
+    def fill(self, frame: node_pb2.KVFrame, slot: Slot) -> Slot:
+        """Worker thread: the CRC of an accepted frame, then its copy into the staging buffer (frames
+        fill disjoint blocks, so several may run at once); then `landed(slot)`."""
         if crc32(frame.data) != frame.header.crc32:
             raise TransferError(f"CRC32 mismatch in frame {frame.seq}")
         self._copy_in(frame.data, slot)
-        self._landed(slot)
+        return slot
 
     def receive_buffer(self, frame: node_pb2.KVFrame) -> tuple[torch.Tensor, tuple]:
         """torch.distributed transport: validates a header-only frame and returns a uint8 buffer of the
@@ -194,7 +196,7 @@ class KVStaging:
             raise TransferError(f"CRC32 mismatch in frame {frame.seq}")
         self._slot(slot).view(torch.uint8).reshape(-1).copy_(buf)
         self._accept_header(frame, slot)
-        self._landed(slot)
+        self.landed(slot)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.complete:

@@ -36,7 +36,7 @@ SERVER_OPTIONS = (
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),  # our node channels ping every 2 s (NODE_KEEPALIVE)
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.so_reuseport", 0),
 )

@@ -91,14 +91,14 @@ def test_pipelined_accept_and_fill_equal_add_frame():
     k, v, frames = frames_for(SPEC, 5, max_frame_bytes=3 * SPEC.block_bytes)
     staging = KVStaging("r", SPEC, 5)
     for frame in frames:
-        staging.fill(frame, staging.accept(frame))
+        staging.landed(staging.fill(frame, staging.accept(frame)))
     assert staging.complete and torch.equal(staging.tensors()[0], k) and torch.equal(staging.tensors()[1], v)
     staging = KVStaging("r", SPEC, 5)
     bad = node_pb2.KVFrame()
     bad.CopyFrom(frames[-1])
     bad.header.crc32 ^= 1
     for frame in frames[:-1]:
-        staging.fill(frame, staging.accept(frame))
+        staging.landed(staging.fill(frame, staging.accept(frame)))
     slot = staging.accept(bad)
     with pytest.raises(TransferError, match="CRC32"):
         staging.fill(bad, slot)

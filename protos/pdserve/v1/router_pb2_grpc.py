@@ -45,6 +45,11 @@ class RouterControlStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdserve.v1.RouterControl/Drain',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_router__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_router__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
 
 
 class RouterControlServicer:
@@ -65,6 +70,14 @@ class RouterControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """/ Drains a node: the router stops placing work on it at once, and the node finishes what it
+        / runs (pending KV transfers included) and exits, as on SIGTERM.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +90,11 @@ def add_RouterControlServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_router__pb2.DrainNodeRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_router__pb2.DrainNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +152,33 @@ class RouterControl:
             '/pdserve.v1.RouterControl/Heartbeat',
             protos_dot_pdserve_dot_v1_dot_router__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_pdserve_dot_v1_dot_router__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.RouterControl/Drain',
+            protos_dot_pdserve_dot_v1_dot_router__pb2.DrainNodeRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_router__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

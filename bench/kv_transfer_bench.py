@@ -1,0 +1,337 @@
+"""KV transfer between a real prefill and a real decode node on one machine: correctness and speed.
+
+    python bench/kv_transfer_bench.py --out OUT/kv_transfer.json [--sizes 1024,4096,7168] [--frames-mib 1,4,8]
+    python bench/kv_transfer_bench.py --tiny --out /tmp/kv.json     # the same code on CPU (grpc only), ~1 min
+
+1. equality: a tiny fp32 model and the Llama-3-8B shape in bf16 (random weights, see gpu_speed.py):
+   greedy output through the nodes over each transport (ipc, grpc; nccl needs two GPUs) must equal
+   the in-process engine's, token for token.
+2. node path: one prompt of each size through Reserve -> Prefill(target) -> Decode on the 8B-shape
+   nodes; TransferDone.ms is the prefill node's wall time of the transfer (ipc: RenewLease, the
+   device scatter, CommitKV; grpc: D2H, frames, the decode side's CRC + copies + write_blocks).
+3. transport only: the bench process sends random KV of each size to the decode node's reservation
+   with each sender (grpc at 1/4/8 MiB frames, ipc), median of --repeats after one warm-up.
+
+Prints a table last; writes {"device", "date", "command", "metrics", "details"} to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import gc
+import json
+import os
+import pathlib
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from gpu_speed import LLAMA3_8B, TINY, build_hf_model, save_model_dir  # noqa: E402
+
+from engine.kv_transfer import TRANSPORTS, GrpcKVSender, IpcKVSender, KVSpec, transport_name  # noqa: E402
+from engine.kv_transfer.grpc_transport import Channels  # noqa: E402
+from engine.rpc import convert  # noqa: E402
+from engine.sampling_params import SamplingParams  # noqa: E402
+from protos.pdserve.v1 import node_pb2, node_pb2_grpc  # noqa: E402
+
+T0 = time.perf_counter()
+GOAL_IPC_MS_7K = 10.0
+GOAL_GRPC_GBS = 1.5
+
+
+def log(*a) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NodeProc:
+    def __init__(self, role: str, model_dir: pathlib.Path, args: list[str], log_dir: pathlib.Path):
+        self.role = role
+        self.address = f"127.0.0.1:{free_port()}"
+        self.log_path = log_dir / f"{role}_{model_dir.name}.log"
+        argv = [sys.executable, "-m", f"{role}_node", "--model", str(model_dir), "--port",
+                self.address.rsplit(":", 1)[1], "--node-id", f"{role}-bench", *args]
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(self.log_path, "w"),
+                                     text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        self.ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("READY "):
+                self.ready.set()
+        self.ready.set()
+
+    def wait(self, timeout: float) -> None:
+        if not self.ready.wait(timeout) or self.proc.poll() is not None:
+            tail = self.log_path.read_text()[-3000:]
+            raise RuntimeError(f"{self.role} node did not start:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def node_args(ns, shape: dict, dtype: str, device: str) -> list[str]:
+    max_len = max(ns.sizes) + 64
+    blocks = 2 * (-(-max_len // 16)) + 64
+    return ["--device", device, "--dtype", dtype, "--max-model-len", str(max_len), "--num-gpu-blocks", str(blocks),
+            "--max-num-seqs", "8", "--max-num-batched-tokens", str(max_len), "--kv-transport", "auto",
+            "--shutdown-grace", "2"]
+
+
+# ---- one request through the nodes ----------------------------------------------------------------
+async def generate(prefill, decode, rid: str, ids: list[int], max_tokens: int, transport: int):
+    """Reserve -> Prefill(target) -> Decode as the router does it; returns (tokens, TransferDone)."""
+    params = convert.params_to_proto(SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    d, p = decode["stub"], prefill["stub"]
+    res = await d.Reserve(node_pb2.ReserveRequest(request_id=rid, num_prompt_tokens=len(ids), lease_ms=30_000,
+                                                  transport=transport), timeout=30)
+    target = node_pb2.KVTarget(decode_address=decode["address"], reservation_id=res.reservation_id,
+                               transport=transport, rendezvous=res.rendezvous, decode_node_id=res.node_id,
+                               layout=res.layout)
+    first, done = None, None
+    async for ev in p.Prefill(node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, params=params,
+                                                      target=target), timeout=120):
+        if ev.HasField("first_token"):
+            first = ev.first_token
+        else:
+            done = ev.transfer_done
+    tokens = [first.token_id]
+    async for ev in d.Decode(node_pb2.DecodeRequest(request_id=rid, reservation_id=res.reservation_id,
+                                                    prompt_token_ids=ids, first_token_id=first.token_id,
+                                                    params=params, kv_wait_ms=30_000), timeout=120):
+        tokens.extend(ev.token_ids)
+    return tokens, done
+
+
+def prompts_for(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab - 10, (n,), generator=g).tolist() for n in lengths]
+
+
+def offline_outputs(model_dir, dtype: str, device: str, prompts, max_tokens: int, max_len: int) -> list[list[int]]:
+    from engine.llm import LLM
+    llm = LLM(str(model_dir), dtype=dtype, device=device, max_model_len=max_len,
+              num_gpu_blocks=2 * (-(-max_len // 16)) + 64, max_num_seqs=8)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [list(o) for o in outs]
+
+
+def connect(node: NodeProc, role: str) -> dict:
+    import grpc
+    channel = grpc.aio.insecure_channel(node.address, options=[("grpc.max_receive_message_length", 16 * 2**20),
+                                                               ("grpc.max_send_message_length", 16 * 2**20)])
+    stub = (node_pb2_grpc.DecodeNodeStub if role == "decode" else node_pb2_grpc.PrefillNodeStub)(channel)
+    return {"address": node.address, "channel": channel, "stub": stub}
+
+
+# ---- sections ---------------------------------------------------------------------------------------
+async def equality(ns, prefill, decode, model_dir, dtype, device, transports, vocab, tag) -> dict:
+    lengths = [37, 300, min(1500, max(ns.sizes))]
+    prompts = prompts_for(vocab, lengths, seed=1)
+    want = ns.reference[tag]
+    got = {}
+    for name in transports:
+        outs, used = [], set()
+        for i, p in enumerate(prompts):
+            tokens, done = await generate(prefill, decode, f"eq-{tag}-{name}-{i}", p, ns.eq_tokens, TRANSPORTS[name])
+            outs.append(tokens)
+            used.add(transport_name(done.transport))
+        got[name] = {"equal": outs == want, "used": sorted(used),
+                     "first_mismatch": next((i for i, (a, b) in enumerate(zip(outs, want)) if a != b), None)}
+        log(f"equality {tag} {name}: {'OK' if outs == want else 'MISMATCH'} (transport used: {sorted(used)})")
+    return {"lengths": lengths, "max_tokens": ns.eq_tokens, "transports": got}
+
+
+async def node_path(ns, prefill, decode, transports, vocab) -> dict:
+    rows = {}
+    for name in transports:
+        for n in ns.sizes:
+            ms, nbytes = [], 0
+            for r in range(ns.repeats + 1):
+                (p,) = prompts_for(vocab, [n], seed=100 + r)
+                _, done = await generate(prefill, decode, f"np-{name}-{n}-{r}", p, 2, TRANSPORTS[name])
+                if r:  # the first one warms up (pinned buffers, ipc handles)
+                    ms.append(done.ms)
+                nbytes = done.bytes
+            med = statistics.median(ms)
+            rows[f"{name}/{n}"] = {"transport": name, "tokens": n, "bytes": nbytes, "ms_median": med, "ms": ms,
+                                   "gb_s": nbytes / med / 1e6}
+            log(f"node path {name} {n} tokens: {nbytes / 1e6:.0f} MB in {med:.2f} ms = {nbytes / med / 1e6:.2f} GB/s")
+    return rows
+
+
+async def transport_only(ns, decode, spec: KVSpec, device: torch.device, senders: dict) -> dict:
+    rows = {}
+    d = decode["stub"]
+    for n in ns.sizes:
+        blocks = -(-n // spec.block_size)
+        shape = (spec.num_layers, blocks, *spec.block_shape)
+        k = torch.randn(shape, device=device).to(spec.dtype)
+        v = torch.randn(shape, device=device).to(spec.dtype)
+        for name, sender in senders.items():
+            ms = []
+            for r in range(ns.repeats + 1):
+                rid = f"raw-{name}-{n}-{r}"
+                res = await d.Reserve(node_pb2.ReserveRequest(request_id=rid, num_prompt_tokens=n, lease_ms=30_000),
+                                      timeout=30)
+                target = node_pb2.KVTarget(decode_address=decode["address"], reservation_id=res.reservation_id,
+                                           transport=sender.transport, layout=res.layout, decode_node_id=res.node_id)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                sent = await sender.send(target, k, v, timeout=60)
+                elapsed = (time.perf_counter() - t) * 1000.0
+                await d.Abort(node_pb2.NodeAbortRequest(request_id=rid), timeout=10)
+                if r:
+                    ms.append(elapsed)
+            med = statistics.median(ms)
+            rows[f"{name}/{n}"] = {"sender": name, "tokens": n, "bytes": sent, "ms_median": med, "ms": ms,
+                                   "gb_s": sent / med / 1e6}
+            log(f"transport only {name} {n} tokens: {sent / 1e6:.0f} MB in {med:.2f} ms = {sent / med / 1e6:.2f} GB/s")
+        del k, v
+    return rows
+
+
+async def run_model(ns, tag: str, shape: dict, dtype: str, device: str, sections: list[str], results: dict) -> None:
+    torch_dtype = getattr(torch, dtype)
+    t = time.perf_counter()
+    model = build_hf_model(shape, device, torch_dtype, seed=0)
+    model_dir, _ = save_model_dir(model, shape, tag)
+    del model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    log(f"{tag}: model saved to {model_dir} in {time.perf_counter() - t:.1f} s")
+    transports = ["grpc"] + (["ipc"] if device == "cuda" else [])
+    max_len = max(ns.sizes) + 64
+    lengths = [37, 300, min(1500, max(ns.sizes))]
+    ns.reference[tag] = offline_outputs(model_dir, dtype, device, prompts_for(shape["vocab_size"], lengths, seed=1),
+                                        ns.eq_tokens, max_len)
+    log(f"{tag}: in-process reference done")
+    args = node_args(ns, shape, dtype, device)
+    decode_p = NodeProc("decode", model_dir, args, ns.log_dir)
+    prefill_p = NodeProc("prefill", model_dir, args, ns.log_dir)
+    try:
+        decode_p.wait(400)
+        prefill_p.wait(400)
+        log(f"{tag}: nodes ready")
+        decode, prefill = connect(decode_p, "decode"), connect(prefill_p, "prefill")
+        out = results.setdefault(tag, {})
+        out["equality"] = await equality(ns, prefill, decode, model_dir, dtype, device, transports,
+                                         shape["vocab_size"], tag)
+        if "node" in sections:
+            out["node_path"] = await node_path(ns, prefill, decode, transports, shape["vocab_size"])
+        if "raw" in sections:
+            spec = KVSpec(shape["num_hidden_layers"], 16, shape["num_key_value_heads"], shape["head_dim"], torch_dtype)
+            channels = Channels()
+            senders = {f"grpc-{mib}MiB": GrpcKVSender(channels, max_frame_bytes=mib * 2**20) for mib in ns.frames_mib}
+            if device == "cuda":
+                senders["ipc"] = IpcKVSender(channels, torch.device("cuda", 0))
+            out["transport_only"] = await transport_only(ns, decode, spec, torch.device(device), senders)
+            await channels.close()
+        load = await decode["stub"].GetLoad(node_pb2.NodeLoadRequest(), timeout=10)
+        out["decode_idle"] = {"free_blocks": load.free_blocks, "total_blocks": load.total_blocks}
+        for node in (decode, prefill):
+            await node["channel"].close()
+    finally:
+        prefill_p.stop()
+        decode_p.stop()
+
+
+def table(results: dict) -> str:
+    lines = ["", "KV transfer (median):", f"{'model':6} {'what':16} {'tokens':>6} {'MB':>8} {'ms':>9} {'GB/s':>7}"]
+    for tag, out in results.get("models", {}).items():
+        for section in ("node_path", "transport_only"):
+            for key, row in out.get(section, {}).items():
+                lines.append(f"{tag:6} {section[:4] + ':' + key.split('/')[0]:16} {row['tokens']:>6} "
+                             f"{row['bytes'] / 1e6:>8.1f} {row['ms_median']:>9.2f} {row['gb_s']:>7.2f}")
+        for name, eq in out.get("equality", {}).get("transports", {}).items():
+            lines.append(f"{tag:6} equality {name:7}: {'equal to in-process' if eq['equal'] else 'MISMATCH'} "
+                         f"(used {','.join(eq['used'])})")
+    for goal, ok in results.get("goals", {}).items():
+        lines.append(f"goal {goal}: {'met' if ok else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def goals(results: dict) -> dict:
+    big = results.get("models", {}).get("8b", {})
+    out = {}
+    for section in ("node_path", "transport_only"):
+        rows = big.get(section, {})
+        ipc = [r for k, r in rows.items() if k.startswith("ipc/") and r["tokens"] == max(r2["tokens"] for r2 in rows.values())]
+        grpc_rows = [r for k, r in rows.items() if k.startswith("grpc")]
+        if ipc:
+            out[f"{section}: ipc 7k-token KV < {GOAL_IPC_MS_7K} ms"] = ipc[0]["ms_median"] < GOAL_IPC_MS_7K
+        if grpc_rows:
+            out[f"{section}: grpc >= {GOAL_GRPC_GBS} GB/s (best size)"] = max(r["gb_s"] for r in grpc_rows) >= GOAL_GRPC_GBS
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / "bench/results/kv_transfer.json"))
+    ap.add_argument("--tiny", action="store_true", help="CPU, tiny model only, small sizes")
+    ap.add_argument("--sizes", default="1024,4096,7168")
+    ap.add_argument("--frames-mib", default="1,4,8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--eq-tokens", type=int, default=16)
+    ap.add_argument("--sections", default="node,raw")
+    ap.add_argument("--skip-8b", action="store_true")
+    ns = ap.parse_args(argv)
+    ns.sizes = [int(x) for x in ns.sizes.split(",")] if not ns.tiny else [64, 256]
+    ns.frames_mib = [int(x) for x in ns.frames_mib.split(",")]
+    ns.reference = {}
+    out_path = pathlib.Path(ns.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ns.log_dir = out_path.parent
+    device = "cpu" if ns.tiny or not torch.cuda.is_available() else "cuda"
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join(shlex.quote(a) for a in sys.argv), "models": {}, "errors": []}
+    sections = ns.sections.split(",")
+    plan = [("tiny", TINY, "float32", ["node"] if device == "cuda" else sections)]
+    if device == "cuda" and not ns.skip_8b:
+        plan.append(("8b", LLAMA3_8B, "bfloat16", sections))
+    for tag, shape, dtype, secs in plan:
+        try:
+            asyncio.run(run_model(ns, tag, shape, dtype, device, secs, results["models"]))
+        except Exception as exc:  # report and go on with the next model
+            traceback.print_exc()
+            results["errors"].append(f"{tag}: {type(exc).__name__}: {exc}"[:2000])
+        out_path.write_text(json.dumps(results, indent=1))
+    results["goals"] = goals(results)
+    out_path.write_text(json.dumps(results, indent=1))
+    print(table(results))
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,266 @@
+"""Issue 14, in process and fast: the pipeline and the registry against scripted node stubs.
+
+F3: a prefill node failing mid-transfer after the first token -> a fresh attempt, never a hang or a
+    CancelledError out of Pipeline.run; a decode node that stalls after tokens were sent -> UNAVAILABLE
+    within the inter-token budget.
+F4: a reservation that expired before the second token -> retried, never NOT_FOUND to the client.
+F6: a slow poll is a miss, not a death; consecutive misses or a broken connection mark a node down;
+    a node serving another role or model is never placed on; Register never moves a node.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from engine.rpc.errors import FailedPrecondition, RpcError
+from engine.sampling_params import SamplingParams
+from protos.pdserve.v1 import generation_pb2 as g
+from protos.pdserve.v1 import node_pb2, router_pb2
+from router.pipeline import Pipeline, PipelineConfig
+from router.prompts import Prompt
+from router.registry import MISSES_DOWN, Node, NodeRegistry
+
+FR = g.FinishReason
+HANG = object()  # a read that never completes (a node waiting for KV that will not come)
+
+
+def rpc_error(code: grpc.StatusCode, details: str = "") -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details or code.name)
+
+
+class FakeCall:
+    """A unary-stream call: read() returns scripted events; cancel() makes a pending read raise
+    CancelledError, as grpc.aio does for a call cancelled by another task."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.cancelled = False
+        self._wake = asyncio.Event()
+
+    async def read(self):
+        if self.cancelled:
+            raise asyncio.CancelledError()
+        item = self.script.pop(0) if self.script else grpc.aio.EOF
+        if item is HANG:
+            await self._wake.wait()
+            raise asyncio.CancelledError()
+        if isinstance(item, BaseException):
+            raise item
+        await asyncio.sleep(0)
+        return item
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        item = await self.read()
+        if item is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return item
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        self._wake.set()
+        return True
+
+
+class Cluster:
+    """Scripts for the Prefill and Decode calls, in call order, and a log of every Abort."""
+
+    def __init__(self, prefill_scripts, decode_scripts):
+        self.prefill_scripts, self.decode_scripts = list(prefill_scripts), list(decode_scripts)
+        self.aborts: list[str] = []
+        self.calls: list[FakeCall] = []
+
+    def stub(self, node_id: str, model: str = "m", poll=None):
+        cluster = self
+
+        class Stub:
+            async def GetLoad(self, request, timeout=None):
+                if poll is not None:
+                    return await poll()
+                return g.NodeLoad(free_blocks=60, total_blocks=64, model=model)
+
+            async def Reserve(self, request, timeout=None):
+                return node_pb2.ReserveResponse(reservation_id=f"res-{len(cluster.aborts)}", num_blocks=2,
+                                                node_id=node_id)
+
+            def Prefill(self, request, timeout=None):
+                call = FakeCall(cluster.prefill_scripts.pop(0))
+                cluster.calls.append(call)
+                return call
+
+            def Decode(self, request, timeout=None):
+                assert request.first_token_id == 7  # always the token the client already has
+                call = FakeCall(cluster.decode_scripts.pop(0))
+                cluster.calls.append(call)
+                return call
+
+            async def Abort(self, request, timeout=None):
+                cluster.aborts.append(node_id)
+                return node_pb2.NodeAbortResponse(found=True)
+        return Stub()
+
+
+def first_token(token_id: int = 7) -> node_pb2.PrefillEvent:
+    return node_pb2.PrefillEvent(first_token=node_pb2.FirstToken(token_id=token_id))
+
+
+def transfer_done() -> node_pb2.PrefillEvent:
+    return node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes=10, ms=1.0))
+
+
+def tokens(*ids: int, finish: int = FR.FINISH_REASON_UNSPECIFIED) -> node_pb2.DecodeEvent:
+    return node_pb2.DecodeEvent(token_ids=list(ids), finish_reason=finish)
+
+
+def make_registry(cluster: Cluster, prefills=("prefill-0", "prefill-1"), decodes=("decode-0",)) -> NodeRegistry:
+    registry = NodeRegistry()
+    for role, ids in (("prefill", prefills), ("decode", decodes)):
+        for node_id in ids:
+            node = Node(node_id, f"127.0.0.1:{len(registry.nodes) + 1}", role, channel=None,
+                        stub=cluster.stub(node_id), healthy=True,
+                        load=g.NodeLoad(free_blocks=60, total_blocks=64))
+            registry.nodes[node_id] = node
+    return registry
+
+
+async def collect(pipe: Pipeline, budget_s: float = 10.0) -> list:
+    async def run():
+        return [c async for c in pipe.run()]
+    return await asyncio.wait_for(run(), budget_s)
+
+
+def pipeline(registry, tokenizer, max_tokens: int = 4, **config) -> Pipeline:
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    prompt = Prompt([1, 2, 3, 4, 5], params, max_tokens)
+    cfg = PipelineConfig(**{"admission_wait_s": 0.5, **config})
+    now = time.monotonic()
+    return Pipeline(registry, cfg, tokenizer, prompt, 0, 0, "req-x.0.0", 0, now + 30.0, now)
+
+
+@pytest.mark.timeout(60)
+def test_prefill_failing_mid_transfer_after_first_token_is_retried(default_tokenizer):
+    async def main():
+        cluster = Cluster(
+            prefill_scripts=[[first_token(), rpc_error(grpc.StatusCode.UNAVAILABLE, "PushKV: Socket closed")],
+                             [first_token(99), transfer_done()]],  # the retry's first token is not sent again
+            decode_scripts=[[HANG],  # waits for KV that never comes; the router cancels it
+                            [tokens(8), tokens(9), tokens(10, finish=FR.FINISH_REASON_LENGTH)]])
+        chunks = await collect(pipeline(make_registry(cluster), default_tokenizer))
+        assert [c.token_ids for c in chunks] == [[7], [8], [9], [10]]
+        assert chunks[-1].finish_reason == FR.FINISH_REASON_LENGTH
+        assert all(call.cancelled or not call.script for call in cluster.calls)
+        assert "decode-0" in cluster.aborts  # the first reservation was freed before the retry
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_expired_reservation_before_second_token_is_retried_not_404(default_tokenizer):
+    async def main():
+        cluster = Cluster(
+            prefill_scripts=[[first_token(), transfer_done()], [first_token(), transfer_done()]],
+            decode_scripts=[[rpc_error(grpc.StatusCode.NOT_FOUND, "unknown or expired reservation")],
+                            [tokens(8, 9), tokens(10, finish=FR.FINISH_REASON_LENGTH)]])
+        chunks = await collect(pipeline(make_registry(cluster), default_tokenizer))
+        assert [c.token_ids for c in chunks] == [[7], [8], [9], [10]]
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_decode_stalling_after_tokens_ends_unavailable_within_the_gap_budget(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]],
+                          decode_scripts=[[tokens(8), HANG]])
+        pipe = pipeline(make_registry(cluster), default_tokenizer, max_tokens=10, token_gap_s=0.5,
+                        max_failovers=0)
+        got = []
+        start = time.monotonic()
+        with pytest.raises(RpcError) as err:
+            async for chunk in pipe.run():
+                got.append(chunk.token_ids)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "sent nothing" in err.value.message
+        assert got == [[7], [8]]
+        assert time.monotonic() - start < 5.0
+        assert "decode-0" in cluster.aborts
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_node_cancelled_is_unavailable_not_cancelled(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]] * 3,
+                          decode_scripts=[[rpc_error(grpc.StatusCode.CANCELLED)]] * 3)
+        with pytest.raises(RpcError) as err:
+            await collect(pipeline(make_registry(cluster), default_tokenizer))
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE  # never reported as a client disconnect
+    asyncio.run(main())
+
+
+# ---- registry (F6, F1) -------------------------------------------------------------------------------
+
+def _scripted_poll(outcomes):
+    async def poll():
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+    return poll
+
+
+@pytest.mark.timeout(30)
+def test_poll_misses_and_broken_connections():
+    async def main():
+        cluster = Cluster([], [])
+        registry = make_registry(cluster, prefills=(), decodes=("decode-0",))
+        node = registry.nodes["decode-0"]
+        late = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)
+        ok = g.NodeLoad(free_blocks=60, total_blocks=64)
+        node.stub = cluster.stub("decode-0", poll=_scripted_poll(
+            [late, ok] + [late] * MISSES_DOWN + [ok, rpc_error(grpc.StatusCode.UNAVAILABLE), ok,
+                                                 rpc_error(grpc.StatusCode.UNIMPLEMENTED)]))
+        assert not await registry.poll(node) and node.healthy  # one late answer: still serving
+        assert await registry.poll(node) and node.misses == 0
+        for _ in range(MISSES_DOWN - 1):
+            await registry.poll(node)
+        assert node.healthy
+        await registry.poll(node)
+        assert not node.healthy  # MISSES_DOWN in a row: frozen
+        assert await registry.poll(node) and node.healthy
+        await registry.poll(node)
+        assert not node.healthy  # connection refused: down at once
+        await registry.poll(node)
+        await registry.poll(node)
+        assert not node.healthy  # it does not serve the decode role
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(30)
+def test_register_never_moves_a_node_and_checks_model_and_layout():
+    async def main():
+        registry = NodeRegistry(block_size=16)
+        layout = node_pb2.KVLayout(num_layers=2, block_size=16, num_kv_heads=2, head_dim=8, dtype="float32")
+        first = registry.register(router_pb2.RegisterNodeRequest(
+            node_id="decode-a", address="127.0.0.1:9001", role="decode", model="m", layout=layout))
+        assert not first.healthy  # not placed on before a poll answered
+        for node_id, address, role in (("decode-a", "127.0.0.1:9002", "decode"),  # move an id
+                                       ("decode-a", "127.0.0.1:9001", "prefill"),  # flip a role
+                                       ("other", "127.0.0.1:9001", "prefill")):  # take an address
+            with pytest.raises(FailedPrecondition):
+                registry.register(router_pb2.RegisterNodeRequest(node_id=node_id, address=address, role=role,
+                                                                 model="m", layout=layout))
+        assert (first.address, first.role) == ("127.0.0.1:9001", "decode")
+        assert registry.register(router_pb2.RegisterNodeRequest(
+            node_id="decode-a", address="127.0.0.1:9001", role="decode", model="m", layout=layout)) is first
+        with pytest.raises(RpcError, match="block size"):
+            registry.register(router_pb2.RegisterNodeRequest(
+                node_id="decode-b", address="127.0.0.1:9003", role="decode", model="m",
+                layout=node_pb2.KVLayout(num_layers=2, block_size=32, num_kv_heads=2, head_dim=8, dtype="float32")))
+        first.stub = Cluster([], []).stub("decode-a", model="another-model")
+        assert not await registry.poll(first) and not first.healthy  # serves another model: never placed
+        await registry.close()
+    asyncio.run(main())
