@@ -13,10 +13,11 @@
 # On CPU, the same harness at small scale (tiny llama, 8 streams, bursts of 4 x 384 tokens):
 #   OUT=<dir> bash bench/gpu_nostall.sh --tiny
 # Env: NEW_TOKENS (default 1024; 256 with --tiny), PREFILL_SM_PERCENT (MPS share of the prefill node,
-#      default 50), CONFIGS (space-separated subset of "colocated 1p1d 1p1d_mps"), BENCH_TIMEOUT (s, 480),
+#      default 50), CONFIGS (default "colocated 1p1d 1p1d_mps"; 1p1d_mpsNN gives prefill NN% of the SMs),
+#      BENCH_TIMEOUT (s, 480),
 #      PY (python, default python3; .venv/bin/python on CPU if present).
 # Needs grpcio >= 1.84.2 with grpcio-reflection / grpcio-health-checking; where they are missing the
-# wheels in .kwhl/ are installed into /tmp/site (as bench/gpu_run.sh does).
+# wheels in $WHEELS (default .kwhl/) are installed into /tmp/site (as bench/gpu_run.sh does).
 set -uo pipefail
 TINY=0
 [ "${1:-}" = "--tiny" ] && TINY=1
@@ -27,8 +28,10 @@ PY=${PY:-python3}
 [ "$TINY" = 1 ] && [ -x .venv/bin/python ] && [ "$PY" = python3 ] && PY=.venv/bin/python
 START=$(date +%s)
 
-if ! $PY -c "import grpc_health.v1, grpc_reflection.v1alpha" 2>/dev/null && ls .kwhl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .kwhl/*.whl
+WHEELS=${WHEELS:-.kwhl}
+if ! $PY -c "import grpc_health.v1, grpc_reflection.v1alpha, protos.pdserve.v1.generation_pb2_grpc" 2>/dev/null \
+    && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi -L
@@ -55,17 +58,20 @@ echo "model $MODEL ($(( $(date +%s) - START )) s)"
 trap 'rm -rf "$MODEL"' EXIT
 
 COMMON="--model $MODEL $ENGINE --no-gateway --grace-period 5"
-declare -A ARGS=(
-  [colocated]="$COMMON --num-prefill 0 --num-decode 1"
-  [1p1d]="$COMMON --num-prefill 1 --num-decode 1"
-  [1p1d_mps]="$COMMON --num-prefill 1 --num-decode 1 --gpu-share mps --prefill-sm-percent ${PREFILL_SM_PERCENT:-50}"
-)
 SERVE=()
-for name in ${CONFIGS:-colocated 1p1d 1p1d_mps}; do
-  if [ "$name" = 1p1d_mps ] && ! command -v nvidia-cuda-mps-control >/dev/null; then
-    echo "skipping 1p1d_mps: nvidia-cuda-mps-control is not on this machine"; continue
-  fi
-  SERVE+=(--serve "${ARGS[$name]}" --label "$name")
+for name in ${CONFIGS:-colocated 1p1d 1p1d_mps}; do  # 1p1d_mpsNN: MPS with NN% of the SMs for prefill
+  case "$name" in
+    colocated) args="$COMMON --num-prefill 0 --num-decode 1" ;;
+    1p1d) args="$COMMON --num-prefill 1 --num-decode 1" ;;
+    1p1d_mps*)
+      if ! command -v nvidia-cuda-mps-control >/dev/null; then
+        echo "skipping $name: nvidia-cuda-mps-control is not on this machine"; continue
+      fi
+      pct=${name#1p1d_mps}
+      args="$COMMON --num-prefill 1 --num-decode 1 --gpu-share mps --prefill-sm-percent ${pct:-${PREFILL_SM_PERCENT:-50}}" ;;
+    *) echo "unknown configuration $name (colocated, 1p1d, 1p1d_mps, 1p1d_mpsNN)"; exit 2 ;;
+  esac
+  SERVE+=(--serve "$args" --label "$name")
 done
 
 # shellcheck disable=SC2086

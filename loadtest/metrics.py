@@ -99,6 +99,7 @@ def latency(records: list[Record]) -> dict:
     out = {
         "ttft_ms": stats(ttft_ms(r) for r in ok),
         "itl_ms": stats(g for r in ok for g in gaps_ms(r)),
+        "itl_after_first_ms": stats(g for r in ok for g in gaps_ms(r)[1:]),  # steady decoding only
         "tpot_ms": stats(v for v in map(tpot_ms, ok) if v is not None),
         "e2e_ms": stats(e2e_ms(r) for r in ok),
         "first_gap_ms": stats(gaps_ms(r)[0] for r in ok if len(r.chunk_times) > 1),

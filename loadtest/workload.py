@@ -227,7 +227,10 @@ def build(config: WorkloadConfig, num_requests: int) -> list[RequestSpec]:
 
 
 def warmup(config: WorkloadConfig, count: int, max_tokens: int = 8) -> list[RequestSpec]:
-    """Short requests of the workload's shape, excluded from the figures."""
+    """`count` short requests of the workload's shape, then one prompt of each burst length (so no
+    kernel is compiled for a long prompt inside the measured run); excluded from the figures."""
     draw = _Draw(WorkloadConfig(**{**config.__dict__, "seed": config.seed + 7919, "bursts": ()}))
-    return [RequestSpec(draw.tokens(min(config.input_len.sample(draw.rng), 256)), max_tokens, kind="warmup")
-            for _ in range(count)]
+    specs = [RequestSpec(draw.tokens(min(config.input_len.sample(draw.rng), 256)), max_tokens, kind="warmup")
+             for _ in range(count)]
+    lengths = sorted({b.length for b in config.bursts}) if count else []
+    return specs + [RequestSpec(draw.tokens(n), 2, kind="warmup") for n in lengths]

@@ -57,6 +57,7 @@ def test_goodput_and_errors():
     assert s["main"]["ttft_ms"]["count"] == 3 and s["main"]["ttft_ms"]["max"] == pytest.approx(600)
     assert s["main"]["itl_ms"]["count"] == 5 and s["main"]["itl_ms"]["max"] == pytest.approx(100)
     assert s["main"]["first_gap_ms"]["p50"] == pytest.approx(20)  # first gaps 20, 10, 100
+    assert s["main"]["itl_after_first_ms"]["count"] == 2 and s["main"]["itl_after_first_ms"]["max"] == pytest.approx(20)
     with pytest.raises(ValueError, match="tpot_ms"):
         SLO.parse(["itl=50"])
 

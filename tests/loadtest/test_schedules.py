@@ -38,6 +38,10 @@ def test_workload_and_bursts_reproducible_from_seed():
                for s in main)
     assert [(s.kind, s.at, s.prompt.num_tokens, s.max_tokens) for s in bursts] == [("burst", 2.0, 700, 5)] * 3
     assert len({s.prompt.ids for s in bursts}) == 3  # distinct prompts, no prefix-cache shortcut
+    warm = wl.warmup(cfg, 2)
+    assert [(s.kind, s.prompt.num_tokens <= 200) for s in warm[:2]] == [("warmup", True)] * 2
+    assert (warm[2].prompt.num_tokens, len(warm)) == (700, 3)  # one prompt of the burst length
+    assert all(warm[2].prompt.ids[:16] != b.prompt.ids[:16] for b in bursts)  # no prefix-cache hit later
 
 
 def test_length_distributions():
