@@ -91,6 +91,8 @@ class AsyncEngine:
             self._cond.notify()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
+        if self._thread is None or not self._thread.is_alive():  # no step in flight: stop the TP ranks
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
 
     @property
     def healthy(self) -> bool:
@@ -318,4 +320,3 @@ class AsyncEngine:
         if idle and load["free_blocks"] != load["total_blocks"]:
             raise AssertionError(f"kv leak: {load['free_blocks']} free blocks of {load['total_blocks']} on an "
                                  f"idle engine")
-

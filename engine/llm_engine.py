@@ -8,6 +8,7 @@ One engine serves three roles:
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import dataclass
@@ -21,6 +22,11 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import ModelSource, load_model_source
 from engine.model_runner import PLACEHOLDER, ModelRunner, PendingStep
 from engine.models import get_model_class
+from engine.quant import QuantConfig, load_checkpoint, resolve_quant_config
+from engine.parallel.group import TPGroup
+from engine.parallel.ranks import RankProcesses, rank_devices
+from engine.parallel.sharding import check_tp_size, make_shard
+from engine.parallel.step import TPLeaderRunner
 from engine.outputs import StepOutput
 from engine.request import FinishReason, Request
 from engine.sampler import RowSpec, SamplerOutput
@@ -87,6 +93,50 @@ def resolve_max_model_len(config, requested: int | None) -> int:
     return requested
 
 
+def max_batched_tokens(args: EngineArgs, max_model_len: int) -> int:
+    if args.max_num_batched_tokens:
+        return args.max_num_batched_tokens
+    return max(2048, args.max_num_seqs) if args.enable_chunked_prefill else max_model_len
+
+
+def build_model(source: ModelSource, device: torch.device, dtype: torch.dtype, max_model_len: int,
+                tp: TPGroup | None = None, quant: QuantConfig | None = None) -> torch.nn.Module:
+    """Builds the model (this rank's shard under TP) directly in the target dtype on the target
+    device (no fp32 copy of the weights on the way) and loads the checkpoint into it."""
+    cls = get_model_class(source.config.model_type)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(source.config, max_positions=max_model_len, tp=tp)
+    except torch.cuda.OutOfMemoryError as e:
+        raise MemoryError(f"the model does not fit on {device}: {e}") from None
+    finally:
+        torch.set_default_dtype(previous)
+    load_checkpoint(model, source, quant)  # quantized layers swapped in as the weights load (engine/quant)
+    return model.eval()
+
+
+def build_runner(args: EngineArgs, source: ModelSource, device: torch.device, max_model_len: int,
+                 tp: TPGroup | None = None) -> ModelRunner:
+    """The model runner of one rank (rank 0 of a TP group: the one that drives the others); its
+    KV cache is allocated later."""
+    dtype = resolve_dtype(args.dtype, device)
+    model = build_model(source, device, dtype, max_model_len, tp, resolve_quant_config(args.quantization, source))
+    shard = model.shard
+    shape = dataclasses.replace(model_shape(source.config, max_model_len), num_heads=shard.num_heads,
+                                num_kv_heads=shard.num_kv_heads)
+    backend = args.attention_backend or ("triton" if device.type == "cuda" else "torch")
+    runner_args = (model, shape, 0, args.block_size, device, dtype, backend)
+    kwargs = dict(max_num_batched_tokens=max_batched_tokens(args, max_model_len), max_num_seqs=args.max_num_seqs,
+                  enforce_eager=args.enforce_eager or args.role == "prefill")  # prefill never decodes
+    if tp is None or tp.rank != 0:
+        return ModelRunner(*runner_args, **kwargs)
+    kv_starts = [make_shard(source.config, r, tp.size).kv_start for r in range(tp.size)]
+    return TPLeaderRunner(*runner_args, group=tp, kv_starts=kv_starts, total_kv_heads=shard.total_kv_heads,
+                          **kwargs)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs, source: ModelSource | None = None):
         self.args = args
@@ -102,15 +152,22 @@ class LLMEngine:
         self.role = args.role
         torch.manual_seed(args.seed)
 
-        batched = args.max_num_batched_tokens or (max(2048, args.max_num_seqs) if args.enable_chunked_prefill
-                                                  else self.max_model_len)
+        batched = max_batched_tokens(args, self.max_model_len)
         self.scheduler_config = SchedulerConfig(args.max_num_seqs, batched, self.max_model_len,
                                                 args.enable_chunked_prefill)
-        model = self._build_model(config)
-        backend = args.attention_backend or ("triton" if self.device.type == "cuda" else "torch")
-        self.runner = ModelRunner(model, self.shape, 0, args.block_size, self.device, self.dtype, backend,
-                                  max_num_batched_tokens=batched, max_num_seqs=args.max_num_seqs,
-                                  enforce_eager=args.enforce_eager or self.role == "prefill")  # prefill never decodes
+        self.ranks = self._start_ranks(config)
+        try:
+            self._build(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config) -> None:
+        args = self.args
+        if self.device.type == "cuda":
+            self._check_weights_fit(config)
+        self.runner = build_runner(args, self.source, self.device, self.max_model_len,
+                                   self.ranks.group if self.ranks else None)
         num_blocks = self._num_blocks()
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()
@@ -128,28 +185,34 @@ class LLMEngine:
         self._grammars: GrammarCache | None = None  # built on the first structured request
 
     # ---- construction ------------------------------------------------------------------------
-    def _build_model(self, config) -> torch.nn.Module:
-        """Builds the model directly in the target dtype on the target device (no fp32 copy of
-        the weights on the way) and loads the checkpoint into it."""
-        cls = get_model_class(config.model_type)
-        if self.device.type == "cuda":
-            self._check_weights_fit(config)
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-        try:
-            with torch.device(self.device):
-                model = cls(config, max_positions=self.max_model_len)
-        except torch.cuda.OutOfMemoryError as e:
-            raise MemoryError(f"the model does not fit on {self.device}: {e}") from None
-        finally:
-            torch.set_default_dtype(previous)
-        model.load_weights(self.source.iter_weights())
-        return model.eval()
+    def _start_ranks(self, config) -> RankProcesses | None:
+        """Tensor parallel: spawns ranks 1..N-1 (rank 0 is this process); None for one rank."""
+        size = self.args.tensor_parallel_size
+        check_tp_size(config, size)
+        if size == 1:
+            return None
+        devices = rank_devices(self.device, size)
+        self.device = devices[0]
+        return RankProcesses(self.args, devices)
+
+    def close(self) -> None:
+        """Stops the other tensor-parallel ranks (a no-op with one rank); idempotent."""
+        ranks, self.ranks = getattr(self, "ranks", None), None
+        if ranks is None:
+            return
+        grace = 0.0
+        if ranks.died is None and isinstance(getattr(self, "runner", None), TPLeaderRunner):
+            try:
+                self.runner.stop_ranks()
+                grace = 10.0
+            except RuntimeError:
+                pass
+        ranks.close(grace)
 
     def _check_weights_fit(self, config) -> None:
         free, total = torch.cuda.mem_get_info(self.device)
         elem = torch.empty((), dtype=self.dtype).element_size()
-        need = estimate_num_params(config) * elem
+        need = estimate_num_params(config) * elem // self.args.tensor_parallel_size  # this rank's shard
         allowed = self.args.gpu_memory_utilization * total - (total - free)
         if need > allowed:
             raise MemoryError(
@@ -162,7 +225,7 @@ class LLMEngine:
         weights, everything else already on the GPU, and the peak activations of the largest step
         (measured by running it); on CPU, `cpu_kv_cache_gb`."""
         args = self.args
-        per_block = self.shape.kv_bytes_per_token(self.dtype) * args.block_size
+        per_block = self.runner.shape.kv_bytes_per_token(self.dtype) * args.block_size  # this rank's heads
         blocks_per_seq = -(-self.max_model_len // args.block_size)
         useful = args.max_num_seqs * blocks_per_seq + 1
         if args.num_gpu_blocks is not None:
@@ -299,6 +362,8 @@ class LLMEngine:
         finishes (eos, stop string) has its row in N+1 ignored. Rows that need their token
         history on the host (penalties) wait for step N first."""
         prev, self._inflight = self._inflight, None
+        if self.ranks is not None:
+            self.ranks.check()
         out = self.scheduler.schedule()
         outputs: list[StepOutput] = []
         if prev is not None and not out.is_empty and self._needs_token_values(out):

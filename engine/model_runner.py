@@ -206,11 +206,9 @@ class ModelRunner:
             logits = self.graphs.run(len(chunks), filled, prev)  # one token per row, every row sampled
         else:
             inputs = self._inputs(out, filled, prev)
-            self.attn.plan(inputs.metadata)
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attn)
-            if not inputs.sampled_rows:
+            logits = self.forward(inputs)
+            if logits is None:
                 return PendingStep(None, None, None)
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
         meta = SamplingMetadata.build(rows, self.shape.vocab_size, self.device)
         output = self.sampler(logits, meta)
         if self.device.type != "cuda" or not to_host:
@@ -275,13 +273,33 @@ class ModelRunner:
             n = filled.num_fixes
             b.ids_d[b.fix_dst_d[:n]] = prev.sampled_device[b.fix_src_d[:n]]
 
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The forward pass of staged inputs; logits of the sampled rows (None if there are none)."""
+        self.attn.plan(inputs.metadata)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attn)
+        if not inputs.sampled_rows:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def publish_step(self, num_tokens: int, num_seqs: int, filled: _Filled, graph_size: int) -> None:
+        """Called once the step's inputs are on the device, before the forward pass. One rank:
+        nothing to do; rank 0 of a tensor-parallel group sends them to the others here
+        (engine/parallel/step.py)."""
+
     def _inputs(self, out: SchedulerOutput, filled: _Filled, prev: PendingStep | None) -> StepInputs:
-        b = self.buffers
         num_seqs = len(out.chunks)
-        num_tokens, width = filled.num_tokens, filled.table_width
-        self.upload(num_tokens, num_seqs, filled, prev)
+        self.upload(filled.num_tokens, num_seqs, filled, prev)
+        self.publish_step(filled.num_tokens, num_seqs, filled, 0)
         query_lens = tuple(len(c.token_ids) for c in out.chunks)
         seq_lens = tuple(c.end_pos for c in out.chunks)
+        return self.staged_inputs(filled.num_tokens, filled.table_width, tuple(filled.sampled_rows),
+                                  query_lens, seq_lens)
+
+    def staged_inputs(self, num_tokens: int, width: int, sampled_rows: tuple[int, ...],
+                      query_lens: tuple[int, ...], seq_lens: tuple[int, ...]) -> StepInputs:
+        """StepInputs over the device buffers, for rows already staged there."""
+        b = self.buffers
+        num_seqs = len(query_lens)
         md = AttentionMetadata(
             slot_mapping=b.slots_d[:num_tokens],
             query_start_loc=b.qsl_d[:num_seqs + 1],
@@ -296,8 +314,8 @@ class ModelRunner:
             input_ids=b.ids_d[:num_tokens],
             positions=b.pos_d[:num_tokens],
             metadata=md,
-            logits_indices=b.logits_idx_d[:len(filled.sampled_rows)],
-            sampled_rows=tuple(filled.sampled_rows),
+            logits_indices=b.logits_idx_d[:len(sampled_rows)],
+            sampled_rows=sampled_rows,
         )
 
     def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
@@ -439,6 +457,7 @@ class CudaGraphs:
             h.slots[n:size] = -1
             h.lens[n:size] = 0
         r.upload(size, size, filled, prev)
+        r.publish_step(size, size, filled, size)
         graph, logits = self.graphs[size]
         graph.replay()
         return logits[:n]

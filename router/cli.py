@@ -26,7 +26,7 @@ from engine.tool_parsers import PARSERS
 DELEGATES = {"router": "router", "prefill": "prefill_node", "decode": "decode_node", "gateway": "gateway"}
 ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_model_len", "gpu_memory_utilization",
                 "cpu_kv_cache_gb", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
-                "seed", "kv_transport")
+                "seed", "kv_transport", "tensor_parallel_size")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -133,6 +133,12 @@ def _engine_argv(ns) -> list[str]:
     return argv
 
 
+def _role_tp_argv(ns, role: str) -> list[str]:
+    """--prefill-tensor-parallel-size / --decode-tensor-parallel-size override --tensor-parallel-size."""
+    size = getattr(ns, f"{role}_tensor_parallel_size")
+    return [] if size is None else ["--tensor-parallel-size", str(size)]
+
+
 def _metrics_argv(ns, offset: int) -> list[str]:
     """--metrics-port P: the router serves metrics on P, the k-th node (prefill first) on P + k."""
     return [] if ns.metrics_port is None else ["--metrics-port", str(ns.metrics_port + offset)]
@@ -143,7 +149,8 @@ def plan(ns) -> list[Child]:
     engine = _engine_argv(ns)
     local = "127.0.0.1"
     nodes = [(role, i) for role, count in (("prefill", ns.num_prefill), ("decode", ns.num_decode)) for i in range(count)]
-    children = [Child(f"{role}-{i}", [f"{role}_node", *engine, *_metrics_argv(ns, 1 + j), "--node-id", f"{role}-{i}",
+    children = [Child(f"{role}-{i}", [f"{role}_node", *engine, *_role_tp_argv(ns, role), *_metrics_argv(ns, 1 + j),
+                                      "--node-id", f"{role}-{i}",
                                       "--host", local, "--port", str(free_port())])
                 for j, (role, i) in enumerate(nodes)]
     router = ["router", "--host", ns.host, "--port", str(ns.port), "--block-size", str(ns.block_size),
@@ -180,6 +187,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
              help="prefill nodes to start; 0 = colocated serving: each decode node prefills its own "
                   "prompts in its batch (chunked prefill), no KV transfer")
     add_flag(g, "--num-decode", type=int, default=1, help="decode nodes to start")
+    for role in ("prefill", "decode"):
+        add_flag(g, f"--{role}-tensor-parallel-size", type=int, default=None,
+                 help=f"tensor-parallel ranks of each {role} node (default: --tensor-parallel-size)")
     add_flag(g, "--gateway", action=argparse.BooleanOptionalAction, default=True,
              help="also start the HTTP gateway (--no-gateway: gRPC only)")
     add_flag(g, "--gateway-port", type=int, default=8000, help="port of the HTTP gateway")
