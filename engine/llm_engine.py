@@ -338,6 +338,8 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """Runs one step; returns the tokens it produced. With async scheduling (CUDA), returns the
         tokens of the step before, while this one runs on the device."""
+        if self.ranks is not None:
+            self.ranks.check()
         if self._async:
             return self._step_async()
         out = self.scheduler.schedule()
@@ -362,8 +364,6 @@ class LLMEngine:
         finishes (eos, stop string) has its row in N+1 ignored. Rows that need their token
         history on the host (penalties) wait for step N first."""
         prev, self._inflight = self._inflight, None
-        if self.ranks is not None:
-            self.ranks.check()
         out = self.scheduler.schedule()
         outputs: list[StepOutput] = []
         if prev is not None and not out.is_empty and self._needs_token_values(out):
