@@ -17,9 +17,9 @@ FINISH_REASONS = {
     FR.FINISH_REASON_TIME_LIMIT: "time_limit",
     FR.FINISH_REASON_ERROR: "error",
 }
-# the engine's names, for pdserve:request_success{finished_reason}
+# vLLM's names, for pdserve:request_success{finished_reason} (an end-of-sequence is "stop")
 METRIC_REASONS = {FR.FINISH_REASON_LENGTH: "length", FR.FINISH_REASON_STOP: "stop",
-                  FR.FINISH_REASON_EOS: "eos", FR.FINISH_REASON_ABORTED: "abort",
+                  FR.FINISH_REASON_EOS: "stop", FR.FINISH_REASON_ABORTED: "abort",
                   FR.FINISH_REASON_TIME_LIMIT: "time_limit", FR.FINISH_REASON_ERROR: "error"}
 MIN_LOGPROB = -9999.0  # JSON has no -inf
 

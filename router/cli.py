@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.cli_args import add_engine_args, add_flag
+from engine.metrics import PREFIXES
 from engine.tool_parsers import PARSERS
 
 DELEGATES = {"router": "router", "prefill": "prefill_node", "decode": "decode_node", "gateway": "gateway"}
@@ -141,7 +142,8 @@ def _role_tp_argv(ns, role: str) -> list[str]:
 
 def _metrics_argv(ns, offset: int) -> list[str]:
     """--metrics-port P: the router serves metrics on P, the k-th node (prefill first) on P + k."""
-    return [] if ns.metrics_port is None else ["--metrics-port", str(ns.metrics_port + offset)]
+    return [] if ns.metrics_port is None else ["--metrics-port", str(ns.metrics_port + offset),
+                                               "--metrics-prefix", ns.metrics_prefix]
 
 
 def plan(ns) -> list[Child]:
@@ -172,6 +174,7 @@ def plan(ns) -> list[Child]:
             gateway += ["--api-key", key]
         if ns.tool_call_parser:
             gateway += ["--tool-call-parser", ns.tool_call_parser]
+        gateway += ["--metrics-prefix", ns.metrics_prefix]
         children.append(Child("gateway", gateway))
     return children
 
@@ -194,6 +197,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
              help="also start the HTTP gateway (--no-gateway: gRPC only)")
     add_flag(g, "--gateway-port", type=int, default=8000, help="port of the HTTP gateway")
     add_flag(g, "--gateway-host", default="127.0.0.1", help="address the HTTP gateway listens on")
+    add_flag(g, "--metrics-prefix", default="pdserve", choices=PREFIXES,
+             help="metric name prefix on every port: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's "
+                  "dashboards and autoscaling rules)")
     add_flag(g, "--tool-call-parser", default=None, choices=sorted(PARSERS),
              help="the gateway's parser of model output into OpenAI tool_calls (needed for tool_choice auto)")
     add_flag(g, "--api-key", action=_Append, default=None,

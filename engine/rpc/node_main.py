@@ -15,6 +15,7 @@ from typing import Callable
 
 from engine.async_engine import AsyncEngine
 from engine.cli_args import add_engine_args, add_flag, engine_args_from
+from engine.metrics import PREFIXES
 from engine.rpc.process import announce_ready, die_with_parent, stop_signals
 from engine.rpc.server import build_server, run
 
@@ -34,6 +35,8 @@ def node_parser(role: str, default_port: int) -> argparse.ArgumentParser:
              help="seconds in-flight requests get to finish on SIGTERM")
     add_flag(g, "--metrics-port", type=int, default=None,
              help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    add_flag(g, "--metrics-prefix", default="pdserve", choices=PREFIXES,
+             help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
     add_flag(g, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     return parser
 
@@ -73,7 +76,8 @@ async def serve_node(role: str, ns: argparse.Namespace, servicer, add_fn: Callab
         await servicer.probe()
         if ns.metrics_port is not None:
             from engine.metrics import export_node_metrics
-            metrics_task = loop.create_task(export_node_metrics(servicer, role, ns.metrics_port, ns.host))  # noqa: F841
+            metrics_task = loop.create_task(export_node_metrics(servicer, role, ns.metrics_port, ns.host,
+                                                                  prefix=ns.metrics_prefix))  # noqa: F841
         await server.set_serving(True)
         announce_ready(server.address)
         registration = loop.create_task(_register_forever(role, ns, servicer, stop)) if ns.router else None

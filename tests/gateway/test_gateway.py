@@ -230,26 +230,35 @@ def _scrape(http, url: str = "/metrics", role: str = "gateway") -> dict:
             if s.labels.get("role") == role}
 
 
-def test_router_and_node_metrics_ports(http, sdk, model):
+def test_router_and_node_metrics_ports(stack, http, sdk, model):
     router_url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
     prefill_url, decode_url = (f"http://127.0.0.1:{METRICS_PORT + k}/metrics" for k in (1, 2))
     time.sleep(1.2)  # nodes refresh their metrics every second
-    before = _scrape(http, router_url, "router")
+    before, gw_before = _scrape(http, router_url, "router"), _scrape(http)
     p_before, d_before = _scrape(http, prefill_url, "prefill"), _scrape(http, decode_url, "decode")
     usages = [sdk.completions.create(model=model, prompt=f"Router {i}", max_tokens=3, temperature=0,
                                      extra_body={"ignore_eos": True}).usage for i in range(2)]
-    after = _scrape(http, router_url, "router")
+    stub = stack.stub()
+    for i in range(2):  # straight to the router: the router counts these, the gateway the HTTP ones
+        usages.append(stub.Generate(pb.GenerateRequest(
+            text=f"gRPC {i}", stopping=pb.StoppingCriteria(max_new_tokens=3, ignore_eos=True)),
+            metadata=(("authorization", f"Bearer {KEY}"),), timeout=60).usage)
+    after, gw_after = _scrape(http, router_url, "router"), _scrape(http)
 
-    def moved(name, reason=None):
-        return after.get((name, reason, None), 0) - before.get((name, reason, None), 0)
+    def moved(name, reason=None, a=after, b=before):
+        return a.get((name, reason, None), 0) - b.get((name, reason, None), 0)
 
-    assert moved("pdserve:request_success_total", "length") == 2
-    assert moved("pdserve:generation_tokens_total") == 6
-    assert moved("pdserve:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    for a, b in ((after, before), (gw_after, gw_before)):  # each request counted once
+        assert moved("pdserve:request_success_total", "length", a, b) == 2
+        assert moved("pdserve:e2e_request_latency_seconds_count", None, a, b) == 2
+        assert moved("pdserve:request_generation_tokens_sum", None, a, b) == 6
     assert moved("pdserve:time_to_first_token_seconds_count") == 2
     assert moved("pdserve:inter_token_latency_seconds_count") == 4
-    assert moved("pdserve:e2e_request_latency_seconds_count") == 2
-    assert moved("pdserve:kv_transfer_seconds_count") == 2 and moved("pdserve:kv_transfer_bytes_total") > 0
+    assert moved("pdserve:time_per_output_token_seconds_count") == 4
+    assert moved("pdserve:request_decode_time_seconds_count") == 2
+    assert moved("pdserve:request_prefill_time_seconds_count") == 2
+    assert not any(name.startswith(("pdserve:generation_tokens", "pdserve:prompt_tokens", "pdserve:kv_"))
+                   for name, _, _ in {**after, **gw_after})  # tokens and KV: counted by the nodes
     assert after[("pdserve:num_requests_running", None, None)] == 0
     prompt_tokens = sum(u.prompt_tokens for u in usages)
     deadline = time.monotonic() + 10
@@ -258,18 +267,18 @@ def test_router_and_node_metrics_ports(http, sdk, model):
         p_moved = {k: v - p_before.get(k, 0) for k, v in p_after.items()}
         d_moved = {k: v - d_before.get(k, 0) for k, v in d_after.items()}
         settled = (p_moved.get(("pdserve:prompt_tokens_total", None, None)) == prompt_tokens
-                   and d_moved.get(("pdserve:generation_tokens_total", None, None)) == 2 * 2)
+                   and d_moved.get(("pdserve:generation_tokens_total", None, None)) == 4 * 2)
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.3)
     assert p_moved[("pdserve:prompt_tokens_total", None, None)] == prompt_tokens
     assert p_moved[("pdserve:prefix_cache_queries_total", None, None)] == prompt_tokens
-    assert p_moved[("pdserve:generation_tokens_total", None, None)] == 2  # first tokens
-    assert d_moved[("pdserve:generation_tokens_total", None, None)] == 2 * 2  # the rest
+    assert p_moved[("pdserve:generation_tokens_total", None, None)] == 4  # first tokens
+    assert d_moved[("pdserve:generation_tokens_total", None, None)] == 4 * 2  # the rest
     assert p_moved[("pdserve:kv_transfer_bytes_total", None, None)] > 0
     assert d_moved[("pdserve:kv_transfer_bytes_total", None, None)] == \
         p_moved[("pdserve:kv_transfer_bytes_total", None, None)]
-    assert p_moved[("pdserve:kv_transfer_seconds_count", None, None)] == 2  # the sender times transfers
+    assert p_moved[("pdserve:kv_transfer_seconds_count", None, None)] == 4  # the sender times transfers
     for node in (p_after, d_after):  # I1: idle node, every block free
         assert node[("pdserve:kv_free_blocks", None, None)] == node[("pdserve:kv_total_blocks", None, None)] > 0
         assert node[("pdserve:kv_cache_usage_perc", None, None)] == 0
@@ -293,20 +302,20 @@ def test_metrics_move_by_request_count(http, model, sdk):
         return after.get((name, reason, le), 0) - before.get((name, reason, le), 0)
 
     assert moved("pdserve:request_success_total", "length") == 5
-    assert moved("pdserve:prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
-    assert moved("pdserve:generation_tokens_total") == sum(u.completion_tokens for u in usages) == 3 * 3 + 2 * 4
+    assert moved("pdserve:request_prompt_tokens_sum") == sum(u.prompt_tokens for u in usages)
+    assert moved("pdserve:request_generation_tokens_sum") == sum(u.completion_tokens for u in usages) == 3 * 3 + 2 * 4
     assert moved("pdserve:e2e_request_latency_seconds_count") == 5
     assert moved("pdserve:time_to_first_token_seconds_count") >= 2
     assert moved("pdserve:inter_token_latency_seconds_count") == 2 * 3  # 4 tokens -> 3 gaps per stream
     assert moved("pdserve:e2e_request_latency_seconds_bucket", le="+Inf") == 5
     assert after[("pdserve:num_requests_running", None, None)] == 0
     names = {k[0] for k in after}
-    for name in ("pdserve:num_requests_waiting", "pdserve:kv_cache_usage_perc", "pdserve:aborts_total",
-                 "pdserve:prefix_cache_queries_total", "pdserve:prefix_cache_hits_total",
-                 "pdserve:request_queue_time_seconds_count", "pdserve:kv_transfer_bytes_total",
-                 "pdserve:kv_transfer_seconds_count", "pdserve:kv_free_blocks", "pdserve:kv_total_blocks",
-                 "pdserve:active_leases"):
+    for name in ("pdserve:aborts_total", "pdserve:request_queue_time_seconds_count",
+                 "pdserve:time_per_output_token_seconds_count", "pdserve:request_decode_time_seconds_count"):
         assert name in names, name
+    for name in ("pdserve:num_requests_waiting", "pdserve:kv_cache_usage_perc", "pdserve:prompt_tokens_total",
+                 "pdserve:generation_tokens_total", "pdserve:kv_free_blocks", "pdserve:active_leases"):
+        assert name not in names, name  # node state: no always-0 gauges or twice-counted tokens here
 
 
 # -- bad inputs (RELIABILITY.md) -------------------------------------------------------------------
