@@ -298,7 +298,7 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
         done = False
         try:
             stream = await engine.add_request(rid, list(request.prompt_token_ids), params, request.priority,
-                                              sample_index)
+                                              sample_index, output_token_ids=list(request.output_token_ids))
             first = True
             async for out in stream:
                 if out.finish_reason == "error":

@@ -21,6 +21,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from engine.llm_engine import KVExport, LLMEngine
@@ -31,6 +32,8 @@ from engine.sampling_params import SamplingParams
 logger = logging.getLogger("pdserve.engine")
 
 _END = object()
+PREFIX_REFRESH_S = 0.1  # how stale the reported prefix-cache hashes may be
+MAX_REPORTED_PREFIX_HASHES = 4096  # prefix-cache blocks a node reports to the router (bounded message)
 IDLE_SETTLE_S = 1.0  # idle this long before reserved blocks are compared with live reservations
 
 
@@ -77,6 +80,8 @@ class AsyncEngine:
         self.held_reservation_blocks: Callable[[], int] | None = None  # set by the decode servicer
         self.leaks = 0  # idle self-checks that found blocks nobody holds
         self._snapshot: dict = {}  # published by the engine thread after every command batch and step
+        self._prefix_hashes: list[int] = []
+        self._prefix_at = float("-inf")
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -114,12 +119,13 @@ class AsyncEngine:
         return await fut
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                          priority: int = 0, sample_index: int = 0) -> RequestStream:
+                          priority: int = 0, sample_index: int = 0,
+                          output_token_ids: list[int] | None = None) -> RequestStream:
         stream = RequestStream(request_id)
 
         def add(engine: LLMEngine):
             engine.add_request(request_id, params=params, prompt_token_ids=prompt_token_ids, priority=priority,
-                               sample_index=sample_index)
+                               sample_index=sample_index, output_token_ids=output_token_ids)
             self._streams[request_id] = stream
         await self.call(add)
         return stream
@@ -257,8 +263,15 @@ class AsyncEngine:
         self._fail_commands(Unavailable("the engine stopped"))
 
     def _publish(self) -> None:
-        """Engine thread: a fresh load dict (one reference swap; readers never see it half-built)."""
-        self._snapshot = {**self.engine.load(), "request_ids": sorted(self.engine.request_ids())}
+        """Engine thread: a fresh load dict (one reference swap; readers never see it half-built).
+        The prefix-cache hashes (bounded) are refreshed at most every PREFIX_REFRESH_S while busy,
+        and always once the engine goes idle (so an idle node never reports stale ones)."""
+        now = time.monotonic()
+        if now - self._prefix_at >= PREFIX_REFRESH_S or not self.engine.has_unfinished_requests():
+            self._prefix_at = now
+            self._prefix_hashes = self.engine.block_manager.recent_hashes(MAX_REPORTED_PREFIX_HASHES)
+        self._snapshot = {**self.engine.load(), "request_ids": sorted(self.engine.request_ids()),
+                          "prefix_hashes": self._prefix_hashes}
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -320,3 +333,4 @@ class AsyncEngine:
         if idle and load["free_blocks"] != load["total_blocks"]:
             raise AssertionError(f"kv leak: {load['free_blocks']} free blocks of {load['total_blocks']} on an "
                                  f"idle engine")
+

@@ -269,9 +269,13 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | None = None, params: SamplingParams | None = None,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
-                    sample_index: int = 0) -> None:
+                    sample_index: int = 0, output_token_ids: list[int] | None = None) -> None:
         """Queues a request. `sample_index` (n == 1 only) names which of a client's n completions
-        this is when another process split them, so seeded streams stay distinct."""
+        this is when another process split them, so seeded streams stay distinct.
+        `output_token_ids` (n == 1 only) resumes a completion another node started (failover): those
+        tokens count as already generated (max_tokens, min_tokens, penalties, stop strings, the
+        seeded stream's position, the grammar), their KV is recomputed with the prompt's, and the
+        outputs continue after them; their text is not emitted again."""
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         params = params or SamplingParams()
@@ -293,9 +297,29 @@ class LLMEngine:
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
             parent = parent or req
             group.append(req)
+        if output_token_ids:
+            self._resume(group, output_token_ids)
         self._groups[request_id] = group
         for req in group:
             self.scheduler.add_request(req)
+
+    def _resume(self, group: list[Request], output_token_ids: list[int]) -> None:
+        """Replays tokens generated elsewhere into a fresh request (see `add_request`)."""
+        if len(group) != 1:
+            raise ValueError("a resumed request carries one sequence (n == 1)")
+        req = group[0]
+        vocab = self.shape.vocab_size
+        if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab for t in output_token_ids):
+            raise ValueError(f"resumed output token ids must be integers in [0, {vocab})")
+        if len(output_token_ids) >= req.max_tokens:
+            raise ValueError(f"{len(output_token_ids)} resumed tokens leave nothing to generate "
+                             f"(max_tokens {req.max_tokens})")
+        for token_id in output_token_ids:
+            if req.grammar is not None and not req.grammar.accept(token_id):
+                raise ValueError(f"resumed token {token_id} is outside the request's grammar")
+            req.output_token_ids.append(token_id)
+            req.detokenizer.append(token_id)
+        req.detokenizer.get_delta()  # that text reached the client from the node that generated it
 
     def grammar_state(self, params: SamplingParams) -> GrammarState | None:
         """A fresh grammar matcher for a structured request (None without a constraint)."""
@@ -557,6 +581,8 @@ class LLMEngine:
         req.detokenizer.get_delta()  # the first token's text was streamed by the prefill side
         self._groups[request_id] = [req]
         self.scheduler.add_running(req)
+        # The imported prompt joins this node's prefix cache, so a follow-up turn reuses it here.
+        self.block_manager.cache_full_blocks(req.block_table, req.prompt_token_ids, n, req.block_hashes)
 
     def reserve_blocks(self, num_tokens: int) -> list[int] | None:
         need = self.block_manager.blocks_needed(num_tokens)

@@ -119,3 +119,31 @@ class Placement:
         """Decode node first, then decide: its own prefill pays when what it has not cached is short."""
         return (choice is not None and self.local_prefill_tokens > 0
                 and num_prompt_tokens - choice.cached_tokens <= self.local_prefill_tokens)
+
+
+class PlacementCollector:
+    """Prometheus view of `PlacementStats` (registered on the router's metrics registry):
+    <prefix>placement_cached_tokens{node}, placement_prefills_skipped, placement_failovers,
+    placement_drains (all counters)."""
+
+    def __init__(self, stats: PlacementStats, model_name: str, prefix: str):
+        self.stats, self.model_name, self.prefix = stats, model_name, prefix
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        labels = ["model_name", "role"]
+        cached = CounterMetricFamily(self.prefix + "placement_cached_tokens",
+                                     "Prompt tokens placed on a node that had them in its prefix cache.",
+                                     labels=[*labels, "node"])
+        for node_id, tokens in sorted(self.stats.cached_tokens.items()):
+            cached.add_metric([self.model_name, "router", node_id], tokens)
+        yield cached
+        for name, doc, value in (
+                ("placement_prefills_skipped", "Prompts a decode node prefilled itself (short uncached part).",
+                 self.stats.prefills_skipped),
+                ("placement_failovers", "Completions moved to another decode node mid-stream.", self.stats.failovers),
+                ("placement_drains", "Nodes drained through RouterControl.Drain.", self.stats.drains)):
+            family = CounterMetricFamily(self.prefix + name, doc, labels=labels)
+            family.add_metric([self.model_name, "router"], value)
+            yield family

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from engine.async_engine import AsyncEngine
 from engine.kv_transfer.base import KVSpec
 from engine.rpc.errors import InvalidArgument, Unavailable
-from protos.pdserve.v1 import generation_pb2
+from protos.pdserve.v1 import generation_pb2, node_pb2
 
 logger = logging.getLogger("pdserve.node")
 
@@ -62,6 +62,7 @@ class NodeServicerBase:
         self._tasks: set[asyncio.Task] = set()
         self._active: dict[str, asyncio.Task] = {}  # request id -> the RPC task serving it
         self.draining = False
+        self.request_stop = None  # set by serve_node: ends the node as SIGTERM does
 
     def attach(self, engine: AsyncEngine, ns) -> None:
         self.engine = engine
@@ -130,7 +131,16 @@ class NodeServicerBase:
             num_waiting=load.get("num_waiting", 0), num_running=load.get("num_running", 0),
             free_blocks=load.get("free_blocks", 0), total_blocks=load.get("total_blocks", 0),
             active_leases=leases, queued_prompt_tokens=load.get("queued_prompt_tokens", 0),
-            request_ids=sorted(ids))
+            request_ids=sorted(ids), prefix_hashes=load.get("prefix_hashes", ()), draining=self.draining,
+            model=self.model_name)
+
+    async def Drain(self, request, context):
+        """RouterControl.Drain reaches the node here: the same path as SIGTERM (stop taking work,
+        finish what runs, exit)."""
+        self.draining = True
+        if self.request_stop is not None:
+            self.request_stop()
+        return node_pb2.NodeDrainResponse(in_flight=len(self._active))
 
     async def drain(self, grace: float) -> None:
         """Stops taking work; waits up to `grace` seconds for in-flight requests."""

@@ -78,6 +78,7 @@ async def serve_node(role: str, ns: argparse.Namespace, servicer, add_fn: Callab
             from engine.metrics import export_node_metrics
             metrics_task = loop.create_task(export_node_metrics(servicer, role, ns.metrics_port, ns.host,
                                                                   prefix=ns.metrics_prefix))  # noqa: F841
+        servicer.request_stop = stop.set  # a Drain RPC ends the node like SIGTERM
         await server.set_serving(True)
         announce_ready(server.address)
         registration = loop.create_task(_register_forever(role, ns, servicer, stop)) if ns.router else None

@@ -23,7 +23,7 @@ from protos.pdserve.v1 import router_pb2, router_pb2_grpc
 from router.policy import DECODE_REQUEST_TOKENS, Choice, Placement, Policy, prompt_hashes
 from router.registry import Node
 from tests.services.helpers import ENGINE_KW, assert_idle, greedy_request
-from tests.services.stack import pid_alive, port_open, start_stack
+from tests.services.stack import free_port, pid_alive, port_open, start_stack
 
 BS = 16
 NODE_KEY = "placement-test-node-key"
@@ -78,6 +78,22 @@ def test_least_load_round_robin_and_exclusions():
     assert least.pick([a, b, c], [], 10, exclude={"c", "a"}).node is b
     with pytest.raises(ValueError, match="policy must be one of"):
         Policy("random", "decode", BS)
+
+
+def test_placement_metrics_exposition():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from router.policy import PlacementCollector, PlacementStats
+
+    stats = PlacementStats(prefills_skipped=3, failovers=2)
+    stats.placed(Choice(fake("prefill-0"), 48))
+    stats.placed(Choice(fake("prefill-0"), 0))
+    registry = CollectorRegistry()
+    registry.register(PlacementCollector(stats, "m", "pdserve:"))
+    text = generate_latest(registry).decode()
+    assert 'pdserve:placement_cached_tokens_total{model_name="m",node="prefill-0",role="router"} 48.0' in text
+    assert 'pdserve:placement_prefills_skipped_total{model_name="m",role="router"} 3.0' in text
+    assert 'pdserve:placement_failovers_total{model_name="m",role="router"} 2.0' in text
 
 
 def test_local_prefill_threshold():
@@ -146,9 +162,21 @@ def test_prefix_aware_placement_caches_more_than_least_load(tiny, llm):
 
 @pytest.fixture(scope="module")
 def stack(tiny):
+    metrics_port = free_port()
     with start_stack(tiny, num_prefill=1, num_decode=3,
-                     extra_args=("--local-prefill-tokens", "24", "--node-key", NODE_KEY)) as s:
+                     extra_args=("--local-prefill-tokens", "24", "--node-key", NODE_KEY,
+                                 "--metrics-port", str(metrics_port))) as s:
+        s.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         yield s
+
+
+def _router_counter(stack, name: str) -> float:
+    """A placement counter from the router's Prometheus endpoint (summed over its labels)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(stack.metrics_url, timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(f"pdserve:{name}_total"))
 
 
 @pytest.mark.timeout(240)
@@ -164,6 +192,8 @@ def test_short_follow_up_turn_is_prefilled_by_the_decode_node(stack, llm):
     assert second.timings.decode_node == second.timings.prefill_node == first.timings.decode_node
     assert second.timings.kv_transfer_bytes == 0 and second.cached_tokens >= len(turn1)
     assert list(second.token_ids) == _reference(llm, [turn2], 8)[0]
+    assert _router_counter(stack, "placement_prefills_skipped") == 1
+    assert _router_counter(stack, "placement_cached_tokens") >= len(turn1)
     assert_idle(stub)
 
 
@@ -203,6 +233,7 @@ def test_decode_killed_mid_stream_streams_move_with_identical_output(stack, llm)
         assert out == list(want)  # no duplicate, no missing token
         assert final.finish_reason == g.FinishReason.FINISH_REASON_LENGTH
         assert final.timings.decode_node != "decode-0"
+    assert _router_counter(stack, "placement_failovers") >= on_victim
     assert_idle(stub)
 
 
