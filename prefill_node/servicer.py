@@ -17,6 +17,7 @@ from engine.kv_transfer import TRANSPORTS, GrpcKVSender, IpcKVSender, KVSender, 
 from engine.kv_transfer.grpc_transport import Channels
 from engine.rpc import convert
 from engine.rpc.errors import Cancelled, FailedPrecondition, Unavailable
+from engine.rpc.security import Security
 from engine.rpc.node_base import NodeServicerBase, check_request_id, time_left
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
@@ -39,6 +40,7 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
 
     def attach(self, engine, ns) -> None:
         super().attach(engine, ns)
+        self.channels.security = Security.from_args(ns).client  # PushKV carries the node key / TLS
         device = engine.engine.device
         self.senders = {
             T.KV_TRANSPORT_GRPC: GrpcKVSender(self.channels),

@@ -5,6 +5,7 @@
     pdserve prefill [flags]    one prefill node                 (python -m prefill_node)
     pdserve decode [flags]     one decode node                  (python -m decode_node)
     pdserve gateway [flags]    the OpenAI-compatible HTTP gateway (python -m gateway)
+    pdserve bench [flags]      the load test: drive a server, report TTFT / ITL / goodput (python -m loadtest)
 
 `pdserve <command> --help` explains each command's flags; every flag has a PDSERVE_* env twin.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -21,13 +24,19 @@ import time
 from dataclasses import dataclass, field
 
 from engine.cli_args import add_engine_args, add_flag
+from engine.rpc.channel import sync_channel
+from engine.rpc.security import Security, add_security_args
 from engine.metrics import PREFIXES
 from engine.tool_parsers import PARSERS
+from router.gpu_share import gpu_share
+from router.policy import POLICIES
 
+PLACEMENT_FLAGS = ("prefill_policy", "decode_policy", "local_prefill_tokens", "max_failovers")
+STOP_SLACK_S = 5.0  # past the grace period, for a process to end its streams and exit before SIGKILL
 DELEGATES = {"router": "router", "prefill": "prefill_node", "decode": "decode_node", "gateway": "gateway"}
 ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_model_len", "gpu_memory_utilization",
                 "cpu_kv_cache_gb", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
-                "seed", "kv_transport", "tensor_parallel_size")
+                "seed", "kv_transport", "quantization", "kv_cache_dtype", "tensor_parallel_size")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -59,8 +68,8 @@ class Child:
     address: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
 
-    def start(self, echo: bool) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", *self.argv], stdout=subprocess.PIPE, text=True,
+    def start(self, echo: bool, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", *self.argv], stdout=subprocess.PIPE, text=True, env=env,
                                      bufsize=1, preexec_fn=_set_pdeathsig)
         threading.Thread(target=self._pump, args=(echo,), daemon=True).start()
 
@@ -78,7 +87,7 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
-def wait_ready(children: list[Child], timeout: float) -> None:
+def wait_ready(children: list[Child], timeout: float, security=None) -> None:
     """Waits for each child's READY line and health SERVING; raises RuntimeError otherwise."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -90,7 +99,7 @@ def wait_ready(children: list[Child], timeout: float) -> None:
                                f"{'' if child.alive() else f' (exit code {child.proc.returncode})'}")
         if child.name.startswith("gateway"):
             continue
-        with grpc.insecure_channel(child.address) as channel:
+        with sync_channel(child.address, security=security) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 try:
@@ -158,7 +167,7 @@ def plan(ns) -> list[Child]:
     router = ["router", "--host", ns.host, "--port", str(ns.port), "--block-size", str(ns.block_size),
               "--dtype", ns.dtype, "--kv-transport", ns.kv_transport, "--grace-period", str(ns.grace_period),
               *_metrics_argv(ns, 0)]
-    for flag in ("model", "served_model_name", "max_model_len"):
+    for flag in ("model", "served_model_name", "max_model_len", *PLACEMENT_FLAGS):
         if getattr(ns, flag) is not None:
             router += [f"--{flag.replace('_', '-')}", str(getattr(ns, flag))]
     for c in children:
@@ -166,6 +175,10 @@ def plan(ns) -> list[Child]:
     keys = [k for item in ns.api_key or () for k in item.split(",") if k]
     for key in keys:
         router += ["--api-key", key]
+    for key in [k for item in ns.admin_key or () for k in item.split(",") if k]:
+        router += ["--admin-key", key]
+    if ns.max_stream_buffer is not None:
+        router += ["--max-stream-buffer", str(ns.max_stream_buffer)]
     children.append(Child("router", router))
     if ns.gateway and importlib.util.find_spec("gateway.__main__") is not None:
         router_address = f"{'127.0.0.1' if ns.host in ('0.0.0.0', '::') else ns.host}:{ns.port}"
@@ -176,6 +189,9 @@ def plan(ns) -> list[Child]:
             gateway += ["--tool-call-parser", ns.tool_call_parser]
         gateway += ["--metrics-prefix", ns.metrics_prefix]
         children.append(Child("gateway", gateway))
+    tls = Security.from_args(ns).argv()  # every process serves and calls with the same certificate
+    for child in children:
+        child.argv += tls
     return children
 
 
@@ -204,13 +220,31 @@ def build_serve_parser() -> argparse.ArgumentParser:
              help="the gateway's parser of model output into OpenAI tool_calls (needed for tool_choice auto)")
     add_flag(g, "--api-key", action=_Append, default=None,
              help="API key required by the router and the gateway (repeatable, or comma-separated)")
+    add_flag(g, "--admin-key", action=_Append, default=None,
+             help="API key of the router that also sees and aborts every client's requests (repeatable)")
+    add_flag(g, "--max-stream-buffer", type=int, default=None,
+             help="chunks the router buffers for a slow reader before it aborts the request (default 1024)")
     add_flag(g, "--metrics-port", type=int, default=None,
              help="Prometheus metrics: the router on this port, node k (prefill nodes first) on port + k "
                   "(the gateway always serves /metrics on its own port)")
     add_flag(g, "--startup-timeout", type=float, default=600.0,
              help="seconds to wait for every process to load its model and report SERVING")
-    add_flag(g, "--grace-period", type=float, default=5.0,
-             help="seconds each process gets to finish in-flight work on shutdown before it is killed")
+    add_flag(g, "--grace-period", type=float, default=30.0,
+             help="seconds in-flight streams get to finish on shutdown (then they end with UNAVAILABLE and "
+                  "whatever is still running is killed)")
+    placement = p.add_argument_group("placement (forwarded to the router; see `pdserve router --help`)")
+    add_flag(placement, "--prefill-policy", default=None, choices=POLICIES, help="prefill pool policy (default prefix)")
+    add_flag(placement, "--decode-policy", default=None, choices=POLICIES, help="decode pool policy (default prefix)")
+    add_flag(placement, "--local-prefill-tokens", type=int, default=None,
+             help="a decode node prefills prompts with at most this many uncached tokens itself (default 0: never)")
+    add_flag(placement, "--max-failovers", type=int, default=None,
+             help="mid-stream moves of one completion to another decode node (default 2)")
+    add_flag(g, "--gpu-share", default="none", choices=["none", "mps"],
+             help="one GPU for prefill and decode nodes: none = time-slice it; mps = run them at once through "
+                  "NVIDIA MPS (a control daemon is started in a private directory if none runs)")
+    add_flag(g, "--prefill-sm-percent", type=int, default=50,
+             help="with --gpu-share mps: the prefill nodes' share of the SMs in percent (decode nodes get the rest)")
+    add_security_args(p)  # --node-key (default: a random one per stack) and TLS, for every process
     return p
 
 
@@ -221,7 +255,17 @@ def serve(argv) -> int:
     if ns.num_prefill < 0 or ns.num_decode < 1:
         raise SystemExit("--num-decode must be >= 1 and --num-prefill >= 0 (0: colocated, the decode nodes "
                          "run their own prompts)")
+    if isinstance(ns.admin_key, str):
+        ns.admin_key = [ns.admin_key]
     children = plan(ns)
+    # The children share one node key (router <-> nodes, prefill -> decode); a fresh random one unless
+    # given. It travels by environment, never on a command line other users can read.
+    env = {**os.environ, "PDSERVE_NODE_KEY": ns.node_key or secrets.token_urlsafe(32)}
+    security = Security.from_args(ns).client
+    try:
+        share = gpu_share(ns)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     stop = threading.Event()
     received = []
 
@@ -235,12 +279,13 @@ def serve(argv) -> int:
     try:
         nodes = [c for c in children if c.name.startswith(("prefill", "decode"))]
         front = [c for c in children if c not in nodes]
+        share.start()
         for child in nodes:
-            child.start(echo=True)
-        wait_ready(nodes, ns.startup_timeout)
+            child.start(echo=True, env={**env, **share.env_for(child.name.split("-")[0])})
+        wait_ready(nodes, ns.startup_timeout, security)
         for child in front:
-            child.start(echo=True)
-            wait_ready([child], ns.startup_timeout)
+            child.start(echo=True, env=env)
+            wait_ready([child], ns.startup_timeout, security)
         for child in children:
             print(f"{child.name:10s} {child.address} pid {child.proc.pid}", flush=True)
         print(f"READY {children[[c.name for c in children].index('router')].address}", flush=True)
@@ -257,19 +302,24 @@ def serve(argv) -> int:
         print(f"pdserve serve: {exc}", file=sys.stderr)
         code = 1
     finally:
-        stop_all(children, ns.grace_period)
+        stop_all(children, ns.grace_period + STOP_SLACK_S)
+        share.stop()
     return code
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["serve", *DELEGATES]
+    commands = ["serve", "bench", *DELEGATES]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "serve":
         return serve(rest)
+    if command == "bench":
+        from loadtest.cli import main as bench
+
+        return bench(rest)
     if command not in DELEGATES:
         print(f"pdserve: unknown command {command!r}; choose one of {', '.join(commands)}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from router.registry import Node, NodeRegistry
 logger = logging.getLogger("pdserve.router")
 FR = generation_pb2.FinishReason
 ABORT_TIMEOUT_S = 2.0
+HEALTH_RECHECK_S = 0.5  # a wait on a node call looks at the node's health this often
 # A decode stream that ends with one of these moves to another decode node (a dead, stalled or
 # shut-down node); anything else (bad input, out of blocks) goes back to the client.
 FAILOVER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -199,6 +200,19 @@ class Pipeline:
             except asyncio.TimeoutError:
                 pass
 
+    async def _wait_while_healthy(self, futures: set, node: Node, budget: float) -> set:
+        """Waits up to `budget` seconds for the first of `futures`, giving up early once the registry
+        marks `node` down (a frozen node: its polls time out); returns the done ones."""
+        end = time.monotonic() + min(budget, self._remaining())
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return set()
+            done, _ = await asyncio.wait(futures, timeout=min(left, HEALTH_RECHECK_S),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if done or not node.healthy:
+                return done
+
     def _prefill_budget(self) -> float:
         budget = self.config.prefill_timeout_s + self.config.prefill_s_per_token * len(self.prompt.token_ids)
         return min(budget, self._remaining())
@@ -226,12 +240,14 @@ class Pipeline:
             self.placement.stats.placed(choice)
             prefill.pending_prompt_tokens += len(self.prompt.token_ids) - choice.cached_tokens
             call = prefill.stub.Prefill(request, timeout=self._remaining())
+            read = asyncio.ensure_future(call.read())
+            read.add_done_callback(_retrieve)
             try:
-                event = await asyncio.wait_for(call.read(), timeout=self._prefill_budget())
-            except asyncio.TimeoutError:
-                event = None
-                logger.warning("request %s: no first token from %s within its budget", self.node_request_id,
-                               prefill.node_id)
+                if not await self._wait_while_healthy({read}, prefill, self._prefill_budget()):
+                    read.cancel()
+                    logger.warning("request %s: no first token from %s (%s)", self.node_request_id, prefill.node_id,
+                                   "over its budget" if prefill.healthy else "the node stopped answering")
+                event = read.result() if read.done() and not read.cancelled() else None
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     await self._abort(decode)
@@ -462,8 +478,7 @@ class Pipeline:
             attempt.read.add_done_callback(_retrieve)
         read = attempt.read
         watch = {read} if attempt.transfer.done() else {read, attempt.transfer}
-        done, _ = await asyncio.wait(watch, timeout=min(budget, self._remaining()),
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done = await self._wait_while_healthy(watch, decode, budget)
         if read not in done:
             if attempt.transfer in done:
                 failed = attempt.transfer.result()
@@ -471,6 +486,8 @@ class Pipeline:
                     raise _Retry(failed)
                 return await self._next_event(attempt, budget)  # the KV arrived: wait on for the token
             self.registry.suspect(decode)
+            if not decode.healthy:
+                raise _Retry(f"decode node {decode.node_id} stopped answering")
             raise _Retry(f"decode node {decode.node_id} sent nothing for {budget:.0f} s")
         attempt.read = None
         try:

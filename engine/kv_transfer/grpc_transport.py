@@ -26,7 +26,8 @@ import torch
 from engine.kv_transfer.base import (K, MAX_FRAME_BYTES, T, KVLanding, KVReceiver, KVSender, KVSpec, Received,
                                      make_header, plan_frames)
 from engine.kv_transfer.staging import KVStaging, TransferError
-from engine.rpc.channel import aio_channel
+from engine.rpc.channel import NODE_KEEPALIVE, aio_channel
+from engine.rpc.security import ClientSecurity
 from engine.rpc.errors import Unavailable
 from protos.pdserve.v1 import node_pb2, node_pb2_grpc
 
@@ -94,12 +95,13 @@ def grpc_frames(reservation_id: str, spec: KVSpec, k: torch.Tensor, v: torch.Ten
 class Channels:
     """One aio channel per decode address, kept open."""
 
-    def __init__(self):
+    def __init__(self, security: ClientSecurity | None = None):
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.security = security  # the node key and TLS this node calls its peers with
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = aio_channel(address)
+            self._channels[address] = aio_channel(address, options=NODE_KEEPALIVE, security=self.security)
         return self._channels[address]
 
     def stub(self, address: str) -> node_pb2_grpc.DecodeNodeStub:

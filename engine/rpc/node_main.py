@@ -17,6 +17,7 @@ from engine.async_engine import AsyncEngine
 from engine.cli_args import add_engine_args, add_flag, engine_args_from
 from engine.metrics import PREFIXES
 from engine.rpc.process import announce_ready, die_with_parent, stop_signals
+from engine.rpc.security import Security, add_security_args
 from engine.rpc.server import build_server, run
 
 logger = logging.getLogger("pdserve.node")
@@ -38,6 +39,7 @@ def node_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     add_flag(g, "--metrics-prefix", default="pdserve", choices=PREFIXES,
              help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
     add_flag(g, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
+    add_security_args(parser)
     return parser
 
 
@@ -62,7 +64,10 @@ async def serve_node(role: str, ns: argparse.Namespace, servicer, add_fn: Callab
         fatal.append(exc)
         stop.set()
 
-    server = build_server([(add_fn, servicer)], port=ns.port, host=ns.host)
+    security = Security.from_args(ns)
+    key_check = security.node_key_interceptor()
+    server = build_server([(add_fn, servicer)], port=ns.port, host=ns.host, interceptors=[key_check] if key_check else (),
+                          credentials=security.server_credentials())
     await server.start()  # health NOT_SERVING while the model loads
     ns.node_id = ns.node_id or f"{role}-{advertised_host(ns)}:{server.port}"
     ns.advertised_address = f"{advertised_host(ns)}:{server.port}"
@@ -73,12 +78,12 @@ async def serve_node(role: str, ns: argparse.Namespace, servicer, add_fn: Callab
         engine = AsyncEngine(llm, on_fatal=on_fatal, name=f"{role}-engine")
         engine.start()
         servicer.attach(engine, ns)
+        servicer.request_stop = stop.set  # a Drain RPC ends the node like SIGTERM
         await servicer.probe()
         if ns.metrics_port is not None:
             from engine.metrics import export_node_metrics
             metrics_task = loop.create_task(export_node_metrics(servicer, role, ns.metrics_port, ns.host,
                                                                   prefix=ns.metrics_prefix))  # noqa: F841
-        servicer.request_stop = stop.set  # a Drain RPC ends the node like SIGTERM
         await server.set_serving(True)
         announce_ready(server.address)
         registration = loop.create_task(_register_forever(role, ns, servicer, stop)) if ns.router else None
@@ -107,7 +112,7 @@ async def _register_forever(role: str, ns, servicer, stop: asyncio.Event) -> Non
 
     interval = 2.0
     registered = False
-    async with aio_channel(ns.router) as channel:
+    async with aio_channel(ns.router, security=Security.from_args(ns).client) as channel:
         stub = router_pb2_grpc.RouterControlStub(channel)
         while not stop.is_set():
             try:
