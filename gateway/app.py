@@ -311,6 +311,7 @@ class Gateway:
         for c in reply.completions:  # tokens are counted by the nodes, once
             m.request_success(R.METRIC_REASONS.get(c.finish_reason, "error")).inc()
             m.observe_completion(c.prompt_tokens, c.completion_tokens, c.timings)
+        m.request_max_num_generation_tokens.observe(max((c.completion_tokens for c in reply.completions), default=0))
         if reply.completions:
             timings = reply.completions[0].timings
             if timings.ttft_ms > 0:
@@ -490,6 +491,7 @@ class SSEStream:
             m.num_requests_running.dec()
             if finished:  # tokens are counted by the nodes, once
                 m.e2e_request_latency_seconds.observe(time.monotonic() - self.start)
+                m.request_max_num_generation_tokens.observe(max(self.completion_tokens.values(), default=0))
         yield R.SSE_DONE
 
     async def _chunk(self, prompt_index: int, msg: pb.GenerateStreamResponse) -> dict:

@@ -22,7 +22,7 @@ REQUEST = {
     "time_per_output_token_seconds": "histogram", "e2e_request_latency_seconds": "histogram",
     "request_queue_time_seconds": "histogram", "request_prefill_time_seconds": "histogram",
     "request_decode_time_seconds": "histogram", "request_prompt_tokens": "histogram",
-    "request_generation_tokens": "histogram",
+    "request_generation_tokens": "histogram", "request_max_num_generation_tokens": "histogram",
 }
 # Prometheus 2.x's scrape Accept header: without a fixed format it gets OpenMetrics with `_` for `:`
 PROMETHEUS_2_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
