@@ -21,9 +21,9 @@ from typing import Any, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from engine.rpc.errors import RpcError
+from engine.rpc.reflection import HealthServicer, enable_reflection
 
 logger = logging.getLogger("pdserve.rpc")
 
@@ -211,10 +211,9 @@ def build_server(servicers: Sequence[tuple[Callable, Any]], port: int = 0, host:
     for add_fn, servicer in servicers:
         add_fn(servicer, server)
         names.append(service_name(add_fn))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()  # answers List too
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    enable_reflection(server, names)  # grpc.reflection.v1 and v1alpha
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = (server.add_secure_port(target, credentials) if credentials is not None
              else server.add_insecure_port(target))
