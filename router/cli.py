@@ -257,6 +257,8 @@ def serve(argv) -> int:
                          "run their own prompts)")
     if isinstance(ns.admin_key, str):
         ns.admin_key = [ns.admin_key]
+    if ns.tls_cert and not ns.tls_ca:
+        raise SystemExit("--tls-cert needs --tls-ca too: the stack's processes call each other over TLS")
     children = plan(ns)
     # The children share one node key (router <-> nodes, prefill -> decode); a fresh random one unless
     # given. It travels by environment, never on a command line other users can read.

@@ -150,11 +150,14 @@ def test_prefill_failing_mid_transfer_after_first_token_is_retried(default_token
                              [first_token(99), transfer_done()]],  # the retry's first token is not sent again
             decode_scripts=[[HANG],  # waits for KV that never comes; the router cancels it
                             [tokens(8), tokens(9), tokens(10, finish=FR.FINISH_REASON_LENGTH)]])
-        chunks = await collect(pipeline(make_registry(cluster), default_tokenizer))
+        registry = make_registry(cluster)
+        chunks = await collect(pipeline(registry, default_tokenizer))
         assert [c.token_ids for c in chunks] == [[7], [8], [9], [10]]
         assert chunks[-1].finish_reason == FR.FINISH_REASON_LENGTH
         assert all(call.cancelled or not call.script for call in cluster.calls)
         assert "decode-0" in cluster.aborts  # the first reservation was freed before the retry
+        await asyncio.sleep(0.05)  # the re-polls the failure triggered
+        assert all(n.healthy for n in registry.nodes.values())  # nobody is blamed while its poll answers
     asyncio.run(main())
 
 
