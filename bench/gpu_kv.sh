@@ -16,6 +16,8 @@ if [ -d .whl/kv ]; then
 fi
 nvidia-smi -L
 python3 -c "import torch, grpc, google.protobuf as pb; print('torch', torch.__version__, 'grpc', grpc.__version__, 'protobuf', pb.__version__, torch.cuda.get_device_name())"
+timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/services/test_kv_ipc.py -k "not cpu_decode_node" 2>&1 \
+  | tee "$OUT/kv_ipc_tests.log" | tail -15
 timeout "${BENCH_TIMEOUT:-500}" python3 bench/kv_transfer_bench.py --out "$OUT/kv_transfer.json" "$@" 2>&1 \
   | tee "$OUT/kv_bench.log" | tail -60
 rc=$?

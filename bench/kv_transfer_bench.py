@@ -69,7 +69,8 @@ class NodeProc:
         argv = [sys.executable, "-m", f"{role}_node", "--model", str(model_dir), "--port",
                 self.address.rsplit(":", 1)[1], "--node-id", f"{role}-bench", *args]
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=open(self.log_path, "w"),
-                                     text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                     text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)})
         self.ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -98,7 +99,7 @@ def node_args(ns, shape: dict, dtype: str, device: str) -> list[str]:
     blocks = 2 * (-(-max_len // 16)) + 64
     return ["--device", device, "--dtype", dtype, "--max-model-len", str(max_len), "--num-gpu-blocks", str(blocks),
             "--max-num-seqs", "8", "--max-num-batched-tokens", str(max_len), "--kv-transport", "auto",
-            "--shutdown-grace", "2"]
+            "--shutdown-grace", "2", "--no-enable-prefix-caching"]  # each transport's run recomputes every prompt
 
 
 # ---- one request through the nodes ----------------------------------------------------------------
@@ -134,7 +135,7 @@ def prompts_for(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:
 def offline_outputs(model_dir, dtype: str, device: str, prompts, max_tokens: int, max_len: int) -> list[list[int]]:
     from engine.llm import LLM
     llm = LLM(str(model_dir), dtype=dtype, device=device, max_model_len=max_len,
-              num_gpu_blocks=2 * (-(-max_len // 16)) + 64, max_num_seqs=8)
+              num_gpu_blocks=2 * (-(-max_len // 16)) + 64, max_num_seqs=8, enable_prefix_caching=False)
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     outs = [llm.generate({"prompt_token_ids": p}, params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     del llm
@@ -165,6 +166,8 @@ async def equality(ns, prefill, decode, model_dir, dtype, device, transports, vo
             outs.append(tokens)
             used.add(transport_name(done.transport))
         got[name] = {"equal": outs == want, "used": sorted(used),
+                     "first_tokens_equal": [o[:1] == w[:1] for o, w in zip(outs, want)],
+                     "tokens_equal": [sum(a == b for a, b in zip(o, w)) for o, w in zip(outs, want)],
                      "first_mismatch": next((i for i, (a, b) in enumerate(zip(outs, want)) if a != b), None)}
         log(f"equality {tag} {name}: {'OK' if outs == want else 'MISMATCH'} (transport used: {sorted(used)})")
     return {"lengths": lengths, "max_tokens": ns.eq_tokens, "transports": got}
@@ -266,6 +269,48 @@ async def run_model(ns, tag: str, shape: dict, dtype: str, device: str, sections
         decode_p.stop()
 
 
+async def grpc_ceiling(total_bytes: int, frames_mib: list[int]) -> dict:
+    """grpcio itself on loopback: a client stream of ready-made bytes messages into a handler that
+    only counts them (no protobuf, no CRC, no copies of ours): the ceiling the gRPC transport chases."""
+    import grpc
+    from engine.rpc.server import SERVER_OPTIONS
+
+    async def sink(request_iterator, context):
+        n = 0
+        async for msg in request_iterator:
+            n += len(msg)
+        return n.to_bytes(8, "little")
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Sink", {
+        "Push": grpc.stream_unary_rpc_method_handler(sink)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    rows = {}
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[
+                ("grpc.max_send_message_length", 16 * 2**20), ("grpc.max_receive_message_length", 16 * 2**20)]) as ch:
+            push = ch.stream_unary("/bench.Sink/Push")
+            for mib in frames_mib:
+                msg = os.urandom(mib * 2**20)
+                count = max(1, total_bytes // len(msg))
+                ms = []
+                for r in range(3):
+                    t = time.perf_counter()
+                    call = push()
+                    for _ in range(count):
+                        await call.write(msg)
+                    await call.done_writing()
+                    await call
+                    ms.append((time.perf_counter() - t) * 1000.0)
+                med = statistics.median(ms[1:])
+                rows[f"{mib}MiB"] = {"frame_mib": mib, "bytes": count * len(msg), "ms_median": med,
+                                     "gb_s": count * len(msg) / med / 1e6}
+                log(f"grpcio ceiling {mib} MiB messages: {rows[f'{mib}MiB']['gb_s']:.2f} GB/s")
+    finally:
+        await server.stop(0)
+    return rows
+
+
 def table(results: dict) -> str:
     lines = ["", "KV transfer (median):", f"{'model':6} {'what':16} {'tokens':>6} {'MB':>8} {'ms':>9} {'GB/s':>7}"]
     for tag, out in results.get("models", {}).items():
@@ -276,6 +321,9 @@ def table(results: dict) -> str:
         for name, eq in out.get("equality", {}).get("transports", {}).items():
             lines.append(f"{tag:6} equality {name:7}: {'equal to in-process' if eq['equal'] else 'MISMATCH'} "
                          f"(used {','.join(eq['used'])})")
+    for key, row in results.get("grpc_ceiling", {}).items():
+        lines.append(f"grpcio alone, {key} messages: {row['bytes'] / 1e6:.0f} MB in {row['ms_median']:.1f} ms = "
+                     f"{row['gb_s']:.2f} GB/s")
     for goal, ok in results.get("goals", {}).items():
         lines.append(f"goal {goal}: {'met' if ok else 'MISSED'}")
     return "\n".join(lines)
@@ -303,7 +351,7 @@ def main(argv=None) -> int:
     ap.add_argument("--frames-mib", default="1,4,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--eq-tokens", type=int, default=16)
-    ap.add_argument("--sections", default="node,raw")
+    ap.add_argument("--sections", default="node,raw,ceiling")
     ap.add_argument("--skip-8b", action="store_true")
     ns = ap.parse_args(argv)
     ns.sizes = [int(x) for x in ns.sizes.split(",")] if not ns.tiny else [64, 256]
@@ -327,6 +375,9 @@ def main(argv=None) -> int:
             traceback.print_exc()
             results["errors"].append(f"{tag}: {type(exc).__name__}: {exc}"[:2000])
         out_path.write_text(json.dumps(results, indent=1))
+    if "ceiling" in sections:
+        results["grpc_ceiling"] = asyncio.run(grpc_ceiling(940 * 10**6 if device == "cuda" else 64 * 2**20,
+                                                           ns.frames_mib))
     results["goals"] = goals(results)
     out_path.write_text(json.dumps(results, indent=1))
     print(table(results))
