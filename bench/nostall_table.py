@@ -25,7 +25,7 @@ def _get(summary: dict, *path):
 def load(out: pathlib.Path) -> dict[str, dict]:
     """label -> {"noburst": summary, "burst": summary} (either may be missing)."""
     runs: dict[str, dict] = {}
-    for path in sorted(out.glob("*.json")):
+    for path in sorted(out.glob("*.json"), key=lambda p: p.stat().st_mtime):  # in the order they ran
         res = json.loads(path.read_text())
         if "summary" not in res or "/" not in res.get("label", ""):
             continue

@@ -88,3 +88,18 @@ def test_compare(stack, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "chat ITL p99 ms" in table and "burst TTFT p50 ms" in table and "14/14" in table
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_open_loop(stack, tmp_path):
+    """--sweep: one Poisson run per rate, each request sent at its seeded time, and the sweep plot."""
+    assert main(["--target", stack.router_address, "--label", "sw", "--out", str(tmp_path), "--sweep", "20,40",
+                 "--num-requests", "6", "--output-len", "4", "--input-len", "16", "--warmup", "0",
+                 "--no-progress", "--api-key", KEY]) == 0
+    runs = [_result(tmp_path, f"sw_rate{r}") for r in (20, 40)]
+    for res, rate in zip(runs, (20, 40)):
+        assert res["config"]["arrivals"] == {"kind": "poisson", "concurrency": 8, "rate": rate}
+        records = res["records"]
+        assert res["summary"]["requests"]["ok"] == 6 and records[0]["scheduled"] == 0.0
+        assert all(r["start"] >= r["scheduled"] - 1e-3 for r in records)
+    assert [r["scheduled"] for r in runs[0]["records"]] != [r["scheduled"] for r in runs[1]["records"]]
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
