@@ -29,6 +29,8 @@ logger = logging.getLogger("pdserve.rpc")
 
 MAX_MESSAGE_BYTES = 16 * 2**20  # a KV frame is <= 1 MiB of payload; prompts of 100k tokens fit
 _MAX_MESSAGE_CHARS = 400
+RETRY_AFTER_S = 1  # sent as `retry-after` trailing metadata with the statuses a client may retry
+RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -93,6 +95,8 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseExcept
         message = f"internal error (ref {ref})"
     else:
         logger.info("%s -> %s: %s", method, code.name, message)
+    if code in RETRYABLE:
+        context.set_trailing_metadata((("retry-after", str(RETRY_AFTER_S)),))
     await context.abort(code, message)
 
 

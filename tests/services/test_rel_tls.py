@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.rpc.channel import aio_channel
+from engine.rpc.errors import Unavailable
 from engine.rpc.security import ClientSecurity, Security
 from engine.rpc.server import build_server
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
@@ -63,6 +64,9 @@ def pki(tmp_path_factory):
 class _Control(router_pb2_grpc.RouterControlServicer):
     async def Heartbeat(self, request, context):
         return router_pb2.HeartbeatResponse(known=request.node_id == "n1")
+
+    async def Register(self, request, context):
+        raise Unavailable("no room now")
 
 
 async def _serve(security: Security):
@@ -132,3 +136,18 @@ def test_tls_flags_go_together():
         Security(tls_cert="a.pem")
     with pytest.raises(ValueError):
         Security(tls_client_ca="ca.pem")
+
+
+@pytest.mark.timeout(60)
+def test_retryable_statuses_carry_retry_after():
+    async def main():
+        server = await _serve(Security())
+        try:
+            async with aio_channel(server.address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await router_pb2_grpc.RouterControlStub(channel).Register(router_pb2.RegisterNodeRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert ("retry-after", "1") in tuple(err.value.trailing_metadata())
+        finally:
+            await server.stop(0)
+    asyncio.run(main())
