@@ -173,21 +173,37 @@ class GGUFFile:
 
     def iter_weights(self, config: transformers.PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, fp32 CPU tensor) per gguf tensor, dequantized one at a time."""
-        from gguf.quants import dequantize
+        for t in self.reader.tensors:
+            yield hf_name(t.name), self._dense(t, config)
 
-        permute = self.arch == "llama"
+    def iter_packed(self, config: transformers.PretrainedConfig) -> Iterator[tuple[str, object]]:
+        """(HF name, tensor) per gguf tensor with quantized 2-D weights kept as stored
+        (engine.quant.gguf.PackedTensor, rows in HF order); other tensors as iter_weights gives them."""
+        from engine.quant.gguf import BLOCKS, PackedTensor
+
         for t in self.reader.tensors:
             name = hf_name(t.name)
-            shape = tuple(int(d) for d in reversed(t.shape))
-            array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-            if not array.flags.writeable:  # F32 tensors come back as read-only memmap views
-                array = array.copy()
-            tensor = torch.from_numpy(array.reshape(shape))
-            if permute and ".self_attn.q_proj." in name:
-                tensor = _unpermute(tensor, config.num_attention_heads)
-            elif permute and ".self_attn.k_proj." in name:
-                tensor = _unpermute(tensor, config.num_key_value_heads)
-            yield name, tensor
+            if t.tensor_type.name not in BLOCKS or len(t.shape) != 2:
+                yield name, self._dense(t, config)
+                continue
+            data = torch.from_numpy(np.array(t.data, copy=True)).reshape(int(t.shape[1]), -1)  # [rows, row bytes]
+            yield name, PackedTensor(t.tensor_type.name, self._unpermute_rows(name, data, config), int(t.shape[0]))
+
+    def _dense(self, t, config: transformers.PretrainedConfig) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        shape = tuple(int(d) for d in reversed(t.shape))
+        array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        if not array.flags.writeable:  # F32 tensors come back as read-only memmap views
+            array = array.copy()
+        return self._unpermute_rows(hf_name(t.name), torch.from_numpy(array.reshape(shape)), config)
+
+    def _unpermute_rows(self, name: str, rows: torch.Tensor, config) -> torch.Tensor:
+        if self.arch == "llama" and ".self_attn.q_proj." in name:
+            return _unpermute(rows, config.num_attention_heads)
+        if self.arch == "llama" and ".self_attn.k_proj." in name:
+            return _unpermute(rows, config.num_key_value_heads)
+        return rows
 
 
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:

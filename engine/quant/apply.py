@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.quant.config import QuantConfig, resolve
 from engine.quant.fp8 import Fp8Linear, check_fp8_device
+from engine.quant.gguf import GGUFEmbedding, GGUFLinear
 from engine.quant.int4 import Int4Linear
 
 # Our fused layers and the checkpoint layers they hold (as engine/models/llama.py fuses them).
@@ -45,7 +46,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
     device = next(model.parameters()).device
     if quant.method == "fp8":
         check_fp8_device(device)
-    if quant.pre_quantized:
+    if quant.method == "gguf":
+        _prepare_gguf(model)
+    elif quant.pre_quantized:
         for parent, attr, layer, hf_names in quantizable_linears(model, quant):
             setattr(parent, attr, _checkpoint_layer(model, attr, layer, quant, device))
         weights = _drop_zero_biases(model, weights)
@@ -54,6 +57,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], 
 
 
 def finalize(model: nn.Module, quant: QuantConfig) -> None:
+    if quant.method == "gguf":
+        _finalize_gguf(model)
+        return
     for parent, attr, layer, _ in quantizable_linears(model, quant):
         if isinstance(layer, Int4Linear):
             layer.finalize()
@@ -68,7 +74,7 @@ def quantizable_linears(model: nn.Module, quant: QuantConfig) -> Iterator[tuple[
         if not name.startswith("layers."):
             continue
         for attr, layer in list(parent.named_children()):
-            if not isinstance(layer, (nn.Linear, Int4Linear, Fp8Linear)):
+            if not isinstance(layer, (nn.Linear, Int4Linear, Fp8Linear, GGUFLinear)):
                 continue
             hf_names = [f"model.{name}.{part}" for part in FUSED_PARTS.get(attr, (attr,))]
             ignored = [quant.is_ignored(n) for n in hf_names]
@@ -101,3 +107,20 @@ def _drop_zero_biases(model: nn.Module, weights) -> Iterator[tuple[str, torch.Te
             if layer is not None and getattr(layer, "bias", None) is None and not tensor.any():
                 continue
         yield name, tensor
+
+
+def _prepare_gguf(model: nn.Module) -> None:
+    """Every linear layer, the embedding and the LM head take the gguf tensors as stored."""
+    for parent, attr, layer, _ in quantizable_linears(model, QuantConfig("gguf", "gguf")):
+        setattr(parent, attr, GGUFLinear(layer.in_features, layer.out_features, bias=layer.bias))
+    rows, dim = model.embed_tokens.weight.shape
+    model.embed_tokens = GGUFEmbedding(rows, dim, model.embed_tokens.weight.dtype)
+    if model.lm_head is not None:
+        model.lm_head = GGUFLinear(model.lm_head.in_features, model.lm_head.out_features)
+
+
+def _finalize_gguf(model: nn.Module) -> None:
+    for layer in model.modules():
+        if isinstance(layer, GGUFLinear):
+            layer.finalize()
+    model.packed_head = model.embed_tokens.logits if model.lm_head is None else model.lm_head

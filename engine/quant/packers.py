@@ -27,13 +27,13 @@ def quantize_int4(w: torch.Tensor, group_of: torch.Tensor, groups: int, *, sym: 
     zero_min..15); w ~= (q - zeros[g]) * scales[g]."""
     w = w.float()
     N = w.shape[0]
-    scales = torch.empty(groups, N)
-    zeros = torch.empty(groups, N, dtype=torch.int64)
+    scales = torch.empty(groups, N, device=w.device)
+    zeros = torch.empty(groups, N, dtype=torch.int64, device=w.device)
     for g in range(groups):
         cols = w[:, group_of == g]
         if sym:
             s = (2 * cols.abs().amax(1) / 15).clamp_min(1e-8)
-            z = torch.full((N,), 8, dtype=torch.int64)
+            z = torch.full((N,), 8, dtype=torch.int64, device=w.device)
         else:
             lo, hi = cols.amin(1).clamp_max(0), cols.amax(1).clamp_min(0)
             s = ((hi - lo) / 15).clamp_min(1e-8)
@@ -55,15 +55,16 @@ def _layer_weights(state: dict[str, torch.Tensor]):
             yield name, parts[-2], w
 
 
-def awq_tensors(state: dict[str, torch.Tensor], group_size: int, dtype=torch.float16):
-    """(checkpoint tensors, dequantized weights) of an AWQ gemm checkpoint."""
+def awq_tensors(state: dict[str, torch.Tensor], group_size: int, dtype=torch.float16, reference: bool = True):
+    """(checkpoint tensors, dequantized weights or {} without `reference`) of an AWQ gemm checkpoint."""
     out, ref = {}, {}
     for name, proj, w in _layer_weights(state):
         K = w.shape[1]
-        group_of = torch.arange(K) // group_size
+        group_of = torch.arange(K, device=w.device) // group_size
         q, scales, zeros = quantize_int4(w, group_of, K // group_size, sym=False)
         scales = scales.to(dtype)
-        ref[name] = dequantize_int4(q, scales.float(), zeros, group_of)
+        if reference:
+            ref[name] = dequantize_int4(q, scales.float(), zeros, group_of)
         prefix = name.removesuffix(".weight")
         out[f"{prefix}.qweight"] = pack_cols(q.t(), AWQ_ORDER)  # [K, N // 8]
         out[f"{prefix}.qzeros"] = pack_cols(zeros, AWQ_ORDER)  # [G, N // 8]
