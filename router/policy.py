@@ -2,6 +2,8 @@
 
     round-robin   each healthy node in turn
     least-load    the node with the least work (decode: requests; prefill: prompt tokens queued)
+                  (every policy places on a node whose load polls answer slowly only when no prompt
+                  node can take the work)
     prefix        the least *cost*, where a prompt's cached prefix on a node is work it saves:
                     prefill cost = tokens queued there + this prompt's uncached tokens
                     decode cost  = requests there x DECODE_REQUEST_TOKENS - this prompt's cached tokens
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from engine.block_manager import block_hashes
+from router.placement import free_blocks, slow
 from router.registry import Node
 
 DECODE_REQUEST_TOKENS = 256  # a running decode request weighs this many prompt tokens of prefix reuse
@@ -46,10 +49,6 @@ def cached_tokens(node: Node, hashes: list[int], block_size: int) -> int:
     return n * block_size
 
 
-def free_blocks(node: Node) -> int:
-    return node.load.free_blocks - node.pending_blocks
-
-
 def decode_load(node: Node) -> int:
     return node.load.num_running + node.load.num_waiting + node.active
 
@@ -75,11 +74,12 @@ class Policy:
         if not live:
             return None
         choices = [Choice(n, cached_tokens(n, hashes, self.block_size) if hashes else 0) for n in live]
+        prompt = [c for c in choices if not slow(c.node)] or choices  # slow pollers only when nothing else
         if self.name == "round-robin":
-            return choices[next(self._turn) % len(choices)]
+            return prompt[next(self._turn) % len(prompt)]
         if self.name == "least-load":
-            return min(choices, key=lambda c: (self.load(c.node), -free_blocks(c.node), -c.cached_tokens))
-        return min(choices, key=lambda c: (self._cost(c, num_prompt_tokens), self.load(c.node)))
+            return min(prompt, key=lambda c: (self.load(c.node), -free_blocks(c.node), -c.cached_tokens))
+        return min(prompt, key=lambda c: (self._cost(c, num_prompt_tokens), self.load(c.node)))
 
     def _cost(self, choice: Choice, num_prompt_tokens: int) -> int:
         if self.pool == "prefill":

@@ -78,6 +78,8 @@ def test_least_load_round_robin_and_exclusions():
     assert least.pick([a, b, c], [], 10, exclude={"c", "a"}).node is b
     with pytest.raises(ValueError, match="policy must be one of"):
         Policy("random", "decode", BS)
+    b.latency_s = 1.0  # its polls answer slowly: placed on only when no prompt node can take the work
+    assert least.pick([b, c], [], 10).node is c and least.pick([b], [], 10).node is b
 
 
 def test_placement_metrics_exposition():
