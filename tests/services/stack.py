@@ -114,7 +114,8 @@ def _pump(stack: Stack, ready: threading.Event) -> None:
 
 @contextlib.contextmanager
 def start_stack(model: str | os.PathLike, num_prefill: int = 1, num_decode: int = 1, kv_transport: str = "grpc",
-                gateway: bool = False, extra_args=(), env: dict | None = None):
+                gateway: bool = False, extra_args=(), env: dict | None = None,
+                startup_timeout: float = STARTUP_TIMEOUT_S):
     argv = [sys.executable, "-m", "router.cli", "serve", "--model", str(model),
             "--num-prefill", str(num_prefill), "--num-decode", str(num_decode), "--kv-transport", kv_transport,
             "--port", str(free_port()), "--grace-period", "3", *SMALL_ENGINE_ARGS]
@@ -128,7 +129,7 @@ def start_stack(model: str | os.PathLike, num_prefill: int = 1, num_decode: int 
     ready = threading.Event()
     threading.Thread(target=_pump, args=(stack, ready), daemon=True).start()
     try:
-        if not ready.wait(STARTUP_TIMEOUT_S) or not stack.router_address:
+        if not ready.wait(startup_timeout) or not stack.router_address:
             raise RuntimeError("the stack did not start:\n" + "".join(stack.output[-40:]))
         yield stack
     finally:
