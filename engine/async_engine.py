@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from engine.llm_engine import KVExport, LLMEngine
 from engine.outputs import StepOutput
+from engine.parallel.ranks import RankDied
 from engine.rpc.errors import Unavailable
 from engine.sampling_params import SamplingParams
 
@@ -89,6 +90,15 @@ class AsyncEngine:
         self._publish()  # the engine thread is not running yet
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
+        if getattr(self.engine, "ranks", None) is not None:  # a TP rank dying while idle fails us too
+            self.engine.ranks.on_death = self._rank_died
+
+    def _rank_died(self, why: str) -> None:
+        """Rank watcher thread: goes fatal on the engine thread, also when no step is running."""
+        def fail(engine: LLMEngine) -> None:
+            if self.error is None:
+                self._fatal(RankDied(why))
+        asyncio.run_coroutine_threadsafe(self.call(fail), self._loop)
 
     async def stop(self) -> None:
         with self._cond:
@@ -333,4 +343,3 @@ class AsyncEngine:
         if idle and load["free_blocks"] != load["total_blocks"]:
             raise AssertionError(f"kv leak: {load['free_blocks']} free blocks of {load['total_blocks']} on an "
                                  f"idle engine")
-

@@ -7,7 +7,7 @@
 Children get only primitive arguments (rank, size, store port, device, the EngineArgs as JSON),
 die with their parent (PR_SET_PDEATHSIG plus a parent watcher), and are watched by rank 0: when one
 exits unasked, the group is aborted so that rank 0's next (or current) collective fails at once
-and the engine goes fatal.
+and the engine goes fatal; `on_death` lets an idle engine's owner (AsyncEngine) fail it right away.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import weakref
+from typing import Callable
 
 import torch
 
@@ -62,6 +63,7 @@ class RankProcesses:
             for rank in range(1, size)]
         self._finalizer = weakref.finalize(self, _terminate, list(self.procs))
         self.died: str | None = None
+        self.on_death: Callable[[str], None] | None = None  # called on the watcher thread, once
         self._closing = threading.Event()
         try:
             self.group: TPGroup = make_group(store, 0, size, devices[0])
@@ -79,6 +81,8 @@ class RankProcesses:
                     self.died = f"tensor-parallel rank {rank} exited with code {code}"
                     logger.critical("%s; aborting the group", self.died)
                     self.group.abort()
+                    if self.on_death is not None:
+                        self.on_death(self.died)
                     return
 
     def check(self) -> None:

@@ -2,9 +2,10 @@
 KV export / import across TP sizes, and a rank that dies."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
-import time
+import types
 
 import pytest
 import torch
@@ -66,6 +67,25 @@ def test_rank_shards_rebuild_the_full_weights(make_tiny_model, arch, overrides, 
         assert torch.equal(torch.cat(pieces, dim=dim), tensor), name
         replicated = len(pieces) < size
         assert replicated or all(p[name].shape[dim] < tensor.shape[dim] for p in parts), f"{name} is not cut"
+
+
+@pytest.mark.parametrize("arch,size", [("qwen2", 2), ("smollm2", 4)])
+def test_each_rank_holds_its_share_of_the_parameters(make_tiny_model, arch, size):
+    """A rank's model (built and loaded as a worker does) holds 1/N of every sharded weight: its
+    parameter bytes are the full model's / N plus only the replicated norms."""
+    from engine.llm_engine import build_model
+
+    source = load_model_source(str(make_tiny_model(arch)))
+    cpu = torch.device("cpu")
+
+    def param_bytes(model):
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+
+    full = build_model(source, cpu, torch.float32, 256)
+    norms = sum(p.numel() * p.element_size() for n, p in full.named_parameters() if "norm" in n)
+    for rank in range(size):
+        shard = build_model(source, cpu, torch.float32, 256, types.SimpleNamespace(rank=rank, size=size))
+        assert param_bytes(shard) == (param_bytes(full) - norms) // size + norms
 
 
 def test_vocab_shards_pad_the_last_rank():
@@ -190,19 +210,32 @@ def test_kv_moves_between_tp_sizes(make_tiny_model, prompts):
 
 # ---- a rank that dies ---------------------------------------------------------------------------------
 
-def test_a_dead_rank_fails_the_engine_and_no_rank_survives(make_tiny_model, prompts):
-    llm = LLM(str(make_tiny_model("llama")), tensor_parallel_size=2, **ENGINE)
-    engine = llm.engine
-    procs = list(engine.ranks.procs)
+def test_a_rank_that_dies_while_idle_fails_the_engine_and_no_rank_survives(make_tiny_model, prompts):
+    """No step running: the rank watcher still makes the AsyncEngine fatal (a node then reports
+    NOT_SERVING and exits; mid-stream deaths are in tests/services/test_tp_stack.py)."""
+    from engine.async_engine import AsyncEngine
+    from engine.rpc.errors import Unavailable
+
+    llm = LLMEngine(EngineArgs(model=str(make_tiny_model("llama")), tensor_parallel_size=2, **ENGINE))
+    procs = list(llm.ranks.procs)
+
+    async def scenario():
+        fatal = asyncio.Event()
+        engine = AsyncEngine(llm, on_fatal=lambda exc: fatal.set())
+        engine.start()
+        try:
+            stream = await engine.add_request("a", prompts[0]["prompt_token_ids"], greedy(NEW))
+            assert len([out async for out in stream]) == NEW  # it works before the kill
+            os.kill(procs[0].pid, signal.SIGKILL)
+            await asyncio.wait_for(fatal.wait(), 10)
+            assert not engine.healthy and isinstance(engine.error, RankDied)
+            with pytest.raises(Unavailable):
+                await engine.add_request("b", prompts[1]["prompt_token_ids"], greedy(NEW))
+        finally:
+            await engine.stop()
+
     try:
-        engine.add_request("a", params=greedy(200), prompt_token_ids=prompts[0]["prompt_token_ids"])
-        for _ in range(3):
-            engine.step()
-        os.kill(procs[0].pid, signal.SIGKILL)
-        with pytest.raises((RankDied, RuntimeError)):
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                engine.step()
+        asyncio.run(scenario())
     finally:
         llm.close()
     assert all(p.poll() is not None for p in procs)
