@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample-every", type=float, default=10.0, help="seconds between RSS / fd samples")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     ns = p.parse_args(argv)
-    with start_stack(ns.model, num_prefill=2, num_decode=2, extra_args=STACK_ARGS) as stack:
+    with start_stack(ns.model, num_prefill=2, num_decode=2, extra_args=STACK_ARGS, startup_timeout=600) as stack:
         report, violations = run_chaos(stack, ns.minutes * 60, ns.seed, ns.sample_every)
     summary = {"minutes": ns.minutes, "counts": report.counts, "wrong_outputs": len(report.wrong_outputs),
                "bad_statuses": report.bad_statuses[:20], "leaky_messages": report.leaky_messages()[:20],
