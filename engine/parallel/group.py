@@ -8,6 +8,7 @@ CUDA graph once the group exists (NCCL).
 from __future__ import annotations
 
 import datetime
+import socket
 
 import torch
 import torch.distributed as dist
@@ -78,9 +79,14 @@ class TPGroup:
 
 
 def host_store(world_size: int) -> dist.TCPStore:
-    """Rank 0's rendezvous store on a free loopback port (`.port` tells the others)."""
-    return dist.TCPStore(LOOPBACK, 0, world_size, True, _timedelta(RENDEZVOUS_TIMEOUT_S),
-                         wait_for_workers=False)
+    """Rank 0's rendezvous store on a free port bound to loopback only (`.port` tells the others)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen(world_size)
+    store = dist.TCPStore(LOOPBACK, sock.getsockname()[1], world_size, True, _timedelta(RENDEZVOUS_TIMEOUT_S),
+                          wait_for_workers=False, master_listen_fd=sock.fileno())
+    sock.detach()  # the store owns the listening socket now
+    return store
 
 
 def join_store(port: int) -> dist.TCPStore:
