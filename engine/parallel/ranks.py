@@ -59,7 +59,7 @@ class RankProcesses:
             subprocess.Popen([sys.executable, "-m", "engine.parallel.worker", "--rank", str(rank),
                               "--world-size", str(size), "--store-port", str(store.port),
                               "--device", str(devices[rank]), "--engine-args", spec],
-                             stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno())
+                             stdin=subprocess.DEVNULL, stdout=_stderr_fd())
             for rank in range(1, size)]
         self._finalizer = weakref.finalize(self, _terminate, list(self.procs))
         self.died: str | None = None
@@ -99,6 +99,14 @@ class RankProcesses:
             except subprocess.TimeoutExpired:
                 pass
         self._finalizer()
+
+
+def _stderr_fd() -> int:
+    """Where a rank's stdout goes: our stderr (stdout may carry a node's READY line)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a notebook's stderr has no descriptor
+        return subprocess.DEVNULL
 
 
 def _terminate(procs: list[subprocess.Popen]) -> None:

@@ -1,6 +1,6 @@
 """Tensor parallelism through a served stack (`pdserve serve`, CPU, gloo): prefill and decode
 nodes of different TP sizes give the colocated TP=1 output, and a rank killed mid-stream takes
-its node down cleanly."""
+its node down cleanly. Each stack starts 3-4 Python processes plus the TP ranks: marked slow."""
 from __future__ import annotations
 
 import os
@@ -69,6 +69,7 @@ def _rank_pids(node_pid: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_prefill_tp2_to_decode_tp1_matches_colocated(tiny, reference):
     with _tp_stack(tiny, 2, 1) as stack:
@@ -76,6 +77,7 @@ def test_prefill_tp2_to_decode_tp1_matches_colocated(tiny, reference):
         _check_parity(stack, reference)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_prefill_tp1_to_decode_tp2_matches_colocated_and_a_dead_rank_ends_the_node(tiny, reference):
     with _tp_stack(tiny, 1, 2) as stack:
