@@ -187,6 +187,7 @@ class IpcKVSender(KVSender):
         self.device = torch.device(device)
         self._opened: dict[str, OpenedCache] = {}  # decode address -> its opened cache
         self._shares: dict[str, node_pb2.KVShare] = {}
+        self._unshared: set[str] = set()  # decode addresses whose cache is not on CUDA (asked once)
 
     async def share(self, address: str) -> node_pb2.KVShare:
         """The decode node's KVShare (asked once; FailedPrecondition when its cache is not on CUDA)."""
@@ -202,11 +203,14 @@ class IpcKVSender(KVSender):
 
     async def usable(self, address: str) -> bool:
         """`auto`: whether ipc can reach this decode node (same host, its GPU visible here)."""
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" or address in self._unshared:
             return False
         try:
             return same_gpu_set(await self.share(address), host_id())
-        except (FailedPrecondition, Unavailable):
+        except FailedPrecondition:
+            self._unshared.add(address)
+            return False
+        except Unavailable:
             return False
 
     async def _open(self, address: str) -> OpenedCache:
@@ -221,6 +225,7 @@ class IpcKVSender(KVSender):
     def forget(self, address: str) -> None:
         self._opened.pop(address, None)
         self._shares.pop(address, None)
+        self._unshared.discard(address)
 
     async def send(self, target: node_pb2.KVTarget, k: torch.Tensor, v: torch.Tensor, timeout: float) -> int:
         spec = KVSpec.from_proto(target.layout)

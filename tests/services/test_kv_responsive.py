@@ -51,6 +51,7 @@ class Sampler(threading.Thread):
                 time.sleep(0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_get_load_and_health_answer_while_an_8k_prompt_prefills_and_ships(make_tiny_model):
     model = make_tiny_model("llama", **MODEL)
