@@ -163,3 +163,17 @@ def test_unsupported_quantization_configs_name_the_problem(qc, match):
 
     with pytest.raises(ValueError, match=match):
         checkpoint_quant_config(Config())
+
+
+def test_quantization_flags_reach_engine_args_and_env_twins():
+    import argparse
+
+    from engine.cli_args import add_engine_args, engine_args_from
+
+    ns = add_engine_args(argparse.ArgumentParser()).parse_args(["--quantization", "awq"])
+    args = engine_args_from(ns, role="decode")
+    assert (args.quantization, args.kv_cache_dtype) == ("awq", "auto")
+    env = {"PDSERVE_QUANTIZATION": "fp8"}
+    assert engine_args_from(add_engine_args(argparse.ArgumentParser(), env=env).parse_args([]), "both").quantization == "fp8"
+    with pytest.raises(SystemExit):
+        add_engine_args(argparse.ArgumentParser()).parse_args(["--quantization", "int3"])
