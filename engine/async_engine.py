@@ -126,7 +126,15 @@ class AsyncEngine:
         with self._cond:
             self._commands.append((fn, fut, undo))
             self._cond.notify()
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # cancelled after the result arrived but before this task resumed: the result is ours to undo
+            # (a future cancelled before its result came is undone by _resolve instead)
+            if undo is not None and fut.done() and not fut.cancelled() and fut.exception() is None:
+                result = fut.result()
+                self._submit(lambda engine: undo(engine, result))
+            raise
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                           priority: int = 0, sample_index: int = 0,
@@ -343,3 +351,4 @@ class AsyncEngine:
         if idle and load["free_blocks"] != load["total_blocks"]:
             raise AssertionError(f"kv leak: {load['free_blocks']} free blocks of {load['total_blocks']} on an "
                                  f"idle engine")
+
