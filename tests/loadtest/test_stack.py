@@ -10,7 +10,8 @@ import pytest
 from loadtest.cli import main
 from tests.services.stack import start_stack
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(600)
+STARTUP_S = 500.0  # seconds; a shared, loaded 2-core box can take minutes to start four processes
 KEY = "sk-test-loadtest"
 RUN = ("--num-requests", "12", "--output-len", "8", "--input-len", "uniform:16-48", "--concurrency", "4",
        "--burst", "at=0.2,count=2,len=64,out=4", "--warmup", "1", "--seed", "3", "--no-progress",
@@ -19,7 +20,8 @@ RUN = ("--num-requests", "12", "--output-len", "8", "--input-len", "uniform:16-4
 
 @pytest.fixture(scope="module")
 def stack(make_tiny_model):
-    with start_stack(make_tiny_model("llama"), gateway=True, extra_args=("--api-key", KEY)) as s:
+    with start_stack(make_tiny_model("llama"), gateway=True, extra_args=("--api-key", KEY),
+                     startup_timeout=STARTUP_S) as s:
         assert s.gateway_url, "".join(s.output[-40:])
         yield s
 
