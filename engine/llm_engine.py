@@ -474,6 +474,8 @@ class LLMEngine:
         if req.grammar is not None and not req.grammar.accept(token_id):
             logger.warning("request %s: token %d is outside its grammar", req.client_id[:64], token_id)
         reason = self._check_stop(req, token_id, count)
+        if reason is None and req.grammar is not None and req.grammar.is_terminated:
+            reason = FinishReason.EOS  # min_tokens or ignore_eos kept it going, but the grammar ended
         if reason is None and self.role == "prefill":
             reason = FinishReason.PREFILLED
         if reason is not None:

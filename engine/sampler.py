@@ -151,6 +151,8 @@ def _min_tokens_mask(rows: list[RowSpec], vocab_size: int):
     for i, r in enumerate(rows):
         if len(r.output_token_ids) >= r.params.min_tokens:
             continue
+        if r.grammar is not None and r.grammar.is_completed:
+            continue  # a complete grammar may allow nothing but the end: it wins over min_tokens
         ids = set(r.params.stop_token_ids or ())
         if not r.params.ignore_eos:
             ids.update(r.eos_token_ids)

@@ -38,6 +38,11 @@ class GrammarState:
     def is_completed(self) -> bool:
         return self.matcher.is_completed()
 
+    @property
+    def is_terminated(self) -> bool:
+        """It accepted an end-of-sequence token: nothing may follow."""
+        return self.matcher.is_terminated()
+
 
 class GrammarCache:
     """`state(spec)` -> a fresh GrammarState; compiled grammars kept in an LRU of `max_entries`."""

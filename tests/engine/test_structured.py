@@ -144,6 +144,12 @@ def test_eos_only_once_complete_and_length_cut(llm):
     assert cut[0].outputs[0].finish_reason == "length" and len(cut[0].outputs[0].token_ids) == 4
 
 
+def test_a_complete_grammar_wins_over_min_tokens(llm):
+    out = llm.generate([[4, 5, 6]], _spec_params(StructuredSpec("choice", choices=("yes",)), min_tokens=20,
+                                                 temperature=0.0), use_tqdm=False)[0].outputs[0]
+    assert out.text == "yes" and out.finish_reason == "eos"
+
+
 def test_batched_structured_and_free_rows_match_alone(llm):
     spec = StructuredSpec("json_schema", json.dumps(SCHEMAS[3]))
     free = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
