@@ -86,7 +86,7 @@ def test_get_load_and_health_answer_while_an_8k_prompt_prefills_and_ships(make_t
             stop.set()
             for s in samplers:
                 s.join(10)
-        assert prefill_s > 2.0, f"the prefill took only {prefill_s:.1f} s: no long step to be responsive through"
+        assert prefill_s > 1.0, f"the prefill took only {prefill_s:.1f} s: no long step to be responsive through"
         assert [e.WhichOneof("event") for e in events] == ["first_token", "transfer_done"]
         assert events[1].transfer_done.transport == node_pb2.KV_TRANSPORT_GRPC  # auto on CPU
         assert events[1].transfer_done.bytes == 2 * -(-PROMPT_TOKENS // 16) * 16 * 64 * 4
