@@ -52,7 +52,10 @@ class PipelineConfig:
     kv_wait_ms: int = 10_000
     reserve_timeout_s: float = 5.0  # one Reserve call
     prefill_timeout_s: float = 60.0  # to the first token: queueing plus this ...
-    prefill_s_per_token: float = 0.01  # ... plus this per prompt token
+    # ... plus this per prompt token: sized for a CPU node (the default model prefills long prompts
+    # at tens of tokens/s there); a frozen node is caught sooner by its health polls
+    # (`_wait_while_healthy`), so this only bounds a node that answers polls but never finishes
+    prefill_s_per_token: float = 0.1
     token_gap_s: float = 30.0  # longest wait for the next decode event (after the first one)
     max_retries: int = 2  # fresh attempts of one completion before its second token
     max_failovers: int = 2  # moves of one completion to another decode node once tokens were sent
