@@ -79,7 +79,7 @@ class Policy:
             return prompt[next(self._turn) % len(prompt)]
         if self.name == "least-load":
             return min(prompt, key=lambda c: (self.load(c.node), -free_blocks(c.node), -c.cached_tokens))
-        return min(prompt, key=lambda c: (self._cost(c, num_prompt_tokens), self.load(c.node)))
+        return min(prompt, key=lambda c: (self._cost(c, num_prompt_tokens), self.load(c.node), -free_blocks(c.node)))
 
     def _cost(self, choice: Choice, num_prompt_tokens: int) -> int:
         if self.pool == "prefill":

@@ -22,7 +22,7 @@ from protos.pdserve.v1 import generation_pb2 as g
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
 from router.policy import DECODE_REQUEST_TOKENS, Choice, Placement, Policy, prompt_hashes
 from router.registry import Node
-from tests.services.helpers import ENGINE_KW, assert_idle, greedy_request
+from tests.services.helpers import ENGINE_KW, assert_idle
 from tests.services.stack import free_port, pid_alive, port_open, start_stack
 
 BS = 16
@@ -60,6 +60,10 @@ def test_prefix_policy_prefers_the_cached_node_until_load_outweighs_it():
     assert decode.pick([cold, warm], hashes, len(tokens)).node is warm
     warm.active = 1 + 6 * BS // DECODE_REQUEST_TOKENS
     assert decode.pick([cold, warm], hashes, len(tokens)).node is cold
+    # equal cost: the node with more free blocks (placements since the last poll reserved some)
+    x, y = fake("x"), fake("y")
+    x.pending_blocks = 4
+    assert decode.pick([x, y], [], 10).node is y
     # a broken chain counts only its leading blocks
     gap = fake("p-gap", hashes=[hashes[0], hashes[2], hashes[3]])
     assert prefill.pick([gap], hashes, len(tokens)).cached_tokens == BS
