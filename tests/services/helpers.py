@@ -18,6 +18,16 @@ def greedy_request(text: str, max_tokens: int, **kw) -> g.GenerateRequest:
                              stopping=g.StoppingCriteria(max_new_tokens=max_tokens), **kw)
 
 
+def stream_greedy(stub, text: str, max_tokens: int):
+    """One greedy GenerateStream: (token ids, concatenated text, last chunk)."""
+    ids, pieces, last = [], [], None
+    for chunk in stub.GenerateStream(greedy_request(text, max_tokens), timeout=60):
+        ids += chunk.token_ids
+        pieces.append(chunk.text)
+        last = chunk
+    return ids, "".join(pieces), last
+
+
 def wait_idle(stub, timeout: float = 15.0) -> g.GetLoadsResponse:
     """Polls GetLoads until every node is idle (I1: free == total, I2: no request id anywhere)."""
     deadline = time.monotonic() + timeout

@@ -7,11 +7,10 @@ from __future__ import annotations
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import pytest
 
 from protos.pdserve.v1 import generation_pb2 as g
-from tests.services.helpers import ENGINE_KW, assert_idle, greedy_request, prompts
+from tests.services.helpers import ENGINE_KW, assert_idle, greedy_request, prompts, stream_greedy
 from tests.services.stack import start_stack
 
 FR = g.FinishReason
@@ -40,22 +39,13 @@ def stack(tiny):
         yield s
 
 
-def _stream(stub, text):
-    ids, pieces, last = [], [], None
-    for chunk in stub.GenerateStream(greedy_request(text, MAX_TOKENS), timeout=60):
-        ids += chunk.token_ids
-        pieces.append(chunk.text)
-        last = chunk
-    return ids, "".join(pieces), last
-
-
 @pytest.mark.timeout(240)
 def test_colocated_greedy_matches_offline_engine(stack, reference):
     texts, expected = reference
     stub = stack.stub()
     with ThreadPoolExecutor(16) as pool:
         unary = list(pool.map(lambda t: stub.Generate(greedy_request(t, MAX_TOKENS), timeout=60), texts))
-        streamed = list(pool.map(lambda t: _stream(stub, t), texts))
+        streamed = list(pool.map(lambda t: stream_greedy(stub, t, MAX_TOKENS), texts))
     for (ids, text), resp, (s_ids, s_text, last) in zip(expected, unary, streamed):
         c = resp.completions[0]
         assert list(c.token_ids) == ids and c.text == text

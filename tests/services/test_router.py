@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.pdserve.v1 import generation_pb2 as g
 from protos.pdserve.v1 import generation_pb2_grpc as gg
-from tests.services.helpers import ENGINE_KW, assert_idle, greedy_request, prompts
+from tests.services.helpers import ENGINE_KW, assert_idle, greedy_request, prompts, stream_greedy
 from tests.services.stack import REPO, free_port, start_stack
 
 FR = g.FinishReason
@@ -43,22 +43,13 @@ def stack(request, tiny):
         yield s
 
 
-def _stream(stub, text):
-    ids, pieces, last = [], [], None
-    for chunk in stub.GenerateStream(greedy_request(text, MAX_TOKENS), timeout=60):
-        ids += chunk.token_ids
-        pieces.append(chunk.text)
-        last = chunk
-    return ids, "".join(pieces), last
-
-
 @pytest.mark.timeout(240)
 def test_greedy_matches_offline_engine(stack, reference):
     texts, expected = reference
     stub = stack.stub()
     with ThreadPoolExecutor(16) as pool:
         unary = list(pool.map(lambda t: stub.Generate(greedy_request(t, MAX_TOKENS), timeout=60), texts))
-        streamed = list(pool.map(lambda t: _stream(stub, t), texts))
+        streamed = list(pool.map(lambda t: stream_greedy(stub, t, MAX_TOKENS), texts))
     for (ids, text, reason), resp, (s_ids, s_text, last) in zip(expected, unary, streamed):
         c = resp.completions[0]
         assert list(c.token_ids) == ids and c.text == text
