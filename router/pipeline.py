@@ -30,7 +30,7 @@ from engine.rpc import convert
 from engine.rpc.errors import RpcError, ResourceExhausted, Unavailable
 from protos.pdserve.v1 import generation_pb2, node_pb2
 from router.placement import blocks_needed
-from router.policy import Choice, Placement, prompt_hashes
+from router.policy import Choice, Placement
 from router.prompts import Prompt
 from router.registry import Node, NodeRegistry
 
@@ -101,7 +101,7 @@ class Pipeline:
         self.detok = IncrementalDetokenizer(tokenizer, prompt.token_ids, self.params)
         self.holders: set[Node] = set()  # nodes that may hold state for this completion
         self.placement = config.placement or Placement(config.block_size)
-        self.hashes = prompt_hashes(prompt.token_ids, config.block_size)  # for prefix-aware placement
+        self.hashes = prompt.block_hashes(config.block_size)  # for prefix-aware placement
         self.output_ids: list[int] = []  # every token relayed so far (resumed on a failover)
         self._background: set[asyncio.Task] = set()
         self._active: Node | None = None

@@ -9,8 +9,8 @@
                     decode cost  = requests there x DECODE_REQUEST_TOKENS - this prompt's cached tokens
 
 A node's cached prefixes come from its GetLoad reports (`NodeLoad.prefix_hashes`, the chain hashes
-of its prefix-cache blocks); a prompt's hashes are computed with the engine's own `chain_hash`, so
-they match. Load counts work at the moment it is placed (`Node.active`, `pending_prompt_tokens`,
+of its prefix-cache blocks); a prompt's hashes come from the engine's own `block_hashes`
+(`Prompt.block_hashes`, once per prompt for all its completions), so they match. Load counts work at the moment it is placed (`Node.active`, `pending_prompt_tokens`,
 `pending_blocks`), not only from the last report, so a burst between two polls spreads out.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
-from engine.block_manager import block_hashes
 from router.placement import free_blocks, slow
 from router.registry import Node
 
@@ -31,11 +30,6 @@ POLICIES = ("round-robin", "least-load", "prefix")
 class Choice:
     node: Node
     cached_tokens: int  # prompt tokens this node holds in its prefix cache (as last reported)
-
-
-def prompt_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """Chain hashes of the prompt's full blocks, as a node's block manager computes them."""
-    return block_hashes(token_ids, block_size)
 
 
 def cached_tokens(node: Node, hashes: list[int], block_size: int) -> int:

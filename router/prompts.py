@@ -6,8 +6,9 @@ naming the field and its limit (the error interceptor makes that INVALID_ARGUMEN
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from engine.block_manager import block_hashes
 from engine.chat import render_chat
 from engine.rpc.convert import structured_from_proto
 from engine.sampling_params import SamplingParams
@@ -33,6 +34,14 @@ class Prompt:
     token_ids: list[int]
     params: SamplingParams  # n == this prompt's completions; max_tokens resolved
     max_tokens: int  # effective: clipped to the context
+    _hashes: dict[int, list[int]] = field(default_factory=dict, repr=False, compare=False)
+
+    def block_hashes(self, block_size: int) -> list[int]:
+        """The prompt's prefix-cache block hashes (for placement), computed once for all its n
+        completions."""
+        if block_size not in self._hashes:
+            self._hashes[block_size] = block_hashes(self.token_ids, block_size)
+        return self._hashes[block_size]
 
 
 class PromptBuilder:

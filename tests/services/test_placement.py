@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, block_hashes
 from protos.pdserve.v1 import generation_pb2 as g
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
-from router.policy import DECODE_REQUEST_TOKENS, Choice, Placement, Policy, prompt_hashes
+from router.policy import DECODE_REQUEST_TOKENS, Choice, Placement, Policy
 from router.registry import Node
 from tests.services.helpers import ENGINE_KW, assert_idle
 from tests.services.stack import free_port, pid_alive, port_open, start_stack
@@ -43,14 +43,14 @@ def test_prompt_hashes_match_the_engines_prefix_cache():
     bm = BlockManager(num_blocks=16, block_size=BS, enable_prefix_caching=True)
     blocks = bm.allocate(6)
     bm.cache_full_blocks(blocks, tokens, len(tokens))
-    assert set(prompt_hashes(tokens, BS)) == set(bm.recent_hashes(100)) and len(prompt_hashes(tokens, BS)) == 5
-    assert bm.recent_hashes(2) == prompt_hashes(tokens, BS)[::-1][:2]  # most recent first, bounded
+    assert set(block_hashes(tokens, BS)) == set(bm.recent_hashes(100)) and len(block_hashes(tokens, BS)) == 5
+    assert bm.recent_hashes(2) == block_hashes(tokens, BS)[::-1][:2]  # most recent first, bounded
     bm.check_invariants()
 
 
 def test_prefix_policy_prefers_the_cached_node_until_load_outweighs_it():
     tokens = list(range(8 * BS))
-    hashes = prompt_hashes(tokens, BS)
+    hashes = block_hashes(tokens, BS)
     cold, warm = fake("p-cold"), fake("p-warm", hashes=hashes[:6])
     prefill = Policy("prefix", "prefill", BS)
     assert prefill.pick([cold, warm], hashes, len(tokens)) == Choice(warm, 6 * BS)
