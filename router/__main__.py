@@ -24,7 +24,7 @@ from engine.rpc.server import build_server, run
 from protos.pdserve.v1 import generation_pb2_grpc, router_pb2_grpc
 from router.auth import Scopes, router_interceptor
 from router.pipeline import PipelineConfig
-from router.policy import POLICIES, Placement, PlacementCollector
+from router.policy import DEFAULT_LOCAL_PREFILL_TOKENS, POLICIES, Placement, PlacementCollector
 from router.prompts import ModelLimits, PromptBuilder
 from router.registry import NodeRegistry
 from router.servicer import GenerationServicer, ModelCard, Router, RouterControlServicer, RouterLimits
@@ -79,10 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(p, "--decode-policy", default="prefix", choices=POLICIES,
              help="how a decode node is chosen: round-robin, least-load (fewest requests) or prefix "
                   "(requests there, less the prompt tokens it has cached)")
-    add_flag(p, "--local-prefill-tokens", type=int, default=0,
+    add_flag(p, "--local-prefill-tokens", type=int, default=DEFAULT_LOCAL_PREFILL_TOKENS,
              help="the chosen decode node prefills a prompt itself (no prefill node, no KV transfer) when at "
                   "most this many of its tokens are not in that node's prefix cache; 0 = always use the "
-                  "prefill pool (when there is one)")
+                  f"prefill pool (when there is one). Default {DEFAULT_LOCAL_PREFILL_TOKENS}, measured by "
+                  "bench/local_prefill_bench.py (docs/PERFORMANCE.md)")
     add_flag(p, "--max-failovers", type=int, default=2,
              help="how often one completion may move to another decode node mid-stream (the tokens already "
                   "sent are resumed there); 0 = a decode failure after the second token ends it")

@@ -236,7 +236,7 @@ def build_serve_parser() -> argparse.ArgumentParser:
     add_flag(placement, "--prefill-policy", default=None, choices=POLICIES, help="prefill pool policy (default prefix)")
     add_flag(placement, "--decode-policy", default=None, choices=POLICIES, help="decode pool policy (default prefix)")
     add_flag(placement, "--local-prefill-tokens", type=int, default=None,
-             help="a decode node prefills prompts with at most this many uncached tokens itself (default 0: never)")
+             help="a decode node prefills prompts with at most this many uncached tokens itself (default 64; 0: never)")
     add_flag(placement, "--max-failovers", type=int, default=None,
              help="mid-stream moves of one completion to another decode node (default 2)")
     add_flag(g, "--gpu-share", default="none", choices=["none", "mps"],

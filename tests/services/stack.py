@@ -120,6 +120,8 @@ def start_stack(model: str | os.PathLike, num_prefill: int = 1, num_decode: int 
             "--num-prefill", str(num_prefill), "--num-decode", str(num_decode), "--kv-transport", kv_transport,
             "--port", str(free_port()), "--grace-period", "3", *SMALL_ENGINE_ARGS]
     argv += ["--gateway", "--gateway-port", str(free_port())] if gateway else ["--no-gateway"]
+    if "--local-prefill-tokens" not in extra_args:  # the tests exercise the prefill pool unless they say otherwise
+        argv += ["--local-prefill-tokens", "0"]
     argv += list(extra_args)
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("PDSERVE_")}
     child_env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})

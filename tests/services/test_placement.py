@@ -113,6 +113,15 @@ def test_local_prefill_threshold():
         Placement(BS, local_prefill_tokens=-1)
 
 
+def test_local_prefill_default_is_the_measured_one():
+    from router.__main__ import build_parser
+    from router.policy import DEFAULT_LOCAL_PREFILL_TOKENS
+
+    ns = build_parser().parse_args(["--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2"])
+    assert ns.local_prefill_tokens == DEFAULT_LOCAL_PREFILL_TOKENS == 64
+    assert build_parser().parse_args(["--local-prefill-tokens", "0"]).local_prefill_tokens == 0
+
+
 # ---- real processes ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(make_tiny_model):
