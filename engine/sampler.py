@@ -164,7 +164,9 @@ def _min_tokens_mask(rows: list[RowSpec], vocab_size: int):
 
 def _grammar_masks(rows: list[RowSpec], vocab_size: int) -> dict:
     """The allowed-token bitmask of the rows under a grammar (filled on the host)."""
-    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    # A grammar that has accepted its end token belongs to a request the previous step finished (async
+    # scheduling queues the next step first); its row is discarded, and xgrammar refuses to mask it.
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None and not r.grammar.is_terminated]
     if not constrained:
         return {}
     bitmask = allocate_bitmask(len(rows), vocab_size)

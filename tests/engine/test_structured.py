@@ -191,3 +191,18 @@ def test_import_refuses_a_first_token_outside_the_grammar(model_dir):
     with pytest.raises(ValueError, match="outside the request's grammar"):
         dec.import_request("x", [1, 2, 3], 2, params, kv, kv)
     assert not dec.has_unfinished_requests()
+
+
+def test_async_scheduling_skips_a_finished_grammar(model_dir):
+    """Async scheduling (the CUDA default) queues step N+1 before step N's tokens are read: a row whose
+    grammar accepted its end token in step N must not be masked again (xgrammar raises)."""
+    llm = LLM(model_dir, num_gpu_blocks=256, max_model_len=512, async_scheduling=True)
+    tok = llm.get_tokenizer()
+    spec = StructuredSpec("choice", choices=("yes", "no"))
+    prompts = [{"prompt_token_ids": tok.encode(p)} for p in ("a", "bb", "ccc")]
+    params = [_spec_params(spec, temperature=0.0), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+              _spec_params(StructuredSpec("regex", r"[0-9]{6}"), temperature=0.0)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert outs[0].outputs[0].text in ("yes", "no")
+    assert re.fullmatch(r"[0-9]{6}", outs[2].outputs[0].text)
+    assert len(outs[1].outputs[0].token_ids) == 12

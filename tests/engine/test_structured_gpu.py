@@ -53,7 +53,8 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    engine = LLM(str(model_dir), device=DEVICE, num_gpu_blocks=256, max_model_len=512)
+    engine = LLM(str(model_dir), device=DEVICE, num_gpu_blocks=256, max_model_len=512,
+                 async_scheduling=True)  # the default on CUDA; explicit, so a CPU run covers it too
     yield engine
     del engine
     if DEVICE == "cuda":
