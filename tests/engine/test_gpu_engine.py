@@ -174,9 +174,10 @@ def test_decode_linears_use_skinny_gemm_and_match_cublas(gpu_model, dtype):
     from engine.config import EngineArgs
     from engine.llm_engine import LLMEngine
     import engine.models.llama as llama
+    import engine.parallel.layers as layers  # where the decode linears call the skinny GEMM
 
     calls = []
-    real = llama.skinny_gemm
+    real = layers.skinny_gemm
 
     def spy(x, w, *a, **k):
         calls.append(tuple(w.shape))
@@ -192,11 +193,11 @@ def test_decode_linears_use_skinny_gemm_and_match_cublas(gpu_model, dtype):
                 if isinstance(mod, llama.Linear):
                     x = torch.randn(m, mod.in_features, device="cuda", generator=g).to(dtype)
                     calls.clear()
-                    llama.skinny_gemm = spy
+                    layers.skinny_gemm = spy
                     try:
                         got = mod(x)
                     finally:
-                        llama.skinny_gemm = real
+                        layers.skinny_gemm = real
                     assert calls == ([tuple(mod.weight.shape)] if m <= 16 else []), (name, m)
                     ref = F.linear(x.float(), mod.weight.float(), None if mod.bias is None else mod.bias.float())
                     torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
