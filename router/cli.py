@@ -29,7 +29,7 @@ from engine.rpc.security import Security, add_security_args
 from engine.metrics import PREFIXES
 from engine.tool_parsers import PARSERS
 from router.gpu_share import gpu_share
-from router.policy import POLICIES
+from router.policy import DEFAULT_LOCAL_PREFILL_TOKENS, POLICIES
 
 PLACEMENT_FLAGS = ("prefill_policy", "decode_policy", "local_prefill_tokens", "max_failovers")
 STOP_SLACK_S = 5.0  # past the grace period, for a process to end its streams and exit before SIGKILL
@@ -236,7 +236,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     add_flag(placement, "--prefill-policy", default=None, choices=POLICIES, help="prefill pool policy (default prefix)")
     add_flag(placement, "--decode-policy", default=None, choices=POLICIES, help="decode pool policy (default prefix)")
     add_flag(placement, "--local-prefill-tokens", type=int, default=None,
-             help="a decode node prefills prompts with at most this many uncached tokens itself (default 64; 0: never)")
+             help="a decode node prefills prompts with at most this many uncached tokens itself "
+                  f"(default {DEFAULT_LOCAL_PREFILL_TOKENS}; 0: never)")
     add_flag(placement, "--max-failovers", type=int, default=None,
              help="mid-stream moves of one completion to another decode node (default 2)")
     add_flag(g, "--gpu-share", default="none", choices=["none", "mps"],
