@@ -84,6 +84,7 @@ class Chaos:
         self.expected = [self._generate(p) for p in self.prompts]
         self.bad = bad_requests()
         self.lock = threading.Lock()
+        self.think_s = 0.0
 
     def _generate(self, text: str) -> list[int]:
         return list(self.stub.Generate(greedy_request(text, 8), metadata=USER, timeout=60).completions[0].token_ids)
@@ -133,6 +134,8 @@ class Chaos:
         rng = random.Random(seed)
         names, weights = zip(*self.ACTIONS)
         while time.monotonic() < end:
+            if self.think_s:  # the soak's low request rate on a shared box: a pause between actions
+                time.sleep(rng.uniform(0.5, 1.5) * self.think_s)
             action = rng.choices(names, weights)[0]
             try:
                 getattr(self, action)(rng)
@@ -212,9 +215,12 @@ def sample_processes(stack) -> dict:
     return {"rss_mb": rss, "fds": fds}
 
 
-def run_chaos(stack, seconds: float, seed: int = 0, sample_every_s: float | None = None) -> tuple[Report, list[str]]:
+def run_chaos(stack, seconds: float, seed: int = 0, sample_every_s: float | None = None, workers: int = 4,
+              think_s: float = 0.0) -> tuple[Report, list[str]]:
+    """`workers` client threads, each pausing ~`think_s` seconds between actions (0: back to back)."""
     report = Report()
     chaos = Chaos(stack, seed, report)
+    chaos.think_s = think_s
     sampler_stop = threading.Event()
 
     def sampler():
@@ -226,9 +232,23 @@ def run_chaos(stack, seconds: float, seed: int = 0, sample_every_s: float | None
     if thread is not None:
         report.samples.append({"t": 0.0, **sample_processes(stack)})
         thread.start()
-    chaos.run(seconds)
+    chaos.run(seconds, workers=workers)
     sampler_stop.set()
+    if thread is not None:
+        report.samples.append({"t": round(seconds, 1), "after": True, **sample_processes(stack)})
     return report, idle_violations(chaos.final_check())
+
+
+def sample_ranges(samples: list[dict]) -> dict:
+    """Per process: [min, max] RSS (MB) and open fds over the samples."""
+    out: dict = {}
+    for kind in ("rss_mb", "fds"):
+        seen: dict[str, list[int]] = {}
+        for sample in samples:
+            for name, value in sample.get(kind, {}).items():
+                seen.setdefault(name, []).append(value)
+        out[kind] = {name: [min(v), max(v)] for name, v in seen.items()}
+    return out
 
 
 def main(argv=None) -> int:
@@ -237,13 +257,18 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="model directory (e.g. a tiny test model) or .gguf")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sample-every", type=float, default=10.0, help="seconds between RSS / fd samples")
+    p.add_argument("--workers", type=int, default=4, help="client threads")
+    p.add_argument("--think", type=float, default=0.0,
+                   help="mean seconds each client thread pauses between actions (a low rate on a shared box)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     ns = p.parse_args(argv)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with start_stack(ns.model, num_prefill=2, num_decode=2, extra_args=STACK_ARGS, startup_timeout=600) as stack:
-        report, violations = run_chaos(stack, ns.minutes * 60, ns.seed, ns.sample_every)
-    summary = {"minutes": ns.minutes, "counts": report.counts, "wrong_outputs": len(report.wrong_outputs),
+        report, violations = run_chaos(stack, ns.minutes * 60, ns.seed, ns.sample_every, ns.workers, ns.think)
+    summary = {"minutes": ns.minutes, "workers": ns.workers, "think_s": ns.think, "counts": report.counts, "wrong_outputs": len(report.wrong_outputs),
                "bad_statuses": report.bad_statuses[:20], "leaky_messages": report.leaky_messages()[:20],
-               "idle_violations": violations, "first_sample": report.samples[:1], "last_sample": report.samples[-1:]}
+               "idle_violations": violations, "first_sample": report.samples[:1], "last_sample": report.samples[-1:],
+               "ranges": sample_ranges(report.samples), "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     print(json.dumps(summary, indent=2))
     if ns.out:
         with open(ns.out, "w") as f:
