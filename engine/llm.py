@@ -7,7 +7,7 @@ from typing import Sequence
 from engine.chat import render_chat
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
-from engine.outputs import CompletionOutput, RequestOutput, StepOutput
+from engine.outputs import CompletionOutput, Logprob, RequestOutput, StepOutput
 from engine.sampling_params import SamplingParams
 
 Prompt = str | list[int] | dict
@@ -86,6 +86,8 @@ class LLM:
         try:
             while pending:
                 for out in self.engine.step():
+                    if out.prompt_logprobs is not None:
+                        results[out.request_id].prompt_logprobs = self._decoded(out.prompt_logprobs)
                     if self._collect(results, out) and out.request_id in pending:
                         pending.discard(out.request_id)
                         if bar is not None:
@@ -98,6 +100,16 @@ class LLM:
             for request_id in pending:
                 self.engine.abort_request(request_id)
         return list(results.values())
+
+    def _decoded(self, entries) -> list[dict[int, Logprob] | None]:
+        """vLLM's prompt_logprobs: None for the first prompt token, then each entry with its tokens' text."""
+        tokenizer, texts = self.engine.tokenizer, {}
+
+        def text(t: int) -> str:
+            if t not in texts:
+                texts[t] = tokenizer.decode([t], skip_special_tokens=False)
+            return texts[t]
+        return [None] + [{t: Logprob(lp.logprob, lp.rank, text(t)) for t, lp in entry.items()} for entry in entries]
 
     @staticmethod
     def _collect(results: dict[str, RequestOutput], out: StepOutput) -> bool:

@@ -8,6 +8,7 @@ One engine serves three roles:
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -27,14 +28,15 @@ from engine.parallel.group import TPGroup
 from engine.parallel.ranks import RankProcesses, rank_devices
 from engine.parallel.sharding import check_tp_size, make_shard
 from engine.parallel.step import TPLeaderRunner
-from engine.outputs import StepOutput
+from engine.outputs import Logprob, StepOutput
 from engine.request import FinishReason, Request
-from engine.sampler import RowSpec, SamplerOutput
+from engine.sampler import PromptLogprobsOutput, RowSpec, SamplerOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from engine.structured import GrammarCache, GrammarState
 
 logger = logging.getLogger("pdserve.engine")
+STEP_TOKENS_KEPT = 1 << 16
 
 
 @dataclass
@@ -183,6 +185,9 @@ class LLMEngine:
         self._prefilled: dict[str, Request] = {}  # prefill role: done, KV held until exported
         self._ids = itertools.count()
         self._grammars: GrammarCache | None = None  # built on the first structured request
+        # Tokens computed by each step, for the iteration_tokens histogram (the metrics exporter takes
+        # them; bounded so an engine nobody scrapes keeps only the latest)
+        self.step_tokens: collections.deque[int] = collections.deque(maxlen=STEP_TOKENS_KEPT)
 
     # ---- construction ------------------------------------------------------------------------
     def _start_ranks(self, config) -> RankProcesses | None:
@@ -295,6 +300,8 @@ class LLMEngine:
             req.client_id = request_id
             req.grammar = grammars[index]
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
+            if params.prompt_logprobs is not None and parent is None and not output_token_ids:
+                req.prompt_logprobs = []  # the first sequence computes them (a resumed one sent them already)
             parent = parent or req
             group.append(req)
         if output_token_ids:
@@ -369,10 +376,13 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        self.step_tokens.append(out.num_scheduled_tokens)
         sampled = [c for c in out.chunks if c.sample]
-        result = self.runner.execute(out, [self._row_spec(c.request) for c in sampled])
+        pending = self.runner.execute(out, [self._row_spec(c.request) for c in sampled])
         for chunk in out.chunks:
             self.scheduler.advance(chunk)
+        self._record_prompt_logprobs(out.chunks, pending.prompt)
+        result = pending.output
         if result is None:
             return []
         token_ids = result.sampled_token_ids.tolist()
@@ -394,6 +404,7 @@ class LLMEngine:
             outputs += self._complete(prev)
             prev = None
         if not out.is_empty:
+            self.step_tokens.append(out.num_scheduled_tokens)
             self._inflight = self._launch(out, prev)
         if prev is not None:
             outputs += self._complete(prev)
@@ -432,9 +443,40 @@ class LLMEngine:
             req = chunk.request
             if not req.is_finished:
                 self.scheduler.register_blocks(chunk)
+        self._record_prompt_logprobs(launched.chunks, launched.pending.prompt)
         if result is None:
             return []
         return self._process_samples(launched.rows, token_ids, result)
+
+    @staticmethod
+    def _record_prompt_logprobs(chunks, prompt: PromptLogprobsOutput | None) -> None:
+        """Appends a step's prompt logprobs to their requests. Rows follow the chunks' `prompt_logits`
+        spans in order; a position already recorded (recomputed after a preemption) is skipped."""
+        if prompt is None:
+            return
+        logprobs, ranks = prompt.logprobs.tolist(), prompt.ranks.tolist()
+        top_ids = prompt.top_ids.tolist() if prompt.top_ids is not None else None
+        top_lps = prompt.top_logprobs.tolist() if prompt.top_logprobs is not None else None
+        row = 0
+        for chunk in chunks:
+            first, count = chunk.prompt_logits
+            req = chunk.request
+            num_top = req.sampling_params.prompt_logprobs or 0
+            for pos, r in zip(range(first, first + count), range(row, row + count)):
+                if req.prompt_logprobs is None or pos != len(req.prompt_logprobs):
+                    continue
+                entry = {req.prompt_token_ids[pos + 1]: Logprob(logprobs[r], ranks[r])}
+                for rank, (t, lp) in enumerate(zip(top_ids[r][:num_top], top_lps[r][:num_top]) if num_top else (), 1):
+                    entry.setdefault(t, Logprob(lp, rank))
+                req.prompt_logprobs.append(entry)
+            row += count
+
+    def take_step_tokens(self) -> list[int]:
+        """The tokens of every step since the last call (any thread: deque pops are atomic)."""
+        taken = []
+        while self.step_tokens:
+            taken.append(self.step_tokens.popleft())
+        return taken
 
     @staticmethod
     def _row_spec(req: Request) -> RowSpec:
@@ -481,12 +523,20 @@ class LLMEngine:
         if reason is not None:
             del req.output_token_ids[count:]  # placeholders of a step already queued after this one
             self._finish(req, reason)
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
+            req.prompt_logprobs_sent = True
+            prompt_logprobs = req.prompt_logprobs
+            if len(prompt_logprobs) != req.num_prompt_tokens - 1:
+                logger.error("request %s: %d prompt logprobs for %d prompt tokens", req.client_id[:64],
+                             len(prompt_logprobs), req.num_prompt_tokens)
         return StepOutput(
             request_id=req.client_id, index=req.sample_index, new_token_ids=[token_id],
             text_delta=req.detokenizer.get_delta(finished=reason is not None),
             finished=reason is not None, finish_reason=reason.value if reason else None,
             stop_reason=req.stop_reason, new_logprobs=[logprobs] if logprobs is not None else None,
-            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0))
+            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
+            prompt_logprobs=prompt_logprobs)
 
     def _check_stop(self, req: Request, token_id: int, count: int) -> FinishReason | None:
         """count: output tokens so far, this one included."""
@@ -613,6 +663,7 @@ class LLMEngine:
             "free_blocks": bm.num_free_blocks, "total_blocks": bm.num_total_blocks,
             "num_prefilled_held": len(self._prefilled),
             "queued_prompt_tokens": sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting),
+            "num_preemptions": self.scheduler.num_preemptions,
         }
 
     def request_ids(self) -> set[str]:

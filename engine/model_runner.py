@@ -22,7 +22,7 @@ import torch
 
 from engine.attention import AttentionMetadata, get_backend_class
 from engine.config import ModelShape
-from engine.sampler import RowSpec, Sampler, SamplerOutput, SamplingMetadata
+from engine.sampler import PromptLogprobsOutput, RowSpec, Sampler, SamplerOutput, SamplingMetadata, prompt_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 
@@ -42,7 +42,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_sampled] int64; last token of each sampled row
+    logits_indices: torch.Tensor  # [num_logits] int64; last token of each sampled row, then prompt-logprob positions
     sampled_rows: tuple[int, ...]  # row index (into chunks) of each sampled row
 
 
@@ -63,7 +63,8 @@ class _HostSet:
         self.qsl_h, self.qsl = make(max_seqs + 1, torch.int32)
         self.lens_h, self.lens = make(max_seqs, torch.int32)
         self.tables_h, self.tables = make((max_seqs, max_blocks), torch.int32)
-        self.logits_idx_h, self.logits_idx = make(max_seqs, torch.int64)
+        # the sampled rows' last tokens, then prompt positions whose logits give prompt logprobs
+        self.logits_idx_h, self.logits_idx = make(max(max_tokens, max_seqs), torch.int64)
         self.fix_dst_h, self.fix_dst = make(max_seqs, torch.int64)  # placeholder token slots ...
         self.fix_src_h, self.fix_src = make(max_seqs, torch.int64)  # ... and their rows in the previous step
 
@@ -99,13 +100,13 @@ class _Buffers:
         self.host = self.sets[self._turn]
         return self.host
 
-    def upload(self, num_tokens: int, num_seqs: int, table_width: int, num_sampled: int, num_fixes: int) -> None:
+    def upload(self, num_tokens: int, num_seqs: int, table_width: int, num_logits: int, num_fixes: int) -> None:
         if not self.cuda:
             return
         h = self.host
         for src, dst, n in ((h.ids_h, self.ids_d, num_tokens), (h.pos_h, self.pos_d, num_tokens),
                             (h.slots_h, self.slots_d, num_tokens), (h.qsl_h, self.qsl_d, num_seqs + 1),
-                            (h.lens_h, self.lens_d, num_seqs), (h.logits_idx_h, self.logits_idx_d, num_sampled),
+                            (h.lens_h, self.lens_d, num_seqs), (h.logits_idx_h, self.logits_idx_d, num_logits),
                             (h.fix_dst_h, self.fix_dst_d, num_fixes), (h.fix_src_h, self.fix_src_d, num_fixes)):
             if n:
                 dst[:n].copy_(src[:n], non_blocking=True)
@@ -119,15 +120,24 @@ class _Filled:
     table_width: int
     sampled_rows: list[int]
     num_fixes: int  # placeholder tokens to read from the previous step's device output
+    # prompt logprobs: the prompt token each extra logits row predicts, and the most top candidates asked
+    prompt_targets: list[int]
+    prompt_top: int = 0
+
+    @property
+    def num_logits(self) -> int:
+        return len(self.sampled_rows) + len(self.prompt_targets)
 
 
 class PendingStep:
     """A launched step: its sampled tokens are on their way to a pinned host buffer."""
 
-    def __init__(self, output: SamplerOutput | None, host: torch.Tensor | None, event):
+    def __init__(self, output: SamplerOutput | None, host: torch.Tensor | None, event,
+                 prompt: PromptLogprobsOutput | None = None):
         self.output = output  # device tensors
         self._host = host
         self._event = event
+        self.prompt = prompt  # prompt logprobs of the step's `prompt_logits` spans, in chunk order
 
     @property
     def sampled_device(self) -> torch.Tensor:
@@ -187,10 +197,11 @@ class ModelRunner:
             self.graphs = CudaGraphs(self, cuda_graph_sizes(self.graph_max_batch))
 
     # ---- one step --------------------------------------------------------------------------
-    def execute(self, out: SchedulerOutput, rows: list[RowSpec]) -> SamplerOutput | None:
-        """Runs the step and waits for it; samples one token for every chunk with `sample` set
-        (`rows` gives their sampling state, in chunk order)."""
-        return self.launch(out, rows, to_host=False).output  # the caller's .tolist() waits for it
+    def execute(self, out: SchedulerOutput, rows: list[RowSpec]) -> PendingStep:
+        """Runs the step; samples one token for every chunk with `sample` set (`rows` gives their
+        sampling state, in chunk order). Its `output` (None: nothing sampled) and `prompt` (prompt
+        logprobs) are device tensors: the caller's .tolist() waits for them."""
+        return self.launch(out, rows, to_host=False)
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, rows: list[RowSpec], prev: PendingStep | None = None,
@@ -201,24 +212,31 @@ class ModelRunner:
         chunks = out.chunks
         self.buffers.next_set()
         filled = self.fill_rows(out)
-        if (self.graphs is not None and len(chunks) <= self.graphs.max_batch
-                and filled.num_tokens == len(chunks) and len(filled.sampled_rows) == len(chunks)):
+        if (self.graphs is not None and len(chunks) <= self.graphs.max_batch and filled.num_tokens == len(chunks)
+                and len(filled.sampled_rows) == len(chunks) and not filled.prompt_targets):
             logits = self.graphs.run(len(chunks), filled, prev)  # one token per row, every row sampled
         else:
             inputs = self._inputs(out, filled, prev)
             logits = self.forward(inputs)
             if logits is None:
                 return PendingStep(None, None, None)
+        num_sampled = len(filled.sampled_rows)
+        prompt = None
+        if filled.prompt_targets:
+            targets = torch.tensor(filled.prompt_targets, dtype=torch.int64).to(self.device, non_blocking=True)
+            prompt = prompt_logprobs(logits[num_sampled:], targets, filled.prompt_top)
+        if not num_sampled:
+            return PendingStep(None, None, None, prompt)
         meta = SamplingMetadata.build(rows, self.shape.vocab_size, self.device)
-        output = self.sampler(logits, meta)
+        output = self.sampler(logits[:num_sampled], meta)
         if self.device.type != "cuda" or not to_host:
-            return PendingStep(output, None, None)
+            return PendingStep(output, None, None, prompt)
         host = self._sampled_host[self._sampled_turn][:len(rows)]
         self._sampled_turn = (self._sampled_turn + 1) % len(self._sampled_host)
         host.copy_(output.sampled_token_ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(output, host, event)
+        return PendingStep(output, host, event, prompt)
 
     def fill_rows(self, out: SchedulerOutput) -> _Filled:
         """Writes the step's rows into the current host staging set."""
@@ -229,6 +247,9 @@ class ModelRunner:
         width = 0
         fixes = 0
         sampled: list[int] = []
+        prompt_rows: list[int] = []  # flat token index of each prompt-logprob position
+        prompt_targets: list[int] = []
+        prompt_top = 0
         qsl[0] = 0
         for i, chunk in enumerate(out.chunks):
             table = chunk.block_table
@@ -252,6 +273,12 @@ class ModelRunner:
                 p = np.arange(start, end)
                 pos[t:t + n] = p
                 slots[t:t + n] = np.asarray(table)[p // bs] * bs + p % bs
+            first, count = chunk.prompt_logits
+            if count:
+                req = chunk.request
+                prompt_rows.extend(range(t + first - start, t + first - start + count))
+                prompt_targets.extend(req.prompt_token_ids[first + 1:first + 1 + count])
+                prompt_top = max(prompt_top, req.sampling_params.prompt_logprobs or 0)
             t += n
             qsl[i + 1] = t
             lens[i] = end
@@ -261,12 +288,14 @@ class ModelRunner:
             if chunk.sample:
                 logits_idx[len(sampled)] = t - 1
                 sampled.append(i)
-        return _Filled(t, width, sampled, fixes)
+        if prompt_rows:
+            logits_idx[len(sampled):len(sampled) + len(prompt_rows)] = prompt_rows
+        return _Filled(t, width, sampled, fixes, prompt_targets, prompt_top)
 
     def upload(self, num_tokens: int, num_seqs: int, filled: _Filled, prev: PendingStep | None) -> None:
         """Moves the staged inputs to the device and patches in tokens still on the device."""
         b = self.buffers
-        b.upload(num_tokens, num_seqs, filled.table_width, len(filled.sampled_rows), filled.num_fixes)
+        b.upload(num_tokens, num_seqs, filled.table_width, filled.num_logits, filled.num_fixes)
         if filled.num_fixes:
             if prev is None or prev.output is None:
                 raise RuntimeError("a row's input token is still in flight but no previous step was given")
@@ -274,10 +303,11 @@ class ModelRunner:
             b.ids_d[b.fix_dst_d[:n]] = prev.sampled_device[b.fix_src_d[:n]]
 
     def forward(self, inputs: StepInputs) -> torch.Tensor | None:
-        """The forward pass of staged inputs; logits of the sampled rows (None if there are none)."""
+        """The forward pass of staged inputs; logits of the rows in `logits_indices` (the sampled
+        rows, then prompt-logprob positions; None if there are none)."""
         self.attn.plan(inputs.metadata)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, self.attn)
-        if not inputs.sampled_rows:
+        if not inputs.logits_indices.shape[0]:
             return None
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
@@ -293,11 +323,13 @@ class ModelRunner:
         query_lens = tuple(len(c.token_ids) for c in out.chunks)
         seq_lens = tuple(c.end_pos for c in out.chunks)
         return self.staged_inputs(filled.num_tokens, filled.table_width, tuple(filled.sampled_rows),
-                                  query_lens, seq_lens)
+                                  query_lens, seq_lens, filled.num_logits)
 
     def staged_inputs(self, num_tokens: int, width: int, sampled_rows: tuple[int, ...],
-                      query_lens: tuple[int, ...], seq_lens: tuple[int, ...]) -> StepInputs:
-        """StepInputs over the device buffers, for rows already staged there."""
+                      query_lens: tuple[int, ...], seq_lens: tuple[int, ...],
+                      num_logits: int | None = None) -> StepInputs:
+        """StepInputs over the device buffers, for rows already staged there; `num_logits` rows of
+        logits (default: one per sampled row)."""
         b = self.buffers
         num_seqs = len(query_lens)
         md = AttentionMetadata(
@@ -314,7 +346,7 @@ class ModelRunner:
             input_ids=b.ids_d[:num_tokens],
             positions=b.pos_d[:num_tokens],
             metadata=md,
-            logits_indices=b.logits_idx_d[:len(sampled_rows)],
+            logits_indices=b.logits_idx_d[:len(sampled_rows) if num_logits is None else num_logits],
             sampled_rows=sampled_rows,
         )
 

@@ -4,6 +4,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One candidate of a prompt position (vLLM's shape): its log probability under the model's raw
+    distribution, its rank there (1 = the most likely token) and its text (offline API only)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+# Prompt logprobs of one prompt: entry i is prompt token i + 1 (the first token has no context),
+# a dict with that token first, then the top candidates best first.
+PromptLogprobs = list[dict[int, Logprob]]
+
+
 @dataclass
 class StepOutput:
     """New tokens of one sequence (sample `index` of request `request_id`) from one step."""
@@ -18,6 +33,7 @@ class StepOutput:
     new_logprobs: list[dict[int, float]] | None = None  # per new token: {token id: logprob}
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # once, with the request's first token (when asked)
 
 
 @dataclass
@@ -43,3 +59,5 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (as vLLM)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

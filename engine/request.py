@@ -59,6 +59,10 @@ class Request:
     num_pending: int = 0
     pending_row: int = -1
     grammar: Any = None  # structured output: an engine.structured.GrammarState advanced per token
+    # SamplingParams.prompt_logprobs (on the request that computes them; None = not asked):
+    # entry i for prompt token i + 1, computed from the logits at position i.
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self):
         assert self.prompt_token_ids, "a request needs at least one prompt token"
@@ -87,6 +91,20 @@ class Request:
     @property
     def is_prefill_done(self) -> bool:
         return self.num_computed_tokens >= self.num_prompt_tokens
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs are asked and not all computed yet (the prefix cache is bypassed meanwhile)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    def prompt_logits_span(self, start: int, end: int) -> tuple[int, int]:
+        """(first position, count) of the positions in [start, end) whose logits give a prompt
+        logprob not computed yet: position i predicts prompt token i + 1."""
+        if self.prompt_logprobs is None:
+            return (start, 0)
+        lo = max(start, len(self.prompt_logprobs))
+        hi = min(end, self.num_prompt_tokens - 1)
+        return (lo, max(hi - lo, 0))
 
     def token_id_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)

@@ -367,3 +367,34 @@ def _gather_logprobs(sampled: Tensor, logprobs: Tensor | None, n: int | None) ->
         top, top_ids = logprobs.topk(min(n, logprobs.shape[1]), dim=-1)
         top = top.nan_to_num(nan=_NEG_INF)
     return SamplerOutput(sampled, chosen, top_ids, top)
+
+
+@dataclass
+class PromptLogprobsOutput:
+    """Prompt logprobs of one step's prompt positions (device tensors), in the step's row order."""
+    logprobs: Tensor  # [R] fp32, raw logprob of the prompt token that follows each position
+    ranks: Tensor  # [R] int64, its rank in the distribution (1 = the most likely)
+    top_ids: Tensor | None  # [R, K] int64, best first (None when K = 0)
+    top_logprobs: Tensor | None  # [R, K] fp32
+
+
+PROMPT_LOGPROBS_ROWS = 512  # log_softmax over at most this many positions at a time (bounds the fp32 copies)
+
+
+def prompt_logprobs(logits: Tensor, targets: Tensor, num_top: int) -> PromptLogprobsOutput:
+    """Raw (unprocessed) logprobs of `targets[i]` under `logits[i]`, their ranks and the top
+    `num_top` candidates of each row; NaN logits count as -inf."""
+    parts = []
+    for lo in range(0, logits.shape[0], PROMPT_LOGPROBS_ROWS):
+        lp = torch.log_softmax(_nan_to_neg_inf(logits[lo:lo + PROMPT_LOGPROBS_ROWS].float()), dim=-1)
+        target = targets[lo:lo + PROMPT_LOGPROBS_ROWS].unsqueeze(1)
+        chosen = lp.gather(1, target)
+        ranks = (lp > chosen).sum(dim=-1) + 1
+        top = lp.topk(min(num_top, lp.shape[1]), dim=-1) if num_top else None
+        parts.append((chosen.squeeze(1).nan_to_num(nan=_NEG_INF), ranks, top))
+    top_ids = top_lps = None
+    if num_top:
+        top_lps = torch.cat([p[2].values for p in parts]).nan_to_num(nan=_NEG_INF)
+        top_ids = torch.cat([p[2].indices for p in parts])
+    return PromptLogprobsOutput(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                top_ids, top_lps)

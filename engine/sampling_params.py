@@ -79,6 +79,9 @@ class SamplingParams:
     max_tokens: int | None = 16  # None = up to the context limit
     min_tokens: int = 0
     logprobs: int | None = None  # top candidates returned besides the sampled token
+    # Logprob and rank of every prompt token (after the first) plus this many top candidates;
+    # None = off. The prompt's positions are computed, never read from the prefix cache.
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
@@ -119,9 +122,11 @@ class SamplingParams:
         if self.seed is not None:
             self.seed = _int("seed", self.seed)
             _in_range("seed", self.seed, 0, MAX_SEED)
-        if self.logprobs is not None:
-            self.logprobs = _int("logprobs", self.logprobs)
-            _in_range("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _int(name, value))
+                _in_range(name, value, 0, MAX_LOGPROBS)
 
     def _check_lengths(self) -> None:
         if self.max_tokens is not None:

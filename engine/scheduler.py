@@ -26,6 +26,8 @@ class ScheduledChunk:
     start_pos: int
     block_table: tuple[int, ...]
     sample: bool  # the chunk reaches the request's last known token: sample the next one
+    # prompt logprobs: (first position, count) of the positions whose full logits are needed
+    prompt_logits: tuple[int, int] = (0, 0)
 
     @property
     def end_pos(self) -> int:
@@ -155,6 +157,8 @@ class Scheduler:
         if parent is not None and parent.block_table and parent.is_prefill_done:
             full = (req.num_prompt_tokens - 1) // bm.block_size
             return list(parent.block_table[:full])
+        if req.needs_prompt_logits:  # a cached block has no logits: compute the whole prompt
+            return []
         return bm.find_cached_prefix(req.all_token_ids)
 
     def _allocate(self, req: Request, n: int) -> bool:
@@ -170,7 +174,8 @@ class Scheduler:
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
         tokens = tuple(req.token_id_at(j) for j in range(start, start + n))
-        return ScheduledChunk(req, tokens, start, tuple(req.block_table), start + n == req.num_tokens)
+        return ScheduledChunk(req, tokens, start, tuple(req.block_table), start + n == req.num_tokens,
+                              req.prompt_logits_span(start, start + n))
 
     # ---- state changes --------------------------------------------------------------------
     def preempt(self, req: Request) -> None:

@@ -63,7 +63,7 @@ class TPLeaderRunner(ModelRunner):
         self.group.broadcast(header.to(self.group.device))
 
     def publish_step(self, num_tokens: int, num_seqs: int, filled: _Filled, graph_size: int) -> None:
-        n_sampled, width = len(filled.sampled_rows), filled.table_width
+        n_sampled, width = filled.num_logits, filled.table_width  # logits rows: sampled + prompt logprobs
         self._command(Command.STEP, num_tokens, num_seqs, width, n_sampled, graph_size)
         for t in _step_tensors(self, num_tokens, num_seqs, n_sampled):
             if t.numel():
