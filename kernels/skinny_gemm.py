@@ -34,8 +34,10 @@ Design
   (the engine's warm-up does); growing them during capture is refused. Calls that share the
   semaphores must not run concurrently on different streams.
 * Configs: `SKINNY_CONFIGS[(N, K)]` holds the winners of `bench/skinny_gemm_bench.py --sweep`
-  on an H100 (per M range); other shapes use `default_config` (the sweep's all-round winners,
-  K split only when the tiles would leave most SMs idle).
+  on an H100 (per M range), `SKINNY_CONFIGS_H200` the H200's; `skinny_gemm` takes the table of
+  its device (`table_for`: by name, compute capability and SM count; no table on other devices);
+  other shapes use `default_config` (the sweep's all-round winners, K split only when the tiles
+  would leave most SMs idle).
 
 What the sweep found (H100, bf16, Triton 3.6): at M = 1 the fma GEMV with narrow tiles (4-8 W
 rows x 512-1024 K, 4 warps, 2 stages; ~1000-30000 programs, no split) beats every tensor-core
@@ -79,6 +81,8 @@ floor at a given bandwidth (the H100 here: ~3.0 TB/s copy, ~3.08 TB/s read-only)
 """
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +92,8 @@ import triton.language as tl
 
 MAX_M = 16  # the engine (`engine.models.llama.linear`) sends batches of up to MAX_M rows here
 KERNEL_MAX_M = 64  # what the kernels take (x padded / clamped to BLOCK_M in {16, 32, 64} rows)
+logger = logging.getLogger("pdserve.kernels")
+
 DOT_BLOCK_M = 16  # tl.dot needs >= 16 rows: x is padded (clamped rows) to 16 for M <= 16
 H100_READ_BW = 3.08e12  # bytes/s, read-only stream on the H100 lent here
 
@@ -132,7 +138,79 @@ SKINNY_CONFIGS: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig | None], ...
                      (32, C("dot", 128, 128, 1, 8, 3)),
                      (64, C("dot", 128, 128, 1, 8, 4))),  # lm_head
 }
+SKINNY_CONFIGS_H100 = SKINNY_CONFIGS
+
+# The H200 (`bench/skinny_gemm_bench.py --sweep --no-step` on an H200, 2026-12-02, Triton 3.6;
+# bench/results/skinny_gemm_h200.json): each config is the sweep's winner for its M range (its
+# `table_literal`), except that where the file's final re-timing (`final`: the winner vs cuBLAS at
+# M = 1, 2, 4, 8, 16) had cuBLAS faster, the range is None (cuBLAS), and a range between a measured
+# loss and a measured win goes to cuBLAS, as above. So: qkv wins at 1 and 16 only, gate_up at 1
+# only, down everywhere but 2 (3 unmeasured, between the loss at 2 and the win at 4), o_proj and
+# lm_head everywhere. M in 17..64 was not swept on the H200: cuBLAS (MAX_M = 16 keeps the engine
+# from sending those rows here anyway).
+SKINNY_CONFIGS_H200: dict[tuple[int, int], tuple[tuple[int, SkinnyConfig | None], ...]] = {
+    (6144, 4096): ((1, C("fma", 4, 512, 1, 2, 2)), (15, None), (16, C("dot", 64, 128, 1, 4, 6)),
+                   (64, None)),  # qkv
+    (4096, 4096): ((2, C("fma", 4, 512, 1, 2, 2)), (16, C("dot", 64, 128, 1, 4, 8)), (64, None)),  # o_proj
+    (28672, 4096): ((1, C("fma", 4, 512, 1, 2, 2)), (64, None)),  # gate_up
+    (4096, 14336): ((1, C("fma", 8, 512, 1, 8, 2)), (3, None), (8, C("dot", 64, 256, 2, 4, 4)),
+                    (16, C("dot", 64, 128, 2, 4, 6)), (64, None)),  # down
+    (128256, 4096): ((1, C("fma", 16, 256, 1, 4, 2)), (4, C("dot", 256, 128, 1, 8, 3)),
+                     (16, C("dot", 128, 128, 1, 4, 3)), (64, None)),  # lm_head
+}
 del C
+
+SkinnyTable = dict[tuple[int, int], tuple[tuple[int, "SkinnyConfig | None"], ...]]
+
+
+@dataclass(frozen=True)
+class DeviceTable:
+    """A tuned table and the device it was swept on: a GPU whose name names `family`, with compute
+    capability `capability` and `sms` SMs."""
+
+    family: str  # a word of torch.cuda.get_device_name(), e.g. "H200" ("NVIDIA H200"; not "GH200")
+    capability: tuple[int, int]
+    sms: int
+    configs: SkinnyTable
+
+
+DEVICE_TABLES = (
+    DeviceTable("H200", (9, 0), 132, SKINNY_CONFIGS_H200),
+    DeviceTable("H100", (9, 0), 132, SKINNY_CONFIGS_H100),
+)
+# Any other device (a GH200, an H100 PCIe with 114 SMs, an A100, ...): no table. `pick_config`
+# then gives `default_config` (the sweeps' all-round winners, K split by the device's SM count)
+# for M <= 16 and cuBLAS above; a device's own sweep (bench/skinny_gemm_bench.py --sweep) is what
+# would give it a table.
+FALLBACK_TABLE: SkinnyTable = {}
+
+
+def select_table(name: str, capability: tuple[int, int], sms: int) -> SkinnyTable:
+    """The tuned table for a CUDA device described by its name, compute capability and SM count
+    (all three must match a `DEVICE_TABLES` entry), else `FALLBACK_TABLE`."""
+    words = set(re.split(r"[^A-Za-z0-9]+", name.upper()))
+    for entry in DEVICE_TABLES:
+        if entry.family in words and tuple(capability) == entry.capability and sms == entry.sms:
+            return entry.configs
+    return FALLBACK_TABLE
+
+
+_TABLES: dict[torch.device, SkinnyTable] = {}
+
+
+def table_for(device: torch.device) -> SkinnyTable:
+    """The table of `device` (cached). CPU (the Triton interpreter, for tests) gets the H100's,
+    as `_sm_count` pretends an H100 there."""
+    if device.type != "cuda":
+        return SKINNY_CONFIGS_H100
+    if device not in _TABLES:
+        name = torch.cuda.get_device_name(device)
+        table = select_table(name, torch.cuda.get_device_capability(device), _sm_count(device))
+        family = next((e.family for e in DEVICE_TABLES if e.configs is table), None)
+        logger.info("skinny GEMM on %s: %s", name, f"the {family} table" if family else
+                    "no tuned table (default configs for <= 16 rows, cuBLAS above)")
+        _TABLES[device] = table
+    return _TABLES[device]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,10 +399,12 @@ def dot_block_m(M: int) -> int:
     return DOT_BLOCK_M if M <= DOT_BLOCK_M else (32 if M <= 32 else 64)
 
 
-def pick_config(M: int, N: int, K: int, sm_count: int = 132) -> SkinnyConfig | None:
+def pick_config(M: int, N: int, K: int, sm_count: int = 132,
+                table: SkinnyTable | None = None) -> SkinnyConfig | None:
     """The tuned config for M rows of this shape; None where cuBLAS is the faster choice (a
-    `SKINNY_CONFIGS` entry of None, an untuned shape at M > 16, or M > KERNEL_MAX_M)."""
-    for max_m, cfg in SKINNY_CONFIGS.get((N, K), ()):
+    table entry of None, an untuned shape at M > 16, or M > KERNEL_MAX_M). `table`: a device's
+    (`table_for`); None = the H100's `SKINNY_CONFIGS`."""
+    for max_m, cfg in (SKINNY_CONFIGS if table is None else table).get((N, K), ()):
         if M <= max_m:
             return cfg
     if M > DOT_BLOCK_M:
@@ -372,7 +452,7 @@ def skinny_gemm(
         return out
     if K == 0:
         return out.zero_()
-    cfg = config if config is not None else pick_config(M, N, K, _sm_count(x.device))
+    cfg = config if config is not None else pick_config(M, N, K, _sm_count(x.device), table_for(x.device))
     if cfg is None:  # cuBLAS wins here
         if out is None:
             return F.linear(x, weight)
