@@ -5,6 +5,7 @@ model and the device into the frozen pieces each component takes.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,12 +20,61 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
+# CPU flags (/proc/cpuinfo) of native bf16 arithmetic: AVX-512 BF16 (dot products in bf16) and AMX
+# (bf16 tiles). Without them torch emulates bf16 through fp32 conversions, slower than fp32 itself.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+CPU_AUTO_DTYPE_ENV = "PDSERVE_CPU_AUTO_DTYPE"  # float32 | bfloat16: what auto means on CPU, no detection
+_logged_auto: set[str] = set()
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The native-bf16 flags of this CPU (`cpuinfo`: /proc/cpuinfo's text; read when None; no
+    file, as off Linux: none)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return []
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            flags.update(value.split())
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
+def cpu_auto_dtype(cpuinfo: str | None = None, env: dict | None = None) -> tuple[torch.dtype, str]:
+    """What 'auto' is on CPU, and why: bf16 where the processor has native bf16, else fp32;
+    `PDSERVE_CPU_AUTO_DTYPE` (float32 | bfloat16) overrides the detection."""
+    import os
+
+    env = os.environ if env is None else env
+    forced = env.get(CPU_AUTO_DTYPE_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("float32", "fp32", "bfloat16", "bf16"):
+            raise ValueError(f"{CPU_AUTO_DTYPE_ENV}={forced!r}: choose float32 or bfloat16")
+        return _DTYPES[forced], f"{CPU_AUTO_DTYPE_ENV}={forced}"
+    found = cpu_bf16_flags(cpuinfo)
+    if found:
+        return torch.bfloat16, f"native bf16 on this CPU ({', '.join(found)})"
+    return torch.float32, f"no native bf16 on this CPU (none of {', '.join(CPU_BF16_FLAGS)})"
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CUDA, fp32 on CPU."""
+    """'auto' -> bf16 on CUDA; on CPU bf16 where the processor has native bf16 (AVX-512 BF16 or
+    AMX), else fp32 (`cpu_auto_dtype`). The choice on CPU is logged once."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        chosen, why = cpu_auto_dtype()
+        name = str(chosen).removeprefix("torch.")
+        if name not in _logged_auto:
+            _logged_auto.add(name)
+            logging.getLogger("pdserve.engine").info("dtype auto on CPU: %s (%s)", name, why)
+        return chosen
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(sorted(_DTYPES))}")
     return _DTYPES[dtype]

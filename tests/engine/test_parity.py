@@ -15,7 +15,7 @@ def test_tiny_models_match_hf(make_tiny_model, arch):
     prompts = random_prompts(16, 49152, seed=hash(arch) % 1000)
     prompts[3] = prompts[3][:1]  # a one-token prompt
     ref = hf_greedy(hf_model(path), prompts, NEW_TOKENS)
-    llm = LLM(str(path), max_num_seqs=16, num_gpu_blocks=256)
+    llm = LLM(str(path), dtype="float32", max_num_seqs=16, num_gpu_blocks=256)
     out = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(NEW_TOKENS), use_tqdm=False)
     assert token_ids(out) == ref
     llm.engine.check_invariants()
@@ -34,7 +34,7 @@ def test_llama3_rope_scaling_matters(make_tiny_model):
 
 
 def test_default_model_matches_hf(default_model_path):
-    llm = LLM(str(default_model_path), max_num_seqs=16, num_gpu_blocks=512)
+    llm = LLM(str(default_model_path), dtype="float32", max_num_seqs=16, num_gpu_blocks=512)
     tok = llm.get_tokenizer()
     texts = [
         "The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
