@@ -8,6 +8,11 @@ online softmax in fp32.
 Split-KV (flash-decoding): when the batch has too few (sequence, kv head) pairs to fill the GPU,
 the context is cut into `num_splits` ranges; each program writes a normalized partial output and
 its log-sum-exp, and a second small kernel merges them.
+
+An fp8 cache (float8 e4m3fn, one static scale each for K and V) is read as 1-byte elements and
+converted to q's dtype in registers; the scales are applied to the scores (k_scale folds into
+the softmax scale) and to the output (v_scale), which is the same as multiplying every K and V
+element by its scale, with two multiplies instead of one per element.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ def _decode_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]; written when not SPLIT
     part_out_ptr,  # [num_seqs, num_heads, num_splits, head_dim] fp32; written when SPLIT
     part_lse_ptr,  # [num_seqs, num_heads, num_splits] fp32 (log2 domain); written when SPLIT
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e) (* k_scale for an fp8 cache)
+    v_scale,  # 1.0, or the fp8 cache's V scale
     num_splits,
     stride_q_s, stride_q_h,
     stride_o_s, stride_o_h,
@@ -43,6 +49,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # tokens per loop step
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (unused by 16-bit)
+    FP8: tl.constexpr,  # the cache is float8 e4m3: converted to q's dtype as loaded, scaled
 ):
     # kv head fastest: the programs of one sequence run together and read whole token rows
     # (all kv heads of a token are adjacent in the cache).
@@ -77,14 +84,14 @@ def _decode_kernel(
         n_ok = n < end
         block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         tok = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_offset + head_off  # [BLOCK_N]
-        k = tl.load(k_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -92,12 +99,16 @@ def _decode_kernel(
         # An empty split (past the end of a short sequence) leaves l_i = 0: weight 0 in the merge.
         has = l_i > 0
         out = acc / tl.where(has, l_i, 1.0)[:, None]
+        if FP8:
+            out = out * v_scale
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         row = (seq.to(tl.int64) * (GROUP * tl.num_programs(0)) + heads) * num_splits + split
         tl.store(part_out_ptr + row[:, None] * HEAD_DIM + d[None, :], out, mask=head_ok[:, None])
         tl.store(part_lse_ptr + row, lse, mask=head_ok)
     else:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0 (a padded row) gives zeros
+        if FP8:
+            out = out * v_scale
         o = out_ptr + seq * stride_o_s + heads[:, None] * stride_o_h + d[None, :]
         tl.store(o, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
 
@@ -166,13 +177,18 @@ def paged_decode_attention(
     *,
     max_seq_len: int | None = None,  # host copy (or bound) of seq_lens.max(); saves a device sync
     num_splits: int | None = None,  # None = heuristic; fixed for a CUDA graph (any seq_lens then)
+    k_scale: float = 1.0,  # fp8 cache: the stored K is k / k_scale
+    v_scale: float = 1.0,
     block_n: int = 64,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype == q.dtype
+    assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
+    assert k_cache.dtype in (q.dtype, torch.float8_e4m3fn), (k_cache.dtype, q.dtype)
+    if k_cache.dtype != torch.float8_e4m3fn:
+        assert k_scale == v_scale == 1.0, "KV scales apply to an fp8 cache only"
     assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, head_dim
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -199,12 +215,12 @@ def paged_decode_attention(
         part_out = part_lse = out  # not touched
     _decode_kernel[(num_kv_heads, num_seqs, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_lse,
-        scale * _LOG2E, num_splits,
+        scale * _LOG2E * k_scale, v_scale, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=k_cache.dtype == torch.float8_e4m3fn,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:
@@ -215,8 +231,13 @@ def paged_decode_attention(
     return out
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, out=None):
-    """One sequence at a time in plain torch, in q's dtype (softmax in fp32)."""
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, out=None,
+                               k_scale=1.0, v_scale=1.0):
+    """One sequence at a time in plain torch, in q's dtype (softmax in fp32). An fp8 cache is
+    dequantized first (element * scale, in q's dtype)."""
+    if k_cache.dtype == torch.float8_e4m3fn:
+        k_cache = k_cache.to(q.dtype) * k_scale
+        v_cache = v_cache.to(q.dtype) * v_scale
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -233,10 +254,12 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
 
 
 def decode_bytes(num_seqs: int, context: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype) -> int:
-    """Bytes a decode step must move: K and V of every context token, q read and out written."""
+                 dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> int:
+    """Bytes a decode step must move: K and V of every context token (in kv_dtype, default
+    dtype), q read and out written (in dtype)."""
     elem = torch.finfo(dtype).bits // 8
-    return elem * head_dim * (2 * num_seqs * context * num_kv_heads + 2 * num_seqs * num_heads)
+    kv_elem = torch.finfo(kv_dtype or dtype).bits // 8
+    return head_dim * (kv_elem * 2 * num_seqs * context * num_kv_heads + elem * 2 * num_seqs * num_heads)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ see are streamed without masks; only the last few key blocks near the diagonal a
 
 Tiles are listed on the host (`plan_tiles`), one list per tile height: a decode row (q_len 1) gets
 a 16-row tile, a long prompt chunk 128-row tiles, so a mixed batch wastes little work.
+
+An fp8 cache (float8 e4m3fn, one static scale each for K and V) is loaded as 1-byte elements and
+converted to q's dtype in registers; k_scale folds into the softmax scale, v_scale multiplies the
+output (the same as scaling every element, as the decode kernel does).
 """
 from __future__ import annotations
 
@@ -44,9 +48,9 @@ def _attend(
         block = tl.load(table + n // BLOCK_SIZE).to(tl.int64)
     tok = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_offset + head_off  # [BLOCK_N]
     if MASK:
-        k = tl.load(k_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        k = tl.load(k_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
     else:
-        k = tl.load(k_cache_ptr + tok[:, None] + d[None, :])
+        k = tl.load(k_cache_ptr + tok[:, None] + d[None, :]).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
     if MASK:
         s = tl.where((n[None, :] <= pos[:, None]) & n_ok[None, :], s, float("-inf"))
@@ -55,9 +59,9 @@ def _attend(
     p = tl.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if MASK:
-        v = tl.load(v_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
     else:
-        v = tl.load(v_cache_ptr + tok[:, None] + d[None, :])
+        v = tl.load(v_cache_ptr + tok[:, None] + d[None, :]).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -73,7 +77,8 @@ def _prefill_kernel(
     tile_seq_ptr,  # [num_tiles] int32; the row of each tile
     tile_q_ptr,  # [num_tiles] int32; the tile's first query index within its row
     out_ptr,  # [num_tokens, num_heads, head_dim]
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e) (* k_scale for an fp8 cache)
+    v_scale,  # the fp8 cache's V scale (unused otherwise)
     stride_q_t, stride_q_h,
     stride_o_t, stride_o_h,
     stride_bt_s,
@@ -86,6 +91,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,  # keys per loop step
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (unused by 16-bit)
     KV_FASTEST: tl.constexpr,  # grid (kv heads, tiles) instead of (tiles, kv heads)
+    FP8: tl.constexpr,  # the cache is float8 e4m3
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD
     if KV_FASTEST:
@@ -130,6 +136,8 @@ def _prefill_kernel(
                                 HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if FP8:
+        out = out * v_scale
     o = out_ptr + token[:, None] * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -197,11 +205,16 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
     *,
     tiles: Sequence[TileLaunch] | None = None,  # from plan_tiles; None = built here (syncs)
+    k_scale: float = 1.0,  # fp8 cache: the stored K is k / k_scale
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
-    assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype == q.dtype
+    assert k_cache.shape == v_cache.shape and k_cache.dtype == v_cache.dtype
+    assert k_cache.dtype in (q.dtype, torch.float8_e4m3fn), (k_cache.dtype, q.dtype)
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert fp8 or k_scale == v_scale == 1.0, "KV scales apply to an fp8 cache only"
     assert k_cache.shape[3] == head_dim and num_heads % num_kv_heads == 0
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, head_dim
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -225,20 +238,24 @@ def paged_prefill_attention(
         assert grid[1] < 65536, grid  # CUDA's limit on the second grid dimension
         _prefill_kernel[grid](
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, t.tile_seq, t.tile_q, out,
-            scale * _LOG2E,
+            scale * _LOG2E * k_scale, v_scale,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             GROUP=group, GROUP_PAD=triton.next_power_of_2(group), HEAD_DIM=head_dim,
             BLOCK_SIZE=block_size, BLOCK_M=t.cls.block_m, BLOCK_N=t.cls.block_n,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FASTEST=t.cls.kv_fastest,
-            num_warps=t.cls.num_warps, num_stages=t.cls.num_stages,
+            FP8=fp8, num_warps=t.cls.num_warps, num_stages=t.cls.num_stages,
         )
     return out
 
 
 def paged_prefill_attention_ref(q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-                                max_query_len=None, out=None):
-    """One row at a time in plain torch, in q's dtype (softmax in fp32)."""
+                                max_query_len=None, out=None, k_scale=1.0, v_scale=1.0):
+    """One row at a time in plain torch, in q's dtype (softmax in fp32). An fp8 cache is
+    dequantized first (element * scale, in q's dtype)."""
+    if k_cache.dtype == torch.float8_e4m3fn:
+        k_cache = k_cache.to(q.dtype) * k_scale
+        v_cache = v_cache.to(q.dtype) * v_scale
     num_heads = q.shape[1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
