@@ -3,7 +3,9 @@
 Serves the OpenAI-compatible HTTP API (uvicorn + uvloop) in front of a pdserve router, prints
 `READY host:port` once the router answered and the port is listening, and on SIGTERM / SIGINT
 (or when its parent process goes away) stops taking connections and lets in-flight requests
-finish for up to --shutdown-grace seconds.
+finish for up to --shutdown-grace seconds; SSE streams still open then end with an error event and
+`data: [DONE]` (never a cut connection). A stream whose reader stops reading is aborted upstream and
+its connection reset after --sse-stall-timeout seconds behind (gateway/sse_guard.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ from engine.rpc.security import ClientSecurity
 from engine.metrics import PREFIXES
 from engine.tool_parsers import PARSERS
 from gateway.app import BODY_TIMEOUT_S, MAX_BODY_BYTES, Settings, connect, create_app
+from gateway.sse_guard import MAX_BACKLOG_BYTES, STALL_TIMEOUT_S, TransportScope
+
+SHUTDOWN_SLACK_S = 5.0  # past the grace: for the streams' final events to get out before uvicorn cancels
 
 
 def env_name(flag: str) -> str:
@@ -58,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--router-wait", type=float, default=60.0,
           help="how long to wait at startup for the router to answer, seconds")
     _flag(p, "--shutdown-grace", type=float, default=30.0,
-          help="seconds in-flight requests may take to finish after SIGTERM")
+          help="seconds in-flight requests may take to finish after SIGTERM; SSE streams still open then end "
+               "with an error event and [DONE]")
+    _flag(p, "--sse-stall-timeout", type=float, default=STALL_TIMEOUT_S,
+          help="an SSE stream whose client stays --sse-max-backlog bytes behind (or whose write stays blocked) "
+               "this many seconds is aborted upstream and its connection reset")
+    _flag(p, "--sse-max-backlog", type=int, default=MAX_BACKLOG_BYTES,
+          help="bytes of one SSE stream the client may leave unread (socket + write buffer) before the "
+               "--sse-stall-timeout clock runs")
     _flag(p, "--body-timeout", type=float, default=BODY_TIMEOUT_S,
           help="seconds a request body may take to arrive (-> HTTP 408)")
     _flag(p, "--tls-cert", default=None, help="PEM certificate: serve HTTPS (also our client certificate "
@@ -95,7 +107,8 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         print(f"gateway: {exc}", file=sys.stderr, flush=True)
         return 1
-    server = uvicorn.Server(_uvicorn_config(create_app(settings, connected=connected), args))
+    app = create_app(settings, connected=connected)
+    server = uvicorn.Server(_uvicorn_config(TransportScope(app), args))
     task = asyncio.ensure_future(server.serve())
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
@@ -105,10 +118,20 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
     host, port = server.servers[0].sockets[0].getsockname()[:2]
     announce_ready(f"{host}:{port}")
     parent = os.getppid()
+    loop = asyncio.get_running_loop()
+    stopping_since = None
     while not task.done():
         if os.getppid() != parent:  # parent died: shut down like on SIGTERM
             server.should_exit = True
-        await asyncio.wait({task}, timeout=1.0)
+        if server.should_exit and stopping_since is None:
+            stopping_since = loop.time()
+            logging.getLogger("pdserve.gateway").info("shutting down: %d streams open, grace %.1fs",
+                                                      len(app.state.sse.streams), args.shutdown_grace)
+        if stopping_since is not None and loop.time() - stopping_since >= args.shutdown_grace:
+            if not app.state.sse.closing:
+                ended = app.state.sse.end_all()
+                logging.getLogger("pdserve.gateway").info("grace period over: ending %d streams", ended)
+        await asyncio.wait({task}, timeout=0.1)
     await task
     return 0
 
@@ -121,7 +144,8 @@ def main(argv=None) -> int:
                         version=_version(), body_timeout_s=args.body_timeout,
                         tool_call_parser=args.tool_call_parser, metrics_prefix=args.metrics_prefix,
                         router_security=ClientSecurity(tls_ca=args.tls_ca, tls_cert=args.tls_cert,
-                                                       tls_key=args.tls_key))
+                                                       tls_key=args.tls_key),
+                        sse_stall_timeout_s=args.sse_stall_timeout, sse_max_backlog_bytes=args.sse_max_backlog)
     # uvicorn re-raises the signal it caught once it has shut down; a Python handler here turns
     # that into a normal return (exit code 0) instead of death by the default SIGTERM action.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -137,7 +161,8 @@ def _uvicorn_config(app, args: argparse.Namespace) -> uvicorn.Config:
     if args.tls_client_ca:
         tls.update(ssl_ca_certs=args.tls_client_ca, ssl_cert_reqs=ssl.CERT_REQUIRED)
     return uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
-                          lifespan="on", timeout_graceful_shutdown=args.shutdown_grace, server_header=False, **tls)
+                          lifespan="on", timeout_graceful_shutdown=args.shutdown_grace + SHUTDOWN_SLACK_S,
+                          server_header=False, **tls)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -30,6 +30,7 @@ from gateway import protocol as P
 from gateway import responses as R
 from gateway.errors import APIError, from_grpc
 from gateway.router_client import RouterClient
+from gateway.sse_guard import MAX_BACKLOG_BYTES, STALL_TIMEOUT_S, GuardedStreamingResponse, SSEGuard
 from protos.pdserve.v1 import generation_pb2 as pb
 
 logger = logging.getLogger("pdserve.gateway")
@@ -58,6 +59,8 @@ class Settings:
     router_security: ClientSecurity | None = None  # TLS towards the router
     tool_call_parser: str | None = None  # hermes | llama3_json | mistral | pythonic; None: no auto tool choice
     metrics_prefix: str = "pdserve"  # or "vllm": vLLM's metric names
+    sse_stall_timeout_s: float = STALL_TIMEOUT_S  # a stream whose reader stays this far behind is aborted
+    sse_max_backlog_bytes: int = MAX_BACKLOG_BYTES  # ... "far behind": this many bytes unread (gateway/sse_guard.py)
 
 
 class ClientGone(Exception):
@@ -211,16 +214,18 @@ class Gateway:
     async def completions(self, request: Request):
         req = P.parse(P.CompletionRequest, await read_json(request, self.settings))
         self.check_model(req.model)
-        if req.echo or req.suffix:
-            raise APIError(400, "echo and suffix are not supported", param="echo" if req.echo else "suffix")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = P.check_sampling(req, max_tokens, req.logprobs, self.info.vocab_size)
+        echo = P.echo_plan(req, max_tokens)
+        if echo is not None and echo.prompt_only:
+            max_tokens = 1  # as vLLM: one token is generated and dropped
+        params = P.check_sampling(req, max_tokens, req.logprobs, self.info.vocab_size,
+                                  prompt_logprobs=P.prompt_logprobs_count(req, echo))
         constraint = P.structured_output(req)
         inputs = P.completion_inputs(req.prompt, self.info.vocab_size)
         grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs,
                                     constraint[1] if constraint else None)
         self.label(request, grpc_req)
-        return await self.generate(request, grpc_req, req, chat=False, num_prompts=len(inputs))
+        return await self.generate(request, grpc_req, req, chat=False, num_prompts=len(inputs), echo=echo)
 
     @staticmethod
     def label(request: Request, grpc_req: pb.GenerateRequest) -> None:
@@ -236,7 +241,10 @@ class Gateway:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = P.check_sampling(req, max_tokens, logprobs, self.info.vocab_size)
+        if req.stream and req.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is not supported with stream: true", param="prompt_logprobs",
+                           code="unsupported_field")
+        params = P.check_sampling(req, max_tokens, logprobs, self.info.vocab_size, prompt_logprobs=req.prompt_logprobs)
         plan = P.tool_plan(req, self.settings.tool_call_parser)
         constraint = P.structured_output(req)
         if constraint and plan.structured is not None:
@@ -267,7 +275,7 @@ class Gateway:
                 "model": self.info.model}
 
     async def generate(self, request: Request, grpc_req: pb.GenerateRequest, req, *, chat: bool,
-                       num_prompts: int, plan: P.ToolPlan | None = None):
+                       num_prompts: int, plan: P.ToolPlan | None = None, echo: P.Echo | None = None):
         plan = plan or P.ToolPlan()
         if req.stream:
             options = req.stream_options
@@ -276,26 +284,60 @@ class Gateway:
             return await self.stream(request, grpc_req, chat, num_prompts, req.n, usage_mode, plan)
         reply = await self.unary(request, grpc_req)
         shape = R.Shape(chat, reply.request_id, self.info.model)
+        prompts = {c.prompt_index: c for c in reply.completions if c.prompt_token_ids}  # index 0 carries them
         strings = {}
-        if grpc_req.HasField("logprobs"):
-            strings = await self.client.token_strings(
-                set().union(*(R.token_ids_of(c.logprobs) for c in reply.completions)))
+        if grpc_req.HasField("logprobs") or prompts:
+            strings = await self.client.token_strings(set().union(
+                *(R.token_ids_of(c.logprobs) for c in reply.completions),
+                *(R.token_ids_of(c.prompt_logprobs) | set(c.prompt_token_ids) for c in prompts.values())))
+        echoed = await self.echo_texts(echo) if echo is not None else None
         choices = []
         for c in reply.completions:
             logprobs = None
             if grpc_req.HasField("logprobs"):
                 logprobs = (R.chat_logprobs(c.logprobs, strings) if chat
-                            else R.completion_logprobs(c.logprobs, strings, 0))
+                            else R.completion_logprobs(c.logprobs, strings, len(echoed[c.prompt_index]) if echo else 0))
             text, finish, calls = c.text, R.FINISH_REASONS[c.finish_reason], None
+            if echo is not None:
+                text, finish, logprobs = self.echoed(echo, echoed[c.prompt_index], prompts.get(c.prompt_index),
+                                                     c, logprobs, strings)
             if plan.parser is not None:
                 parsed = plan.parser.parse(c.text, final=True)
                 calls = tool_calls_json(parsed) or None
                 text = parsed.content or None if calls else c.text
                 finish = "tool_calls" if calls and not plan.named and finish == "stop" else finish
-            choices.append(shape.choice(c.prompt_index * req.n + c.index, text, finish, R.stop_reason(c),
+            choices.append(shape.choice(c.prompt_index * req.n + c.index, text, finish,
+                                        None if echo and echo.prompt_only else R.stop_reason(c),
                                         logprobs, tool_calls=calls))
+            if not chat and req.prompt_logprobs is not None:
+                choices[-1]["prompt_logprobs"] = R.vllm_prompt_logprobs(
+                    prompts[c.prompt_index].prompt_logprobs, strings, req.prompt_logprobs)
         u = reply.usage
-        return shape.full(choices, R.usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens))
+        completion_tokens = 0 if echo and echo.prompt_only else u.completion_tokens
+        out = shape.full(choices, R.usage(u.prompt_tokens, completion_tokens, u.cached_tokens))
+        if chat and req.prompt_logprobs is not None:  # vLLM puts the chat prompt's beside the choices
+            out["prompt_logprobs"] = R.vllm_prompt_logprobs(prompts[0].prompt_logprobs, strings, req.prompt_logprobs)
+        return out
+
+    async def echo_texts(self, echo: P.Echo) -> list[str]:
+        """The text of every prompt (token-id prompts are detokenized, special tokens kept)."""
+        async def text(prompt) -> str:
+            if isinstance(prompt, str):
+                return prompt
+            reply = await self.client.detokenize(pb.DetokenizeRequest(token_ids=prompt, skip_special_tokens=False))
+            return reply.text
+        return list(await asyncio.gather(*(text(p) for p in echo.prompts)))
+
+    @staticmethod
+    def echoed(echo: P.Echo, prompt_text: str, prompt: pb.Completion | None, c: pb.Completion,
+               logprobs: dict | None, strings: dict[int, str]) -> tuple[str, str | None, dict | None]:
+        """(text, finish reason, logprobs) of a completion choice with its prompt echoed in front."""
+        finish = "length" if echo.prompt_only else R.FINISH_REASONS[c.finish_reason]
+        text = prompt_text if echo.prompt_only else prompt_text + c.text
+        if echo.logprobs is not None:
+            head = R.echo_logprobs(prompt.prompt_token_ids, prompt.prompt_logprobs, strings, echo.logprobs)
+            logprobs = head if echo.prompt_only else R.join_logprobs(head, logprobs)
+        return text, finish, logprobs
 
     async def unary(self, request: Request, grpc_req: pb.GenerateRequest) -> pb.GenerateResponse:
         m, start = self.metrics, time.monotonic()
@@ -354,8 +396,8 @@ class Gateway:
             raise APIError(500, "the router closed the stream without output (internal error)")
         body = SSEStream(self, calls, firsts, chat, n, usage_mode, start,
                          grpc_req.HasField("logprobs"), plan)
-        return StreamingResponse(body.events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return GuardedStreamingResponse(body.events(), request.app.state.sse, media_type="text/event-stream",
+                                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # -- other routes --------------------------------------------------------------------------
 
@@ -591,6 +633,7 @@ def create_app(settings: Settings, router_wait_s: float = 60.0,
             await client.close()
 
     app = FastAPI(title="pdserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.sse = SSEGuard(settings.sse_stall_timeout_s, settings.sse_max_backlog_bytes)  # open SSE streams
 
     def gw() -> Gateway:
         return holder["gw"]

@@ -182,7 +182,8 @@ def plan(ns) -> list[Child]:
     children.append(Child("router", router))
     if ns.gateway and importlib.util.find_spec("gateway.__main__") is not None:
         router_address = f"{'127.0.0.1' if ns.host in ('0.0.0.0', '::') else ns.host}:{ns.port}"
-        gateway = ["gateway", "--router", router_address, "--host", ns.gateway_host, "--port", str(ns.gateway_port)]
+        gateway = ["gateway", "--router", router_address, "--host", ns.gateway_host, "--port", str(ns.gateway_port),
+                   "--shutdown-grace", str(ns.grace_period)]
         for key in keys:
             gateway += ["--api-key", key]
         if ns.tool_call_parser:
