@@ -202,8 +202,12 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
         if self._in_transfer(res):
             raise InvalidArgument("a KV transfer for this reservation is already in progress")
         res.pushing = True
+        write_part = self._part_writer(res) if receiver.transport == T.KV_TRANSPORT_GRPC else None
+        if write_part is not None:  # frames go into the blocks as they land: the blocks stay out of reuse until
+            res.writing = asyncio.get_running_loop().create_future()  # every such write ended
         landing = KVLanding(res.reservation_id, self.spec, len(res.block_ids),
-                            progress=lambda: self._on_progress(res), write=lambda k, v: self._write(res, k, v))
+                            progress=lambda: self._on_progress(res), write=lambda k, v: self._write(res, k, v),
+                            write_part=write_part)
         try:
             got = await receiver.receive(landing, request, context)
         except TransferError:
@@ -211,6 +215,8 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
             raise
         finally:
             res.pushing = False
+            if write_part is not None and not res.writing.done():
+                res.writing.set_result(None)  # receive() returns only after its last write ended
         if self.reservations.get(res.reservation_id) is not res:
             raise NotFound("the reservation was freed during the transfer")
         res.bytes_received = got.bytes
@@ -223,6 +229,17 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
         if self.reservations.get(res.reservation_id) is not res:
             raise NotFound("the reservation was freed during the transfer")
         self._renew(res)
+
+    def _part_writer(self, res: Reservation):
+        """Worker-thread writer of one frame's blocks into `res` (None: the engine takes whole transfers)."""
+        write = self.engine.engine.write_reserved_part
+        if write is None:
+            return None
+        block_ids = res.block_ids
+
+        def write_part(kind: int, layer: int, start: int, n: int, data: torch.Tensor) -> None:
+            write(block_ids[start:start + n], kind, layer, data)
+        return write_part
 
     async def _write(self, res: Reservation, k: torch.Tensor, v: torch.Tensor) -> None:
         """The received KV into the reserved blocks on a worker thread; `_close` waits for it."""
@@ -324,6 +341,8 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
                                   finish_reason=convert.finish_reason_to_proto(out.finish_reason))
         if out.new_logprobs:
             ev.logprobs.extend(convert.logprob_to_proto(e, params.logprobs or 0) for e in out.new_logprobs)
+        if out.prompt_logprobs is not None:  # local prefill: computed here, with the first token
+            ev.prompt_logprobs.extend(convert.prompt_logprobs_to_proto(out.prompt_logprobs, params.prompt_logprobs or 0))
         if isinstance(out.stop_reason, str):
             ev.stop_sequence = out.stop_reason
         elif isinstance(out.stop_reason, int):

@@ -153,6 +153,8 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
                                   prefill_ms=(time.monotonic() - start) * 1000.0)
         if out.new_logprobs:
             msg.logprob.CopyFrom(convert.logprob_to_proto(out.new_logprobs[0], params.logprobs or 0))
+        if out.prompt_logprobs is not None:
+            msg.prompt_logprobs.extend(convert.prompt_logprobs_to_proto(out.prompt_logprobs, params.prompt_logprobs or 0))
         if isinstance(out.stop_reason, str):
             msg.stop_sequence = out.stop_reason
         return msg

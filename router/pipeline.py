@@ -76,6 +76,8 @@ class Chunk:
     completion_tokens: int = 0
     cached_tokens: int = 0
     timings: generation_pb2.RequestTimings | None = None
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob protos (first token's chunk only)
+    prompt_token_ids: list[int] = field(default_factory=list)  # set with prompt_logprobs
 
 
 def _forward_error(exc: grpc.aio.AioRpcError, what: str) -> RpcError:
@@ -97,6 +99,8 @@ class Pipeline:
         self.params = prompt.params.clone()
         self.params.n = 1
         self.params.max_tokens = prompt.max_tokens
+        if index != 0:  # prompt logprobs are the same for every completion: index 0 computes them
+            self.params.prompt_logprobs = None
         self.wire_params = convert.params_to_proto(self.params, sample_index=index)
         self.detok = IncrementalDetokenizer(tokenizer, prompt.token_ids, self.params)
         self.holders: set[Node] = set()  # nodes that may hold state for this completion
@@ -156,6 +160,13 @@ class Pipeline:
         self.finished = True
         self.timings.e2e_ms = self._ms_since_arrival()
         chunk.timings = self.timings
+
+    def _with_prompt_logprobs(self, chunk: Chunk, entries) -> Chunk:
+        """Attaches the prompt logprobs a node returned with the first token."""
+        if self.params.prompt_logprobs is not None:
+            chunk.prompt_logprobs = list(entries)
+            chunk.prompt_token_ids = list(self.prompt.token_ids)
+        return chunk
 
     def final_chunk(self, finish: int) -> Chunk:
         """The last chunk when the completion ends early (abort, time limit)."""
@@ -283,8 +294,8 @@ class Pipeline:
     async def run(self):
         if self.colocated:
             chunks = self._run_local()
-        else:
-            choice = self._decode_first()
+        else:  # prompt logprobs need the whole prompt computed: the prefill pool does that
+            choice = self._decode_first() if self.params.prompt_logprobs is None else None
             chunks = self._run_local(first=choice) if choice is not None else self._run_disaggregated()
         async for chunk in chunks:
             yield chunk
@@ -383,10 +394,14 @@ class Pipeline:
             if event is grpc.aio.EOF:
                 return
             budget = self.config.token_gap_s
-            if self.num_tokens == 0:
+            first = self.num_tokens == 0
+            if first:
                 self.timings.ttft_ms = self._ms_since_arrival()
                 self.cached_tokens = event.cached_tokens
             for chunk in self._event_chunks(event):
+                if first:
+                    first = False
+                    self._with_prompt_logprobs(chunk, event.prompt_logprobs)
                 yield chunk
 
     async def _run_disaggregated(self):
@@ -398,8 +413,9 @@ class Pipeline:
             self.timings.ttft_ms = self._ms_since_arrival()
             self.timings.prefill_ms = first.prefill_ms
             self.cached_tokens = first.cached_tokens
-            first_chunk = self._token(first.token_id, first.finish_reason, first.stop_sequence,
-                                      logprob=first.logprob if first.HasField("logprob") else None)
+            first_chunk = self._with_prompt_logprobs(
+                self._token(first.token_id, first.finish_reason, first.stop_sequence,
+                            logprob=first.logprob if first.HasField("logprob") else None), first.prompt_logprobs)
             if self.finished:  # the first token ended it: the prefill node freed its KV, free the reservation
                 attempt.close()
                 await self._abort(attempt.decode)

@@ -137,6 +137,7 @@ class PromptBuilder:
             include_stop_str_in_output=stop.include_stop_str,
             ignore_eos=stop.ignore_eos,
             logprobs=request.logprobs if request.HasField("logprobs") else None,
+            prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
             skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
             structured=self.structured(request),
         )

@@ -172,7 +172,8 @@ def _stream_response(run: RequestRun, chunk: Chunk) -> generation_pb2.GenerateSt
         request_id=run.request_id, client_request_id=run.client_request_id, index=chunk.index, text=chunk.text,
         token_ids=chunk.token_ids, logprobs=chunk.logprobs, finish_reason=chunk.finish_reason,
         stop_sequence=chunk.stop_sequence, prompt_tokens=chunk.prompt_tokens,
-        completion_tokens=chunk.completion_tokens, cached_tokens=chunk.cached_tokens)
+        completion_tokens=chunk.completion_tokens, cached_tokens=chunk.cached_tokens,
+        prompt_logprobs=chunk.prompt_logprobs, prompt_token_ids=chunk.prompt_token_ids)
     if chunk.stop_token_id is not None:
         msg.stop_token_id = chunk.stop_token_id
     if chunk.timings is not None:
@@ -196,6 +197,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             c.text += chunk.text
             c.token_ids.extend(chunk.token_ids)
             c.logprobs.extend(chunk.logprobs)
+            if chunk.prompt_token_ids:
+                c.prompt_logprobs.extend(chunk.prompt_logprobs)
+                c.prompt_token_ids.extend(chunk.prompt_token_ids)
             c.prompt_tokens, c.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
             c.cached_tokens = chunk.cached_tokens
             if chunk.finish_reason:

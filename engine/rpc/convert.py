@@ -3,6 +3,7 @@
 - `SamplingParams` <-> `node_pb2.ResolvedParams` (n is always 1 across nodes; `max_tokens` 0 on the
   wire means "up to the context limit", i.e. None);
 - logprob dicts `{token_id: logprob}` (sampled token first, then the top candidates) <-> `TokenLogprob`;
+- prompt logprobs (`{token_id: Logprob}` per prompt position) -> `TokenLogprob` with its rank;
 - finish-reason strings (engine/request.py FinishReason values) <-> the `FinishReason` enum;
 - torch dtype <-> its name on the wire ("bfloat16", ...);
 - `StructuredSpec` <-> `generation_pb2.StructuredOutput`.
@@ -31,7 +32,8 @@ _FINISH_TO_PROTO = {
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items() if k != "prefilled"}
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8}
+           "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8,
+           "float8_e4m3fn": torch.float8_e4m3fn}  # an fp8 KV cache (--kv-cache-dtype fp8)
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -77,6 +79,8 @@ def params_to_proto(params: SamplingParams, sample_index: int = 0) -> node_pb2.R
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     for token_id, bias in (params.logit_bias or {}).items():
         msg.logit_bias[token_id] = bias
     if params.structured is not None:
@@ -93,6 +97,7 @@ def params_from_proto(msg: node_pb2.ResolvedParams) -> tuple[SamplingParams, int
         max_tokens=msg.max_tokens or None, min_tokens=msg.min_tokens, stop=list(msg.stop) or None,
         stop_token_ids=list(msg.stop_token_ids) or None, include_stop_str_in_output=msg.include_stop_str,
         ignore_eos=msg.ignore_eos, logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens, logit_bias=dict(msg.logit_bias) or None,
         structured=structured_from_proto(msg.structured) if msg.HasField("structured") else None)
     return params, msg.sample_index
@@ -113,3 +118,16 @@ def logprob_from_proto(msg: generation_pb2.TokenLogprob) -> dict[int, float]:
     for top in msg.top:
         entry.setdefault(top.token_id, top.logprob)
     return entry
+
+
+def prompt_logprobs_to_proto(entries, num_top: int) -> list[generation_pb2.TokenLogprob]:
+    """The engine's prompt logprobs (per position {token_id: Logprob}, the prompt token first,
+    then the top candidates) -> TokenLogprob with `rank` and the `num_top` best candidates."""
+    out = []
+    for entry in entries:
+        token_id, lp = next(iter(entry.items()))
+        best = sorted(entry.items(), key=lambda kv: kv[1].rank)[:num_top]
+        out.append(generation_pb2.TokenLogprob(
+            token_id=token_id, logprob=lp.logprob, rank=lp.rank,
+            top=[generation_pb2.TopLogprob(token_id=t, logprob=c.logprob) for t, c in best]))
+    return out
