@@ -106,8 +106,9 @@ Prompt = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
 class CompletionRequest(_Sampling):
     prompt: Prompt
     logprobs: StrictInt | None = None
-    echo: StrictBool = False
-    suffix: StrictStr | None = None
+    echo: StrictBool = False  # prompt + completion as the text (and logprobs); not with stream
+    suffix: StrictStr | None = None  # refused: no fill-in-the-middle
+    prompt_logprobs: StrictInt | None = None  # vLLM extra
 
 
 class TextPart(_Body):
@@ -164,6 +165,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
+    prompt_logprobs: StrictInt | None = None  # vLLM extra: in the response, beside choices
 
 
 class LegacyGenerateRequest(_Sampling):
@@ -226,7 +228,7 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetitio
 
 
 def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None,
-                   vocab_size: int | None = None) -> SamplingParams:
+                   vocab_size: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """Validates every sampling / stopping field with the engine's rules (ValueError -> 400)."""
     if req.best_of is not None and req.best_of not in (1, req.n):
         raise APIError(400, f"best_of must equal n ({req.n}) or 1: candidates are not ranked, got {req.best_of}",
@@ -249,7 +251,7 @@ def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None,
             n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
             stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
             ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-            logit_bias=bias, **given)
+            logit_bias=bias, prompt_logprobs=prompt_logprobs, **given)
     except ValueError as exc:
         message = str(exc)
         raise APIError(400, message, param=message.split(" ", 1)[0]) from None
@@ -285,6 +287,8 @@ def sampling_proto(req: _Sampling, params: SamplingParams, max_tokens: int | Non
                                  skip_special_tokens=params.skip_special_tokens)
     if logprobs is not None:
         request.logprobs = logprobs
+    if params.prompt_logprobs is not None:
+        request.prompt_logprobs = params.prompt_logprobs
     if structured is not None:
         request.structured.CopyFrom(structured)
     if len(inputs) == 1:
@@ -298,6 +302,45 @@ def single_input(item: pb.Input) -> pb.GenerateRequest:
     """The single-prompt form of one Input (GenerateStream takes only that form)."""
     kind = item.WhichOneof("kind")
     return pb.GenerateRequest(**{kind: getattr(item, kind)})
+
+
+# -- echo ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Echo:
+    """How a completions request echoes its prompt (`echo: true`): the prompt's text goes before the
+    completion, and with `logprobs` the prompt tokens' logprobs go before the generated ones.
+    `max_tokens: 0` (lm-eval-harness's loglikelihood requests) generates one token, as vLLM does,
+    and returns only the prompt (finish_reason length, no completion tokens)."""
+    prompts: tuple  # per prompt: its text, or its token ids (the text comes from Detokenize)
+    prompt_only: bool  # max_tokens 0
+    logprobs: int | None  # top candidates per prompt token (the request's logprobs); None: no logprobs
+
+
+def echo_plan(req: CompletionRequest, max_tokens: int) -> Echo | None:
+    """The echo of a completions request (None without echo); refuses what is not built."""
+    if req.suffix is not None:
+        raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported_field")
+    if req.stream and req.echo:
+        raise APIError(400, "echo is not supported with stream: true; send the request without stream",
+                       param="echo", code="unsupported_field")
+    if req.stream and req.prompt_logprobs is not None:
+        raise APIError(400, "prompt_logprobs is not supported with stream: true", param="prompt_logprobs",
+                       code="unsupported_field")
+    if max_tokens == 0 and not req.echo:
+        raise APIError(400, "max_tokens must be at least 1 (0 is only allowed with echo: true)", param="max_tokens")
+    if not req.echo:
+        return None
+    prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+        else [req.prompt]
+    return Echo(tuple(prompts), max_tokens == 0, req.logprobs)
+
+
+def prompt_logprobs_count(req: CompletionRequest | ChatCompletionRequest, echo: Echo | None) -> int | None:
+    """Top candidates per prompt token to ask for: the most of what echo's logprobs and vLLM's
+    prompt_logprobs want (None: no prompt logprobs)."""
+    wanted = [n for n in (req.prompt_logprobs, echo.logprobs if echo else None) if n is not None]
+    return max(wanted) if wanted else None
 
 
 # -- structured outputs -------------------------------------------------------------------------

@@ -73,6 +73,41 @@ def completion_logprobs(logprobs, strings: dict[int, str], text_offset: int) -> 
     return out
 
 
+def echo_logprobs(prompt_ids, entries, strings: dict[int, str], num_top: int) -> dict:
+    """/v1/completions logprobs of an echoed prompt: the first token has no context, so its
+    token_logprobs and top_logprobs entries are null (as OpenAI's and vLLM's); `entries` are the
+    prompt logprobs (TokenLogprob protos) of the tokens after it."""
+    out = {"tokens": [], "token_logprobs": [None], "top_logprobs": [None], "text_offset": []}
+    offset = 0
+    for t in prompt_ids:
+        token = strings[t]
+        out["tokens"].append(token)
+        out["text_offset"].append(offset)
+        offset += len(token)
+    for e in entries:
+        out["token_logprobs"].append(_lp(e.logprob))
+        out["top_logprobs"].append({strings[c.token_id]: _lp(c.logprob) for c in e.top[:num_top]})
+    return out
+
+
+def join_logprobs(first: dict, second: dict) -> dict:
+    return {key: first[key] + second[key] for key in first}
+
+
+def vllm_prompt_logprobs(entries, strings: dict[int, str], num_top: int) -> list:
+    """vLLM's `prompt_logprobs`: null for the first prompt token, then per token
+    {token id: {logprob, rank, decoded_token}} with the prompt token first, then the top `num_top`."""
+    out: list = [None]
+    for e in entries:
+        position = {str(e.token_id): {"logprob": _lp(e.logprob), "rank": e.rank,
+                                      "decoded_token": strings[e.token_id]}}
+        for rank, c in enumerate(e.top[:num_top], 1):
+            position.setdefault(str(c.token_id), {"logprob": _lp(c.logprob), "rank": rank,
+                                                  "decoded_token": strings[c.token_id]})
+        out.append(position)
+    return out
+
+
 def chat_logprobs(logprobs, strings: dict[int, str]) -> dict:
     """/v1/chat/completions shape: {"content": [{token, logprob, bytes, top_logprobs}]}."""
     def item(token_id: int, logprob: float) -> dict:
