@@ -217,6 +217,15 @@ class AsyncEngine:
     async def load(self) -> dict:
         return await self.call(lambda engine: {**engine.load(), "request_ids": sorted(engine.request_ids())})
 
+    @property
+    def num_preemptions(self) -> int:
+        """Preemptions so far (read from any thread: a plain int)."""
+        return self.engine.scheduler.num_preemptions
+
+    def take_step_tokens(self) -> list[int]:
+        """Tokens computed by each engine step since the last call (any thread)."""
+        return self.engine.take_step_tokens()
+
     def load_snapshot(self) -> dict:
         """The load as of the last command batch or step; never waits for the engine thread."""
         return self._snapshot

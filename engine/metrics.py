@@ -16,14 +16,16 @@ Exposed names (counters get prometheus' `_total` suffix):
               pdserve:kv_free_blocks, pdserve:kv_total_blocks, pdserve:active_leases,
               pdserve:cache_config_info{block_size, num_gpu_blocks} (nodes)
   counters    pdserve:prefix_cache_queries (tokens), pdserve:prefix_cache_hits (tokens),
-              pdserve:prompt_tokens, pdserve:generation_tokens,
+              pdserve:prompt_tokens, pdserve:generation_tokens, pdserve:num_preemptions (nodes),
               pdserve:request_success{finished_reason}, pdserve:kv_transfer_bytes, pdserve:aborts
   histograms  pdserve:time_to_first_token_seconds, pdserve:inter_token_latency_seconds,
               pdserve:e2e_request_latency_seconds, pdserve:request_queue_time_seconds,
               pdserve:kv_transfer_seconds, pdserve:time_per_output_token_seconds (per token gap,
               as vLLM v1), pdserve:request_prefill_time_seconds, pdserve:request_decode_time_seconds,
               pdserve:request_prompt_tokens, pdserve:request_generation_tokens (per completion),
-              pdserve:request_max_num_generation_tokens (per request)
+              pdserve:request_max_num_generation_tokens (per request),
+              pdserve:iteration_tokens_total (tokens computed per engine step, nodes; vLLM's name,
+              whose `_total` is part of the histogram's name)
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 # Ours: one KV hand-off moves from a few KB (tiny models, CPU) to GBs (long prompts, NCCL).
 KV_TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                        5.0, 10.0, 30.0)
+ITERATION_TOKENS_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # vLLM's
 
 # vLLM's request token-count buckets: 1, 2, 5, 10, 20, 50, ... up to the context limit
 def token_buckets(max_model_len: int) -> tuple[float, ...]:
@@ -128,6 +131,10 @@ class Metrics:
         self.aborts = counter("aborts", "Requests aborted (client cancel, disconnect, deadline).")
         self.kv_transfer_seconds = histogram(
             "kv_transfer_seconds", "Duration of one KV hand-off, seconds.", KV_TRANSFER_BUCKETS)
+        self.num_preemptions = counter("num_preemptions",
+                                       "Running requests preempted by the scheduler (KV cache full; recomputed later).")
+        self.iteration_tokens = histogram("iteration_tokens_total", "Tokens computed per engine step.",
+                                          ITERATION_TOKENS_BUCKETS)
 
     def _request_series(self, counter, histogram, max_model_len: int) -> None:
         """Per-request series (gateway, router): latencies, finish reasons, sizes of the requests relayed."""
@@ -309,7 +316,8 @@ class StreamTracker:
 
 class NodeExporter:
     """Copies a node's state into its metrics: gauges from its NodeLoad, counters from the growth of
-    its NodeStats (engine/rpc/node_base.py) since the previous update."""
+    its NodeStats (engine/rpc/node_base.py) since the previous update, and from its engine (an
+    AsyncEngine) the scheduler's preemptions and the tokens of every step since the last update."""
 
     COUNTERS = (("aborts", "aborts"), ("kv_transfer_bytes", "kv_transfer_bytes"),
                 ("prompt_tokens", "prompt_tokens"), ("prompt_tokens", "prefix_cache_queries"),
@@ -327,7 +335,15 @@ class NodeExporter:
         self.last[attr] = value
         return max(grown, 0)
 
-    def update(self, load, stats) -> None:
+    def update_engine(self, engine) -> None:
+        """num_preemptions and iteration_tokens from the node's engine."""
+        grown = self._growth(engine, "num_preemptions")
+        if grown:
+            self.m.num_preemptions.inc(grown)
+        for tokens in engine.take_step_tokens():
+            self.m.iteration_tokens.observe(tokens)
+
+    def update(self, load, stats, engine=None) -> None:
         m = self.m
         m.set_load({"num_running": load.num_running, "num_waiting": load.num_waiting,
                     "free_blocks": load.free_blocks, "total_blocks": load.total_blocks})
@@ -345,6 +361,8 @@ class NodeExporter:
         seconds = self._growth(stats, "kv_transfer_seconds")
         for _ in range(int(transfers) if seconds > 0 else 0):  # NodeStats keeps sums only: each transfer of the interval
             m.kv_transfer_seconds.observe(seconds / transfers)  # counts at the interval's mean
+        if engine is not None:
+            self.update_engine(engine)
 
 
 async def export_node_metrics(servicer, role: str, port: int, host: str = "127.0.0.1",
@@ -360,7 +378,7 @@ async def export_node_metrics(servicer, role: str, port: int, host: str = "127.0
     try:
         while True:
             try:
-                exporter.update(await servicer.load_proto(), servicer.stats)
+                exporter.update(await servicer.load_proto(), servicer.stats, servicer.engine)
             except Exception:  # a failing engine shows in health, not here; keep serving the last values
                 pass
             await asyncio.sleep(interval_s)

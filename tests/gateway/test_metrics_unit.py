@@ -15,6 +15,7 @@ NODE = {
     "prefix_cache_queries": "counter", "prefix_cache_hits": "counter",
     "prompt_tokens": "counter", "generation_tokens": "counter", "kv_transfer_bytes": "counter",
     "aborts": "counter", "kv_transfer_seconds": "histogram",
+    "num_preemptions": "counter", "iteration_tokens_total": "histogram",
 }
 REQUEST = {
     "num_requests_running": "gauge", "aborts": "counter", "request_success": "counter",
