@@ -38,3 +38,28 @@ def greedy(max_tokens: int, **kw):
 
 def token_ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
+
+
+@torch.inference_mode()
+def hf_prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """HF's log-softmax at every prompt position ([len(ids), vocab], fp32): row i predicts token i + 1."""
+    x = torch.tensor([ids], device=model.device)
+    return torch.log_softmax(model(x, attention_mask=torch.ones_like(x)).logits[0].float(), dim=-1)
+
+
+def check_prompt_logprobs(entries, ids: list[int], ref: torch.Tensor, num_top: int, atol: float = 1e-3) -> None:
+    """`entries[i]` = (token id, logprob, rank, [(top id, top logprob), ...]) for prompt token i + 1,
+    against HF's log-softmax `ref`: the token's logprob, its rank (up to ties within `atol`), and the
+    top `num_top` logprobs best first."""
+    assert len(entries) == len(ids) - 1, (len(entries), len(ids))
+    for i, (token_id, logprob, rank, top) in enumerate(entries):
+        row, want = ref[i], ids[i + 1]
+        assert token_id == want, (i, token_id, want)
+        assert abs(logprob - row[want].item()) < atol, (i, logprob, row[want].item())
+        lo = int((row > row[want] + atol).sum()) + 1
+        hi = int((row > row[want] - atol).sum()) + 1
+        assert lo <= rank <= hi, (i, rank, lo, hi)
+        best = row.topk(num_top)
+        assert len(top) == num_top
+        for (t, lp), v in zip(top, best.values.tolist()):
+            assert abs(lp - v) < atol and abs(row[t].item() - v) < atol, (i, t, lp, v)
