@@ -182,14 +182,22 @@ def plan_tiles(query_lens: Sequence[int], group: int, device: torch.device,
         for q0 in range(0, q_len, block_q):
             per_class[k][0].append(row)
             per_class[k][1].append(q0)
-    flat = [x for seqs, qs in per_class for x in (*seqs, *qs)]
+    # Every list starts 16-byte aligned (padded to 4 int32): Triton specializes a pointer on its
+    # 16-byte alignment, so unaligned lists would compile up to 4 variants of a tile class, each
+    # on first use (engine/warmup.py warms one kernel per class before a node serves).
+    flat: list[int] = []
+    spans = []
+    for seqs, qs in per_class:
+        lo = len(flat)
+        flat += seqs + [0] * (-len(seqs) % 4)
+        spans.append((lo, len(flat)))
+        flat += qs + [0] * (-len(qs) % 4)
     packed = torch.tensor(flat, dtype=torch.int32).to(device, non_blocking=True)
-    launches, at = [], 0
-    for c, (seqs, _) in zip(usable, per_class):
+    launches = []
+    for c, (seqs, _), (lo, mid) in zip(usable, per_class, spans):
         n = len(seqs)
         if n:
-            launches.append(TileLaunch(c, packed[at : at + n], packed[at + n : at + 2 * n]))
-        at += 2 * n
+            launches.append(TileLaunch(c, packed[lo : lo + n], packed[mid : mid + n]))
     return tuple(launches)
 
 
