@@ -80,6 +80,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's storage dtype: 'auto' -> the model dtype, 'fp8' -> float8 e4m3 (e4m3fn:
+    finite, +-448). On CUDA fp8 needs compute capability 8.9+ (Ada, Hopper), where Triton
+    converts e4m3 in registers; the CPU (torch) path takes it anywhere."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype != "fp8":
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                         f"this one is {major}.{minor}: use --kv-cache-dtype auto")
+    return torch.float8_e4m3fn
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +132,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     # Weight quantization (vLLM's names): fp8 | awq | gptq | gguf; None = as the checkpoint says.
     quantization: str | None = None
-    kv_cache_dtype: str = "auto"  # auto = the model dtype; fp8 (e4m3) is not built yet
+    # auto = the model dtype; fp8 = float8 e4m3 with one static scale for K and one for V (1.0, as
+    # vLLM's default without checkpoint scales), writes saturate at +-448 (docs/PERFORMANCE.md).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -140,8 +157,6 @@ class EngineArgs:
             raise ValueError(f"quantization must be one of {', '.join(map(str, QUANTIZATIONS))}, got {self.quantization!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
-        if self.kv_cache_dtype == "fp8":
-            raise ValueError("kv_cache_dtype fp8 is not supported yet (issue 16 item 3); use auto")
 
 
 @dataclass(frozen=True)

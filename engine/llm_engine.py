@@ -18,7 +18,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import (CacheConfig, EngineArgs, ModelShape, SchedulerConfig, resolve_device,
-                           resolve_dtype)
+                           resolve_dtype, resolve_kv_cache_dtype)
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import ModelSource, load_model_source
 from engine.model_runner import PLACEHOLDER, ModelRunner, PendingStep
@@ -124,6 +124,7 @@ def build_runner(args: EngineArgs, source: ModelSource, device: torch.device, ma
     """The model runner of one rank (rank 0 of a TP group: the one that drives the others); its
     KV cache is allocated later."""
     dtype = resolve_dtype(args.dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device)
     model = build_model(source, device, dtype, max_model_len, tp, resolve_quant_config(args.quantization, source))
     shard = model.shard
     shape = dataclasses.replace(model_shape(source.config, max_model_len), num_heads=shard.num_heads,
@@ -131,7 +132,8 @@ def build_runner(args: EngineArgs, source: ModelSource, device: torch.device, ma
     backend = args.attention_backend or ("triton" if device.type == "cuda" else "torch")
     runner_args = (model, shape, 0, args.block_size, device, dtype, backend)
     kwargs = dict(max_num_batched_tokens=max_batched_tokens(args, max_model_len), max_num_seqs=args.max_num_seqs,
-                  enforce_eager=args.enforce_eager or args.role == "prefill")  # prefill never decodes
+                  enforce_eager=args.enforce_eager or args.role == "prefill",  # prefill never decodes
+                  kv_dtype=kv_dtype)
     if tp is None or tp.rank != 0:
         return ModelRunner(*runner_args, **kwargs)
     kv_starts = [make_shard(source.config, r, tp.size).kv_start for r in range(tp.size)]
@@ -148,6 +150,7 @@ class LLMEngine:
         config = self.source.config
         self.device = resolve_device(args.device)
         self.dtype = resolve_dtype(args.dtype, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, self.dtype, self.device)  # fp8: 1 byte
         self.max_model_len = resolve_max_model_len(config, args.max_model_len)
         self.shape = model_shape(config, self.max_model_len)
         self.eos_token_ids = tuple(self.source.eos_token_ids)
@@ -230,7 +233,7 @@ class LLMEngine:
         weights, everything else already on the GPU, and the peak activations of the largest step
         (measured by running it); on CPU, `cpu_kv_cache_gb`."""
         args = self.args
-        per_block = self.runner.shape.kv_bytes_per_token(self.dtype) * args.block_size  # this rank's heads
+        per_block = self.runner.shape.kv_bytes_per_token(self.kv_dtype) * args.block_size  # this rank's heads
         blocks_per_seq = -(-self.max_model_len // args.block_size)
         useful = args.max_num_seqs * blocks_per_seq + 1
         if args.num_gpu_blocks is not None:

@@ -156,12 +156,14 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, shape: ModelShape, num_blocks: int, block_size: int,
                  device: torch.device, dtype: torch.dtype, backend_name: str, *,
-                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enforce_eager: bool = False):
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enforce_eager: bool = False,
+                 kv_dtype: torch.dtype | None = None):
         self.model = model
         self.shape = shape
         self.block_size = block_size
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # the cache's storage dtype: the model's, or float8 e4m3fn
         backend_cls = get_backend_class(backend_name)
         self.attn = backend_cls(shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.head_dim ** -0.5)
         self.sampler = Sampler()
@@ -185,8 +187,8 @@ class ModelRunner:
         cache_shape = (num_blocks, self.block_size, shape.num_kv_heads, shape.head_dim)
         self.kv_caches = []
         self.kv_caches = [
-            (torch.zeros(cache_shape, dtype=self.dtype, device=self.device),
-             torch.zeros(cache_shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(cache_shape, dtype=self.kv_dtype, device=self.device),
+             torch.zeros(cache_shape, dtype=self.kv_dtype, device=self.device))
             for _ in range(shape.num_layers)
         ]
         self.num_blocks = num_blocks
@@ -395,11 +397,12 @@ class ModelRunner:
     # ---- KV export / import (prefill and decode roles) ---------------------------------------
     @torch.inference_mode()
     def read_blocks(self, block_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of `block_ids`, each `[num_layers, len(block_ids), block_size, kv_heads, head_dim]`."""
+        """K and V of `block_ids`, each `[num_layers, len(block_ids), block_size, kv_heads, head_dim]`,
+        in the cache's dtype (an fp8 cache exports its 1-byte elements as they are)."""
         idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        k = torch.stack([kc.index_select(0, idx) for kc, _ in self.kv_caches])
-        v = torch.stack([vc.index_select(0, idx) for _, vc in self.kv_caches])
-        return k, v
+        k = torch.stack([_raw(kc).index_select(0, idx) for kc, _ in self.kv_caches])
+        v = torch.stack([_raw(vc).index_select(0, idx) for _, vc in self.kv_caches])
+        return k.view(self.kv_dtype), v.view(self.kv_dtype)
 
     @torch.inference_mode()
     def write_blocks(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
@@ -410,6 +413,10 @@ class ModelRunner:
         expected = (self.shape.num_layers, len(block_ids), self.block_size, self.shape.num_kv_heads, self.shape.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(f"KV shape {tuple(k.shape)} does not match the cache {expected}")
+        fp8 = torch.float8_e4m3fn
+        if (k.dtype == fp8 or self.kv_dtype == fp8) and not k.dtype == v.dtype == self.kv_dtype:
+            raise ValueError(f"KV dtype {k.dtype} does not match the cache's {self.kv_dtype} (an fp8 cache "
+                             "takes fp8 blocks with the same scales only: both sides need the same --kv-cache-dtype)")
         if self.device.type != "cuda":
             self._scatter(block_ids, k, v)
             return
@@ -421,11 +428,16 @@ class ModelRunner:
 
     def _scatter(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        k = k.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        v = v.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        k = _raw(k.to(device=self.device, dtype=self.kv_dtype, non_blocking=True))
+        v = _raw(v.to(device=self.device, dtype=self.kv_dtype, non_blocking=True))
         for layer, (kc, vc) in enumerate(self.kv_caches):
-            kc.index_copy_(0, idx, k[layer])
-            vc.index_copy_(0, idx, v[layer])
+            _raw(kc).index_copy_(0, idx, k[layer])
+            _raw(vc).index_copy_(0, idx, v[layer])
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as its bytes (index_copy_ has no fp8 kernel on CPU); others as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
 
 
 class CudaGraphs:

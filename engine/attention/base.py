@@ -10,7 +10,9 @@ prefill rows a chunk of the prompt) is handled the same way:
        `block_tables[b]`.
 
 Cache layout per layer: K and V each `[num_blocks, block_size, num_kv_heads, head_dim]`;
-block 0 is the null block (never written by a real token).
+block 0 is the null block (never written by a real token). The cache is in the model's dtype, or
+float8 e4m3fn (`--kv-cache-dtype fp8`): then it holds `k / k_scale` and `v / v_scale`, saturated at
++-448, and attention reads `stored * scale` (static per-tensor scales, `set_kv_scales`).
 """
 from __future__ import annotations
 
@@ -55,7 +57,15 @@ class AttentionBackend(ABC):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.k_scale = 1.0  # an fp8 cache's dequantization scales (unused by a dense cache)
+        self.v_scale = 1.0
         self.metadata: AttentionMetadata | None = None
+
+    def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
+        """The static scales of an fp8 cache (stored = x / scale); 1.0 as vLLM's default."""
+        if not (k_scale > 0 and v_scale > 0):
+            raise ValueError(f"KV scales must be positive, got k {k_scale}, v {v_scale}")
+        self.k_scale, self.v_scale = float(k_scale), float(v_scale)
 
     def plan(self, metadata: AttentionMetadata) -> None:
         """Called once per step before the forward pass."""

@@ -7,6 +7,10 @@ shifted by the part of the context already cached.
 
 Scores and outputs are computed in the input dtype, softmax in fp32 then cast back, as
 HF transformers' eager attention does.
+
+An fp8 cache (float8 e4m3fn) is written through `quantize_fp8` (x / scale, saturated; the same
+bytes as the Triton write kernel) and gathered as 1-byte elements, then converted to q's dtype;
+k_scale folds into the softmax scale and v_scale multiplies the output.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, AttentionMetadata
+from kernels.kv_cache_write import FP8_DTYPE, quantize_fp8
 
 
 @dataclass(frozen=True)
@@ -108,9 +113,14 @@ def write_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     plan: _StepPlan,
+    k_scale: float = 1.0,  # fp8 cache only
+    v_scale: float = 1.0,
 ) -> None:
     if plan.write_tokens is not None:
         k, v = k[plan.write_tokens], v[plan.write_tokens]
+    if k_cache.dtype == FP8_DTYPE:  # index_copy_ has no fp8 kernel on CPU: copy the bytes
+        k, v = quantize_fp8(k, k_scale).view(torch.uint8), quantize_fp8(v, v_scale).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, plan.write_slots, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, plan.write_slots, v.to(v_cache.dtype))
 
@@ -123,12 +133,19 @@ def decode_attention(
     scale: float,
     k_buf: torch.Tensor,  # [n * gather.num_blocks, block_size, num_kv_heads, head_dim] scratch
     v_buf: torch.Tensor,  # same
+    k_scale: float = 1.0,  # fp8 cache: k_buf / v_buf are in the cache's dtype, kd_buf / vd_buf in q's
+    v_scale: float = 1.0,
+    kd_buf: torch.Tensor | None = None,
+    vd_buf: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [n, num_heads, head_dim]
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     torch.index_select(k_cache, 0, gather.blocks, out=k_buf)
     torch.index_select(v_cache, 0, gather.blocks, out=v_buf)
+    if k_cache.dtype == FP8_DTYPE:  # 1-byte gather, then to q's dtype; the scales fold in below
+        k_buf, v_buf = kd_buf.copy_(k_buf), vd_buf.copy_(v_buf)
+        scale = scale * k_scale
     # Slots past a row's end may hold anything (NaN in an unwritten slot): zero them in V so that
     # 0 * v stays 0; in K the mask below overwrites whatever score they give.
     v_buf.view(-1, num_kv_heads, head_dim).index_fill_(0, gather.past_end, 0)
@@ -146,6 +163,8 @@ def decode_attention(
     out = torch.empty(n, num_kv_heads, group, head_dim, dtype=v.dtype, device=v.device)
     for h in range(num_kv_heads):
         out[:, h] = torch.bmm(probs[h], v[:, :, h])
+    if k_cache.dtype == FP8_DTYPE and v_scale != 1.0:
+        out.mul_(v_scale)
     return out.view(n, num_heads, head_dim).to(q.dtype)
 
 
@@ -156,6 +175,8 @@ def prefill_row_attention(
     block_table: torch.Tensor,  # [max_blocks] int32
     seq_len: int,
     scale: float,
+    k_scale: float = 1.0,  # fp8 cache only
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [q_len, num_heads, head_dim]
     q_len, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -163,6 +184,10 @@ def prefill_row_attention(
     blocks = block_table[: -(-seq_len // block_size)].long()
     k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, kv, d]
     v = v_cache[blocks].flatten(0, 1)[:seq_len]
+    fp8 = k_cache.dtype == FP8_DTYPE
+    if fp8:
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        scale = scale * k_scale
     k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len, d]
     v = v.repeat_interleave(group, dim=1).transpose(0, 1)
     # query i sits at position seq_len - q_len + i and sees keys 0 .. that position.
@@ -172,6 +197,8 @@ def prefill_row_attention(
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).to(k.dtype), k, v, attn_mask=allowed, scale=scale
     )
+    if fp8 and v_scale != 1.0:
+        out = out * v_scale
     return out.transpose(0, 1).to(q.dtype)
 
 
@@ -204,11 +231,16 @@ class TorchAttentionBackend(AttentionBackend):
         shape = (self._gather.blocks.shape[0], *k_cache.shape[1:])
         k_buf = self._buffer("k", shape, k_cache)
         v_buf = self._buffer("v", shape, v_cache)
-        return decode_attention(q, k_cache, v_cache, self._gather, self.scale, k_buf, v_buf)
+        if k_cache.dtype != FP8_DTYPE:
+            return decode_attention(q, k_cache, v_cache, self._gather, self.scale, k_buf, v_buf)
+        kd_buf = self._buffer("kd", shape, q)
+        vd_buf = self._buffer("vd", shape, q)
+        return decode_attention(q, k_cache, v_cache, self._gather, self.scale, k_buf, v_buf,
+                                self.k_scale, self.v_scale, kd_buf, vd_buf)
 
     def forward(self, q, k, v, k_cache, v_cache):
         plan = self._plan
-        write_kv(k, v, k_cache, v_cache, plan)
+        write_kv(k, v, k_cache, v_cache, plan, self.k_scale, self.v_scale)
         if plan.all_decode and q.shape[0] == plan.num_tokens:
             return self._decode(q, k_cache, v_cache)
         # Padding tokens past the last row get zeros.
@@ -218,5 +250,6 @@ class TorchAttentionBackend(AttentionBackend):
         table = self.metadata.block_tables
         for row in plan.prefill:
             sl = slice(row.start, row.start + row.q_len)
-            out[sl] = prefill_row_attention(q[sl], k_cache, v_cache, table[row.row], row.seq_len, self.scale)
+            out[sl] = prefill_row_attention(q[sl], k_cache, v_cache, table[row.row], row.seq_len, self.scale,
+                                            self.k_scale, self.v_scale)
         return out

@@ -2,6 +2,7 @@
 
 A pure-decode step runs the decode kernel (split-KV chosen once per step in `plan`); any other
 step runs the varlen prefill kernel over all rows, with its tile lists built once per step.
+An fp8 cache is read by the same kernels (1-byte loads, converted in registers).
 """
 from __future__ import annotations
 
@@ -33,15 +34,17 @@ class TritonAttentionBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache):
         md = self.metadata
-        write_kv_cache(k, v, k_cache, v_cache, md.slot_mapping)
+        fp8 = k_cache.dtype == torch.float8_e4m3fn
+        ks, vs = (self.k_scale, self.v_scale) if fp8 else (1.0, 1.0)
+        write_kv_cache(k, v, k_cache, v_cache, md.slot_mapping, ks, vs)
         if self._tiles is not None:
             out = torch.empty_like(q) if q.shape[0] == self._num_tokens else torch.zeros_like(q)
             return paged_prefill_attention(
                 q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, self.scale,
-                md.max_query_len, out, tiles=self._tiles)
+                md.max_query_len, out, tiles=self._tiles, k_scale=ks, v_scale=vs)
         n = md.num_seqs  # q may carry padding tokens past the last row: they get zeros
         out = torch.empty_like(q) if q.shape[0] == n else torch.zeros_like(q)
         paged_decode_attention(
             q[:n], k_cache, v_cache, md.block_tables, md.seq_lens, self.scale, out[:n],
-            max_seq_len=md.max_seq_len, num_splits=self._num_splits)
+            max_seq_len=md.max_seq_len, num_splits=self._num_splits, k_scale=ks, v_scale=vs)
         return out

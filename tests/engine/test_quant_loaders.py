@@ -146,8 +146,8 @@ def test_mismatched_or_unsupported_quantization_is_refused(dense_dir, tmp_path_f
         LLM(str(dense_dir), quantization="gguf", num_gpu_blocks=64)
     with pytest.raises(ValueError, match="quantization must be one of"):
         LLM(str(dense_dir), quantization="int3", num_gpu_blocks=64)
-    with pytest.raises(ValueError, match="kv_cache_dtype fp8 is not supported yet"):
-        LLM(str(dense_dir), kv_cache_dtype="fp8", num_gpu_blocks=64)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8"):
+        LLM(str(dense_dir), kv_cache_dtype="int8", num_gpu_blocks=64)  # fp8: tests/engine/test_fp8_kv.py
 
 
 @pytest.mark.parametrize("qc, match", [
