@@ -13,12 +13,28 @@ ProcessGroupGloo on CPU, ProcessGroupNCCL on CUDA (same code path). Every operat
 a pair group that failed once is dropped on both sides and rebuilt under a new generation.
 Transfers on one pair are serialized (the sender holds the pair until PushKV answers), so
 send/recv order always matches, also for NCCL which ignores tags.
+
+Rendezvous security. A TCPStore has no authentication, and a peer on the KV network may connect
+to the decode node's store port. What protects a pair is its key, `<instance>/<generation>/<secret>`
+with a 128-bit secret the prefill node draws for every pair group and hands over only in the
+PushKV call's metadata, i.e. on the node port, which checks the node key (and runs TLS when
+configured). Every store key of the pair lives under that key, and a TCPStore lets a client read,
+write or wait on a key only by its name (no listing), so a client without the secret can neither
+read the ranks' addresses nor plant its own nor join the group. The decode side refuses pair keys
+without a well-formed secret. The store is bound to --kv-host only (loopback by default). Not
+covered: NCCL / gloo data connections themselves are unauthenticated by those libraries (every
+frame's dtype, shape and CRC32 still come over the authenticated gRPC call and are checked before
+anything is staged); run cross-host KV on a trusted network or use the gRPC transport there.
+(Chosen over a torch `Store` subclass backed by gRPC on the node port: the same guarantee for the
+rendezvous without a Python store on NCCL's bootstrap path.)
 """
 from __future__ import annotations
 
 import asyncio
 import datetime
 import logging
+import re
+import secrets
 import socket
 import threading
 import uuid
@@ -37,8 +53,24 @@ from protos.pdserve.v1 import node_pb2
 
 logger = logging.getLogger("pdserve.kv_transfer")
 
-PAIR_METADATA_KEY = "x-pdserve-kv-pair"  # "<prefill instance>/<generation>"
+PAIR_METADATA_KEY = "x-pdserve-kv-pair"  # "<prefill instance>/<generation>/<secret>"
 SENDER_RANK, RECEIVER_RANK = 0, 1
+PAIR_SECRET_BYTES = 16
+_PAIR_TAIL = re.compile(r"[0-9]{1,12}/[0-9a-f]{%d}" % (2 * PAIR_SECRET_BYTES))
+
+
+def new_pair_key(instance: str, generation: int) -> str:
+    """A pair group's store namespace: unguessable (the rendezvous store itself is open)."""
+    return f"{instance}/{generation}/{secrets.token_hex(PAIR_SECRET_BYTES)}"
+
+
+def pair_instance(key: str) -> str:
+    """The sender instance of a well-formed pair key; InvalidArgument otherwise."""
+    parts = key.rsplit("/", 2)
+    if len(parts) != 3 or not parts[0] or len(key) > 512 or not _PAIR_TAIL.fullmatch(f"{parts[1]}/{parts[2]}"):
+        raise InvalidArgument(f"the {PAIR_METADATA_KEY} metadata must be <instance>/<generation>/<secret of "
+                              f"{2 * PAIR_SECRET_BYTES} hex digits>")
+    return parts[0]
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -122,7 +154,7 @@ class TorchDistKVSender(KVSender):
         deadline = loop.time() + timeout
         async with self._lock(decode_id):  # one transfer at a time per pair
             pair = self._pairs.get(decode_id)
-            key = pair.key if pair else f"{self.instance}/{self._next_generation()}"
+            key = pair.key if pair else new_pair_key(self.instance, self._next_generation())
             call = self.channels.stub(target.decode_address).PushKV(
                 timeout=timeout, metadata=((PAIR_METADATA_KEY, key),))
             plan = [(kind, layer) for layer in range(spec.num_layers) for kind in (K, V)]
@@ -244,8 +276,8 @@ class TorchDistHost:
         if key in self._groups:
             return self._groups[key]
         if key not in self._building:
-            instance = key.rsplit("/", 1)[0]
-            for old in [k for k in self._groups if k.rsplit("/", 1)[0] == instance]:
+            instance = pair_instance(key)
+            for old in [k for k in self._groups if pair_instance(k) == instance]:
                 self.drop(old)  # the sender moved to a new generation: the old group is broken
             store = dist.PrefixStore(f"pdserve/kv/{key}", self._store_or_fail())
             loop = asyncio.get_running_loop()
@@ -309,6 +341,7 @@ class TorchDistKVReceiver(KVReceiver):
         pair = self.announced(context)
         if not pair:
             raise InvalidArgument(f"torch.distributed KV frames need the {PAIR_METADATA_KEY} metadata")
+        pair_instance(pair)  # a well-formed key with its secret, before any frame is read
         staging = KVStaging(landing.reservation_id, landing.spec, landing.num_blocks, self.host.device)
         async for frame in frames:
             remaining = context.time_remaining()

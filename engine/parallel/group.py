@@ -4,6 +4,12 @@ No `init_process_group` (the node may also hold torch.distributed KV pair groups
 a ProcessGroupNCCL (CUDA) or ProcessGroupGloo (CPU) built on a TCPStore that rank 0 hosts on
 loopback. Every collective is issued on the group object itself, so it is also capturable in a
 CUDA graph once the group exists (NCCL).
+
+Security: the TP ranks are child processes of one node on one host, so the store is bound to
+127.0.0.1 only (`host_store`, tested in tests/services/test_rel_rendezvous.py) and no other host
+can reach it or the gloo / NCCL connections made from it (gloo's device is bound to loopback
+too). The trust boundary is the host: local users are not authenticated by a TCPStore; run a
+node's ranks under an account of their own on shared machines.
 """
 from __future__ import annotations
 
