@@ -123,6 +123,10 @@ class NodeRegistry:
         if self.block_size is not None and layout.block_size != self.block_size:
             raise InvalidArgument(f"the node's KV block size is {layout.block_size}; this pool uses {self.block_size}")
         for other in self.nodes.values():
+            if other.layout is not None and other.layout.dtype != layout.dtype:
+                raise InvalidArgument(f"the node's KV cache dtype is {layout.dtype[:32]}, node {other.node_id}'s is "
+                                      f"{other.layout.dtype}: every node of a pool needs the same --kv-cache-dtype "
+                                      "(and --dtype)")
             if other.layout is not None and other.layout != layout:
                 raise InvalidArgument(f"the node's KV layout differs from node {other.node_id}'s "
                                       f"({other.layout.num_layers} layers, {other.layout.num_kv_heads} KV heads, "
