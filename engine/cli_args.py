@@ -76,7 +76,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, env: Mapping[str, str] |
              help="HF repo id, local HF directory or .gguf file (default: the bundled small model)")
     add_flag(g, "--served-model-name", env=env, default=None, help="model name reported to clients")
     add_flag(g, "--dtype", env=env, default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-             help="weights and KV cache dtype; auto = bfloat16 on CUDA, float32 on CPU")
+             help="weights and KV cache dtype; auto = bfloat16 on CUDA; on CPU bfloat16 where the processor has "
+                  "native bf16 (avx512_bf16 or amx_bf16), else float32")
     add_flag(g, "--device", env=env, default="auto", choices=["auto", "cpu", "cuda"],
              help="device to run on (default: cuda when available)")
     add_flag(g, "--max-model-len", env=env, type=_optional_int, default=None,
@@ -96,6 +97,11 @@ def add_engine_args(parser: argparse.ArgumentParser, *, env: Mapping[str, str] |
              help="explicit number of KV blocks (overrides memory profiling)")
     add_flag(g, "--enforce-eager", env=env, action="store_true", default=False,
              help="CUDA: never capture CUDA graphs for decode steps (slower; for debugging)")
+    add_flag(g, "--warmup", env=env, default="auto", choices=["auto", "full", "minimal", "off"],
+             help="before a node reports SERVING, run every kernel shape class it will launch (prefill chunk "
+                  "sizes up to the token budget, sampled-row counts, eager decode splits, the sampler's paths), so "
+                  "no request pays a Triton compile: full; minimal = one step of each kind; auto = full on CUDA, "
+                  "minimal on CPU (whose torch paths compile nothing)")
     add_flag(g, "--async-scheduling", env=env, action=argparse.BooleanOptionalAction, default=None,
              help="schedule step N+1 while step N runs (default: on with CUDA)")
     add_flag(g, "--seed", env=env, type=int, default=0, help="random seed of the engine")

@@ -1,5 +1,6 @@
 """What `python -m prefill_node` and `python -m decode_node` share: flags, model loading with health
-NOT_SERVING until a probe generation worked, READY line, signals, drain, fatal engine errors,
+NOT_SERVING until the warm-up (every kernel shape class once, `--warmup`) and a probe generation
+worked, startup time logged, READY line, signals, drain, fatal engine errors,
 optional registration with a router.
 
 A node servicer implements `attach(engine, ns)`, `probe()`, `load_proto()`, `layout_proto()`,
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from typing import Callable
 
 from engine.async_engine import AsyncEngine
@@ -19,6 +21,7 @@ from engine.metrics import PREFIXES
 from engine.rpc.process import announce_ready, die_with_parent, stop_signals
 from engine.rpc.security import Security, add_security_args
 from engine.rpc.server import build_server, run
+from engine.warmup import warm_up
 
 logger = logging.getLogger("pdserve.node")
 
@@ -74,12 +77,23 @@ async def serve_node(role: str, ns: argparse.Namespace, servicer, add_fn: Callab
     ns.kv_host = advertised_host(ns)  # where this node's torch.distributed endpoints listen
     engine = None
     try:
+        t0 = time.monotonic()
         llm = await loop.run_in_executor(None, LLMEngine, engine_args_from(ns, role))
+        loaded = time.monotonic()
+        # Every kernel shape class once, before SERVING (engine/warmup.py): no request pays a compile.
+        try:
+            warm = await loop.run_in_executor(None, warm_up, llm, getattr(ns, "warmup", "auto"))
+        except BaseException:
+            llm.close()  # its tensor-parallel ranks, if any
+            raise
         engine = AsyncEngine(llm, on_fatal=on_fatal, name=f"{role}-engine")
         engine.start()
         servicer.attach(engine, ns)
         servicer.request_stop = stop.set  # a Drain RPC ends the node like SIGTERM
         await servicer.probe()
+        servicer.startup_seconds = time.monotonic() - t0
+        logger.info("startup: engine built in %.2f s, %s; SERVING after %.2f s", loaded - t0, warm.line(),
+                    servicer.startup_seconds)
         if ns.metrics_port is not None:
             from engine.metrics import export_node_metrics
             metrics_task = loop.create_task(export_node_metrics(servicer, role, ns.metrics_port, ns.host,
