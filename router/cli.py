@@ -36,7 +36,7 @@ STOP_SLACK_S = 5.0  # past the grace period, for a process to end its streams an
 DELEGATES = {"router": "router", "prefill": "prefill_node", "decode": "decode_node", "gateway": "gateway"}
 ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_model_len", "gpu_memory_utilization",
                 "cpu_kv_cache_gb", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
-                "seed", "kv_transport", "quantization", "kv_cache_dtype", "tensor_parallel_size")
+                "seed", "kv_transport", "quantization", "kv_cache_dtype", "tensor_parallel_size", "warmup")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
