@@ -327,8 +327,6 @@ def echo_plan(req: CompletionRequest, max_tokens: int) -> Echo | None:
     if req.stream and req.prompt_logprobs is not None:
         raise APIError(400, "prompt_logprobs is not supported with stream: true", param="prompt_logprobs",
                        code="unsupported_field")
-    if max_tokens == 0 and not req.echo:
-        raise APIError(400, "max_tokens must be at least 1 (0 is only allowed with echo: true)", param="max_tokens")
     if not req.echo:
         return None
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \

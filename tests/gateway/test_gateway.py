@@ -349,7 +349,7 @@ BAD = [
     (C, {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias keys must be token ids"),
     (C, {"prompt": "x", "model": "no-such-model"}, 404, "does not exist"),
     (CH, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role must be one of"),
-    (C, {"prompt": "x", "echo": True}, 400, "echo and suffix are not supported"),
+    (C, {"prompt": "x", "echo": True, "stream": True}, 400, "echo is not supported with stream"),
     (C, {}, 400, "prompt: Field required"),
     ("/generate", {"prompt": "x", "stream": True}, 400, "stream is not supported on /generate"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens must hold token ids"),
