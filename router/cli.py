@@ -114,19 +114,25 @@ def wait_ready(children: list[Child], timeout: float, security=None) -> None:
 
 
 def stop_all(children: list[Child], grace: float) -> None:
-    """SIGTERM in reverse start order (front doors first), then SIGKILL whatever outlives `grace`."""
-    for child in reversed(children):
-        if child.alive():
-            child.proc.send_signal(signal.SIGTERM)
+    """Front doors first: SIGTERM to the gateway and the router, which let their streams finish
+    within their grace period (then end them with a clear error); only once they are gone do the
+    nodes get SIGTERM (so the router's in-flight requests keep their prefill and decode nodes until
+    the end), then SIGKILL whatever outlives `grace` in all (plus STOP_SLACK_S for the nodes)."""
+    front = [c for c in children if not c.name.startswith(("prefill", "decode"))]
+    nodes = [c for c in children if c not in front]
     deadline = time.monotonic() + grace
-    for child in children:
-        if child.proc is None:
-            continue
-        try:
-            child.proc.wait(max(deadline - time.monotonic(), 0.01))
-        except subprocess.TimeoutExpired:
-            child.proc.kill()
-            child.proc.wait()
+    for group, until in ((front, deadline), (nodes, deadline + STOP_SLACK_S)):
+        for child in reversed(group):
+            if child.alive():
+                child.proc.send_signal(signal.SIGTERM)
+        for child in group:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(until - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
 
 
 def _engine_argv(ns) -> list[str]:

@@ -154,11 +154,14 @@ def test_a_reader_that_keeps_up_is_never_aborted(http, model):
 
 
 def _sse_events(url: str, body: dict, out: dict) -> None:
+    out["lines"] = []
     try:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {KEY}"}) as reply:
             out["status"] = reply.status_code
-            out["lines"] = [line for line in reply.iter_lines() if line.startswith("data: ")]
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    out["lines"].append(line)
     except httpx.HTTPError as exc:  # a cut connection: what must not happen
         out["error"] = repr(exc)
     out["ended_at"] = time.monotonic()
@@ -166,19 +169,21 @@ def _sse_events(url: str, body: dict, out: dict) -> None:
 
 @pytest.mark.timeout(300)
 def test_sigterm_ends_streams_clearly_after_the_grace(stack, stub, http, model):
-    # long streams: far longer than the grace period (the tiny model's 400 tokens x n=4 with
-    # logprobs take well over GRACE_S on CPU; a bystander short request finishes within it)
+    # long streams: far longer than the grace period (the tiny model's 480 tokens x n=8 take well
+    # over GRACE_S on CPU; a short request finishes within it). No logprobs: the gateway looks up
+    # token strings with Detokenize calls, which a router that is shutting down no longer accepts.
     sse: dict = {}
-    long_body = _stream_body(model, 400, n=4, logprobs=5, temperature=1.0, seed=5)
+    long_body = _stream_body(model, 480, n=8, temperature=1.0, seed=5)
     reader = threading.Thread(target=_sse_events, args=(stack.gateway_url, long_body, sse))
     reader.start()
     req = greedy_request(TEXT, 480)
     req.stopping.ignore_eos = True
     grpc_stream = stub.GenerateStream(req, metadata=USER, timeout=60)
     next(grpc_stream)
-    deadline = time.monotonic() + 30
-    while not _busy(stub) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60
+    while len(sse.get("lines", ())) < 40 and time.monotonic() < deadline:  # every completion is decoding
         time.sleep(0.05)
+    assert len(sse["lines"]) >= 40 and not any("[DONE]" in line for line in sse["lines"])
     short: dict = {}
     short_thread = threading.Thread(target=lambda: short.update(text=_complete(http, model, 0)))
     short_thread.start()
