@@ -111,11 +111,13 @@ def _split_contexts(max_context: int) -> list[int]:
 
 
 def plan_steps(mode: str, *, budget: int, max_num_seqs: int, max_model_len: int, role: str = "both",
-               graph_max_batch: int = 0) -> list[WarmupStep]:
+               graph_max_batch: int = 0, decode_splits: bool = True) -> list[WarmupStep]:
     """The forward passes of a warm-up (pure: no engine needed).
 
     budget: the step's token budget (max_num_batched_tokens); graph_max_batch: the largest batch a
-    decode CUDA graph covers (0 = decode steps run eagerly)."""
+    decode CUDA graph covers (0 = decode steps run eagerly); decode_splits: eager decode steps run
+    at a context for each split count of the Triton decode kernel (else one short context: the
+    torch backend does not split)."""
     if mode == "off":
         return []
     longest = max_model_len - 1  # a row's context stays below max_model_len
@@ -153,8 +155,9 @@ def plan_steps(mode: str, *, budget: int, max_num_seqs: int, max_model_len: int,
     if decodes:
         batches = [b for b in sorted({*_powers_of_two(1, min(seqs, budget)), min(seqs, budget)})
                    if b > graph_max_batch]
+        contexts = _split_contexts(longest) if decode_splits else [min(16, longest)]
         for b in batches:
-            for c in _split_contexts(longest):
+            for c in contexts:
                 steps.append(WarmupStep("decode", ((1, c - 1),) * b))
     return steps
 
@@ -212,7 +215,8 @@ def warm_up(engine, mode: str = "auto") -> WarmupReport:
     cfg = engine.scheduler_config
     graphs = runner.graphs.max_batch if runner.graphs is not None else 0
     steps = plan_steps(mode, budget=cfg.max_num_batched_tokens, max_num_seqs=cfg.max_num_seqs,
-                       max_model_len=engine.max_model_len, role=engine.role, graph_max_batch=graphs)
+                       max_model_len=engine.max_model_len, role=engine.role, graph_max_batch=graphs,
+                       decode_splits=getattr(runner.attn, "name", "") == "triton")
     paths = sampler_paths(mode, cfg.max_num_seqs)
     t0 = time.perf_counter()
     cpu_rng = torch.random.get_rng_state()

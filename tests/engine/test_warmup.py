@@ -54,6 +54,8 @@ def test_full_plan_covers_the_shape_classes_within_bounds():
     assert {len(s.rows) for s in decode} == {1, 2, 4, 8, 16, 32, 64, 128, 256}
     assert {s.rows[0][1] + 1 for s in decode} == {16, 512, 1024, 2048}  # a context for each split count
     assert all(q == 1 for s in decode for q, _ in s.rows)
+    torch_backend = plan_steps("full", budget=budget, max_num_seqs=seqs, max_model_len=max_len, decode_splits=False)
+    assert {s.rows[0][1] + 1 for s in torch_backend if s.kind == "decode"} == {16}  # no splits to warm
     prefill_role = plan_steps("full", budget=budget, max_num_seqs=seqs, max_model_len=max_len, role="prefill")
     assert not any(s.kind in ("decode", "mixed") for s in prefill_role)  # a prefill node never decodes
     minimal = plan_steps("minimal", budget=budget, max_num_seqs=seqs, max_model_len=max_len)
