@@ -413,10 +413,7 @@ class ModelRunner:
         expected = (self.shape.num_layers, len(block_ids), self.block_size, self.shape.num_kv_heads, self.shape.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(f"KV shape {tuple(k.shape)} does not match the cache {expected}")
-        fp8 = torch.float8_e4m3fn
-        if (k.dtype == fp8 or self.kv_dtype == fp8) and not k.dtype == v.dtype == self.kv_dtype:
-            raise ValueError(f"KV dtype {k.dtype} does not match the cache's {self.kv_dtype} (an fp8 cache "
-                             "takes fp8 blocks with the same scales only: both sides need the same --kv-cache-dtype)")
+        check_kv_dtype(k, v, self.kv_dtype)
         if self.device.type != "cuda":
             self._scatter(block_ids, k, v)
             return
@@ -438,6 +435,16 @@ class ModelRunner:
 def _raw(t: torch.Tensor) -> torch.Tensor:
     """An fp8 tensor as its bytes (index_copy_ has no fp8 kernel on CPU); others as they are."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def check_kv_dtype(k: torch.Tensor, v: torch.Tensor, kv_dtype: torch.dtype) -> None:
+    """Imported KV must be in the cache's dtype where fp8 is involved: an fp8 cache takes fp8
+    blocks (with the same static scales) only, and its blocks never go into a dense cache
+    (casting either way would skip the scales)."""
+    fp8 = torch.float8_e4m3fn
+    if (k.dtype == fp8 or v.dtype == fp8 or kv_dtype == fp8) and not k.dtype == v.dtype == kv_dtype:
+        raise ValueError(f"KV dtype {k.dtype} does not match the cache's {kv_dtype} (an fp8 cache takes fp8 "
+                         "blocks with the same scales only: both sides need the same --kv-cache-dtype)")
 
 
 class CudaGraphs:

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from engine.model_runner import ModelRunner, _Filled
+from engine.model_runner import ModelRunner, _Filled, check_kv_dtype
 from engine.parallel.group import TPGroup
 
 logger = logging.getLogger("pdserve.engine")
@@ -85,8 +85,9 @@ class TPLeaderRunner(ModelRunner):
         """K and V of `block_ids` with every KV head: `[layers, n, block_size, kv_heads, head_dim]`."""
         self._command(Command.READ, len(block_ids))
         self.group.broadcast(torch.tensor(block_ids, dtype=torch.int64, device=self.group.device))
-        k, v = super().read_blocks(block_ids)
-        return self._full_heads(self.group.gather(k)), self._full_heads(self.group.gather(v))
+        k, v = super().read_blocks(block_ids)  # an fp8 cache's blocks travel as their bytes (_wire)
+        return (self._full_heads(self.group.gather(_wire(k))).view(k.dtype),
+                self._full_heads(self.group.gather(_wire(v))).view(v.dtype))
 
     def _full_heads(self, per_rank: list[torch.Tensor]) -> torch.Tensor:
         """One copy of each KV head, in head order (replicated heads come from their first rank)."""
@@ -99,15 +100,17 @@ class TPLeaderRunner(ModelRunner):
         expected = (s.num_layers, len(block_ids), self.block_size, self.total_kv_heads, s.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(f"KV shape {tuple(k.shape)} does not match the cache {expected}")
+        check_kv_dtype(k, v, self.kv_dtype)
         self._command(Command.WRITE, len(block_ids))
         self.group.broadcast(torch.tensor(block_ids, dtype=torch.int64, device=self.group.device))
         local = (s.num_layers, len(block_ids), self.block_size, s.num_kv_heads, s.head_dim)
-        mine = [self.group.scatter(torch.empty(local, dtype=self.dtype, device=self.device), self._split_heads(x))
-                for x in (k, v)]
+        mine = [torch.empty(local, dtype=self.kv_dtype, device=self.device) for _ in range(2)]
+        for out, x in zip(mine, (k, v)):
+            self.group.scatter(_wire(out), [_wire(c) for c in self._split_heads(x)])
         super().write_blocks(block_ids, *mine)
 
     def _split_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = x.to(device=self.device, dtype=self.kv_dtype)
         n = self.shape.num_kv_heads
         return [x[:, :, :, start:start + n] for start in self.kv_starts]
 
@@ -161,12 +164,20 @@ class TPFollower:
 
     def _read(self, n: int) -> None:
         k, v = self.runner.read_blocks(self._block_ids(n))
-        self.group.gather(k)
-        self.group.gather(v)
+        self.group.gather(_wire(k))
+        self.group.gather(_wire(v))
 
     def _write(self, n: int) -> None:
         ids = self._block_ids(n)
         s, r = self.runner.shape, self.runner
         local = (s.num_layers, n, r.block_size, s.num_kv_heads, s.head_dim)
-        k, v = [self.group.scatter(torch.empty(local, dtype=r.dtype, device=r.device)) for _ in range(2)]
+        k, v = [torch.empty(local, dtype=r.kv_dtype, device=r.device) for _ in range(2)]
+        for out in (k, v):
+            self.group.scatter(_wire(out))
         r.write_blocks(ids, k, v)
+
+
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 KV tensor as its bytes for gloo / NCCL collectives (which take no float8); others
+    as they are."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

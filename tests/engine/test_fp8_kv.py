@@ -188,3 +188,32 @@ def test_fp8_gpu_triton_and_cuda_graphs(model_dir, prompts):
         got = _forced_logits(fp8, p, forced[:-1])
         for r, g in zip(ref, got):
             assert float(F.cosine_similarity(r, g, dim=0)) >= 0.99
+
+
+@pytest.mark.slow
+def test_fp8_tensor_parallel_and_kv_between_tp_sizes(make_tiny_model):
+    """TP=2 with an fp8 cache (gloo on CPU; the collectives move its bytes) == TP=1 fp8, and fp8
+    KV moves P TP=2 -> D TP=1 and P TP=1 -> D TP=2 to the same output."""
+    from engine.llm_engine import LLMEngine
+    from tests.engine.test_tp import ENGINE, NEW as TP_NEW, _disaggregated
+
+    path = str(make_tiny_model("qwen2"))
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(4, 49152, lo=3, hi=40, seed=3)]
+
+    def run(tp):
+        with LLM(path, tensor_parallel_size=tp, kv_cache_dtype="fp8", **ENGINE) as llm:
+            return token_ids(llm.generate(prompts, greedy(TP_NEW), use_tqdm=False))
+
+    colocated = run(1)
+    assert run(2) == colocated
+
+    def engine(role, tp):
+        return LLMEngine(EngineArgs(model=path, role=role, tensor_parallel_size=tp, kv_cache_dtype="fp8", **ENGINE))
+
+    p1, d1, p2, d2 = engine("prefill", 1), engine("decode", 1), engine("prefill", 2), engine("decode", 2)
+    try:
+        assert _disaggregated(p2, d1, prompts) == colocated
+        assert _disaggregated(p1, d2, prompts) == colocated
+    finally:
+        p2.close()
+        d2.close()
