@@ -117,3 +117,14 @@ def test_step_tokens_count_every_step(tiny):
 def test_prompt_logprobs_validated(bad):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=bad)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_compute_the_same_rows(tiny, hf):
+    """TP=2 (gloo on CPU): every rank computes the prompt-logprob rows' logits with rank 0 (the
+    vocab-parallel LM head gathers them), chunked prefill included."""
+    prompts = random_prompts(2, 49152, lo=40, hi=60, seed=17)
+    with LLM(str(tiny), tensor_parallel_size=2, num_gpu_blocks=64, max_num_batched_tokens=CHUNK) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(3, prompt_logprobs=2), use_tqdm=False)
+    for ids, out in zip(prompts, outs):
+        check_prompt_logprobs(entries(out, 2), ids, hf_prompt_logprobs(hf, ids), 2)
