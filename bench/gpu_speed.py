@@ -2,7 +2,7 @@
 
     python bench/gpu_speed.py [--out bench/results/gpu_speed.json] [--sections hf,p1,floor,p2,smol]
                               [--num-prompts 1000] [--max-num-seqs 256] [--max-num-batched-tokens 8192]
-                              [--budget-s 540] [--bandwidth-tbs 3.0] [--keep-models]
+                              [--budget-s 540] [--bandwidth-tbs 3.0] [--kv-cache-dtype fp8] [--keep-models]
     python bench/gpu_speed.py --tiny      # the same code path on CPU, tiny model and counts (~10 s)
 
 Model: Llama-3-8B shape (bf16, random weights N(0, 0.02) drawn on the GPU from a seeded generator),
@@ -257,6 +257,7 @@ class Bench:
         self.dtype = torch.float32 if args.tiny else torch.bfloat16
         self.dtype_name = "float32" if args.tiny else "bfloat16"
         self.elem = torch.empty((), dtype=self.dtype).element_size()
+        self.kv_elem = 1 if args.kv_cache_dtype == "fp8" else self.elem  # our engine's KV cache (HF: model dtype)
         self.shape = TINY if args.tiny else LLAMA3_8B
         self.smol_shape = TINY_SMOL if args.tiny else SMOLLM2_135M
         self.bw = args.bandwidth_tbs * 1e12
@@ -492,7 +493,7 @@ class Bench:
 
         sc, eng = self.scale, self.llm.engine
         K, L = sc.floor_steps, sc.prompt_len
-        wb, kvb = weight_bytes(self.shape, self.elem), kv_bytes_per_token(self.shape, self.elem)
+        wb, kvb = weight_bytes(self.shape, self.elem), kv_bytes_per_token(self.shape, self.kv_elem)
         self.details["floor"] = {"K": K, "prompt": L, "bandwidth_bytes_s": self.bw, "weight_bytes": wb,
                                  "kv_bytes_per_token": kvb, "batches": {}}
         for bs in sc.floor_batches:
@@ -605,7 +606,7 @@ class Bench:
 
     def floors(self) -> None:
         sc = self.scale
-        wb, kvb = weight_bytes(self.shape, self.elem), kv_bytes_per_token(self.shape, self.elem)
+        wb, kvb = weight_bytes(self.shape, self.elem), kv_bytes_per_token(self.shape, self.kv_elem)
         p1_ctx = sc.p1_prompt + (sc.p1_new + 1) / 2
         f = {"bandwidth_bytes_s": self.bw, "weight_bytes_except_embedding": wb, "kv_bytes_per_token": kvb,
              "p1_mean_context": p1_ctx, "p1_floor_tok_s": self.bw / (wb + p1_ctx * kvb),
@@ -730,6 +731,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-gpu-blocks", type=int, default=None, help="KV blocks (default: the engine profiles)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="any other EngineArgs field, e.g. --engine-arg enforce_eager=true (repeatable)")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                    help="our engine's KV cache dtype (fp8: e4m3, 1 byte an element; the floor counts it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-models", action="store_true", help="keep the saved model dirs")
     args = ap.parse_args(argv)
@@ -739,6 +742,8 @@ def main(argv=None) -> int:
     args.engine_args = dict(_engine_arg(kv) for kv in args.engine_arg)
     if args.num_gpu_blocks is not None:
         args.engine_args["num_gpu_blocks"] = args.num_gpu_blocks
+    if args.kv_cache_dtype != "auto":
+        args.engine_args["kv_cache_dtype"] = args.kv_cache_dtype
     if args.num_prompts is None:
         args.num_prompts = 16 if args.tiny else 1000
     if args.tiny:
