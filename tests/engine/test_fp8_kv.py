@@ -17,6 +17,7 @@ from engine import LLM
 from engine.config import EngineArgs
 from engine.scheduler import ScheduledChunk, SchedulerOutput
 from tests.engine.helpers import greedy, random_prompts, token_ids
+from tests.engine.test_gpu_engine import gpu_model  # noqa: F401  (fixture)
 
 FP8 = torch.float8_e4m3fn
 NEW = 16
@@ -172,8 +173,10 @@ def test_kv_cache_dtype_is_validated():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_gpu_triton_and_cuda_graphs(model_dir, prompts):
+def test_fp8_gpu_triton_and_cuda_graphs(gpu_model, prompts):
     # bf16 model; the Triton backend writes and reads the fp8 cache; decode steps replay CUDA graphs.
+    # The GPU machine has no default model: a tiny random Llama with a word-level tokenizer.
+    model_dir = str(gpu_model("llama"))
     kw = dict(device="cuda", dtype="bfloat16", num_gpu_blocks=512, enable_prefix_caching=False)
     dense = LLM(model_dir, **kw)
     fp8 = LLM(model_dir, kv_cache_dtype="fp8", **kw)
