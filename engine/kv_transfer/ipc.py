@@ -173,9 +173,11 @@ def scatter_into(cache: OpenedCache, block_ids: list[int], k: torch.Tensor, v: t
     with torch.cuda.stream(stream):
         idx = torch.tensor(block_ids, dtype=torch.int64).to(cache.device, non_blocking=True)
         k_dst, v_dst = k.to(cache.device, non_blocking=True), v.to(cache.device, non_blocking=True)
+        if k_dst.dtype == torch.float8_e4m3fn:  # an fp8 cache: copy its bytes (index_copy_ may lack fp8 kernels)
+            k_dst, v_dst = k_dst.view(torch.uint8), v_dst.view(torch.uint8)
         for layer in range(cache.spec.num_layers):
-            cache.k[layer].index_copy_(0, idx, k_dst[layer])
-            cache.v[layer].index_copy_(0, idx, v_dst[layer])
+            cache.k[layer].view(k_dst.dtype).index_copy_(0, idx, k_dst[layer])
+            cache.v[layer].view(v_dst.dtype).index_copy_(0, idx, v_dst[layer])
     stream.synchronize()
 
 
