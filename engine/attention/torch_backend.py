@@ -107,6 +107,11 @@ def plan_step(md: AttentionMetadata) -> _StepPlan:
     return _StepPlan(write_tokens, write_slots, decode, prefill, all_decode, starts[-1])
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as its bytes: gathers and copies go through uint8 kernels, which every device has."""
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+
+
 def write_kv(
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -141,8 +146,8 @@ def decode_attention(
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    torch.index_select(k_cache, 0, gather.blocks, out=k_buf)
-    torch.index_select(v_cache, 0, gather.blocks, out=v_buf)
+    torch.index_select(_raw(k_cache), 0, gather.blocks, out=_raw(k_buf))
+    torch.index_select(_raw(v_cache), 0, gather.blocks, out=_raw(v_buf))
     if k_cache.dtype == FP8_DTYPE:  # 1-byte gather, then to q's dtype; the scales fold in below
         k_buf, v_buf = kd_buf.copy_(k_buf), vd_buf.copy_(v_buf)
         scale = scale * k_scale
@@ -182,11 +187,11 @@ def prefill_row_attention(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     blocks = block_table[: -(-seq_len // block_size)].long()
-    k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [seq_len, kv, d]
-    v = v_cache[blocks].flatten(0, 1)[:seq_len]
     fp8 = k_cache.dtype == FP8_DTYPE
+    k = _raw(k_cache)[blocks].flatten(0, 1)[:seq_len]  # [seq_len, kv, d]
+    v = _raw(v_cache)[blocks].flatten(0, 1)[:seq_len]
     if fp8:
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        k, v = k.view(FP8_DTYPE).to(q.dtype), v.view(FP8_DTYPE).to(q.dtype)
         scale = scale * k_scale
     k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, seq_len, d]
     v = v.repeat_interleave(group, dim=1).transpose(0, 1)
