@@ -62,7 +62,9 @@ class AttentionBackend(ABC):
         self.metadata: AttentionMetadata | None = None
 
     def set_kv_scales(self, k_scale: float, v_scale: float) -> None:
-        """The static scales of an fp8 cache (stored = x / scale); 1.0 as vLLM's default."""
+        """The static scales of an fp8 cache (stored = x / scale); 1.0 as vLLM's default. Set them
+        before the cache is written and before CUDA graphs are captured (a graph keeps the scales
+        it was captured with); both sides of a KV transfer need the same ones."""
         if not (k_scale > 0 and v_scale > 0):
             raise ValueError(f"KV scales must be positive, got k {k_scale}, v {v_scale}")
         self.k_scale, self.v_scale = float(k_scale), float(v_scale)
