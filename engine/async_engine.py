@@ -185,8 +185,11 @@ class AsyncEngine:
             return False
         return await self.call(abort)
 
-    async def export_kv(self, request_id: str) -> KVExport:
-        return await self.call(lambda engine: engine.export_kv(request_id))
+    async def export_kv(self, request_id: str, from_block: int = 0) -> KVExport:
+        return await self.call(lambda engine: engine.export_kv(request_id, from_block))
+
+    async def export_computed_kv(self, request_id: str, from_block: int, min_blocks: int = 1):
+        return await self.call(lambda engine: engine.export_computed_kv(request_id, from_block, min_blocks))
 
     async def release(self, request_id: str) -> bool:
         return await self.call(lambda engine: engine.release(request_id))

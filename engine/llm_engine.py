@@ -570,18 +570,35 @@ class LLMEngine:
             del self._groups[req.client_id]
 
     # ---- prefill role: export ---------------------------------------------------------------------
-    def export_kv(self, request_id: str) -> KVExport:
-        """The KV blocks of a prefilled request; the blocks are freed once read."""
+    def export_kv(self, request_id: str, from_block: int = 0) -> KVExport:
+        """The KV blocks of a prefilled request from `from_block` on (the earlier ones went out with
+        `export_computed_kv`); the blocks are freed once read."""
         req = self._prefilled.pop(request_id, None)
         if req is None:
             raise KeyError(f"no prefilled request {request_id!r}")
         try:
             n = req.num_prompt_tokens
-            blocks = req.block_table[: self.block_manager.blocks_needed(n)]
+            blocks = req.block_table[from_block: self.block_manager.blocks_needed(n)]
             k, v = self.runner.read_blocks(blocks)
             return KVExport(request_id, req.prompt_token_ids, req.output_token_ids[0], n, k, v)
         finally:
             self.scheduler.free_blocks(req)
+
+    def export_computed_kv(self, request_id: str, from_block: int, min_blocks: int = 1):
+        """Prefill role, while a prompt is still prefilling: `(from_block, k, v)` with the KV of its
+        full blocks [from_block, done) that the steps so far computed (on CUDA, possibly still
+        queued: the read is ordered after them on the stream); None while fewer than `min_blocks`
+        new blocks are full, or once the request left the running set (finished, aborted: then
+        `export_kv` takes the rest). The blocks stay the request's."""
+        group = self._groups.get(request_id)
+        if not group or len(group) != 1 or group[0].is_finished:
+            return None
+        req = group[0]
+        done = min(req.num_computed_tokens, req.num_prompt_tokens) // self.cache_config.block_size
+        if done - from_block < max(1, min_blocks):
+            return None
+        k, v = self.runner.read_blocks(req.block_table[from_block:done])
+        return from_block, k, v
 
     def release(self, request_id: str) -> bool:
         """Drops a prefilled request's KV without exporting it."""
@@ -652,6 +669,12 @@ class LLMEngine:
         """A transfer's KV into blocks from `reserve_blocks`. Safe on any thread while steps run:
         no step reads a reserved block until `import_request` takes it."""
         self.runner.write_blocks(block_ids, k, v)
+
+    @property
+    def write_reserved_part(self):
+        """`(block_ids, kind, layer, data)` -> part of a transfer into reserved blocks, on any thread;
+        None where the KV lives in several processes (TP > 1: `write_reserved` scatters the heads)."""
+        return None if isinstance(self.runner, TPLeaderRunner) else self.runner.write_block_range
 
     @property
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:

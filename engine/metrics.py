@@ -128,6 +128,9 @@ class Metrics:
         self.generation_tokens = counter("generation_tokens", "Generation tokens produced.")
         self.kv_transfer_bytes = counter("kv_transfer_bytes",
                                          "KV cache bytes moved from prefill to decode nodes.")
+        self.kv_transfer_early_bytes = counter(
+            "kv_transfer_early_bytes", "KV cache bytes a prefill node handed to a transfer while the prompt was "
+            "still being prefilled (chunks streamed ahead of the last one).")
         self.aborts = counter("aborts", "Requests aborted (client cancel, disconnect, deadline).")
         self.kv_transfer_seconds = histogram(
             "kv_transfer_seconds", "Duration of one KV hand-off, seconds.", KV_TRANSFER_BUCKETS)
@@ -320,6 +323,7 @@ class NodeExporter:
     AsyncEngine) the scheduler's preemptions and the tokens of every step since the last update."""
 
     COUNTERS = (("aborts", "aborts"), ("kv_transfer_bytes", "kv_transfer_bytes"),
+                ("kv_transfer_early_bytes", "kv_transfer_early_bytes"),
                 ("prompt_tokens", "prompt_tokens"), ("prompt_tokens", "prefix_cache_queries"),
                 ("cached_tokens", "prefix_cache_hits"), ("generation_tokens", "generation_tokens"))
 

@@ -423,6 +423,31 @@ class ModelRunner:
             self._scatter(block_ids, k, v)
         stream.synchronize()
 
+    @torch.inference_mode()
+    def write_block_range(self, block_ids: list[int], kind: int, layer: int, data: torch.Tensor) -> None:
+        """Part of a transfer: `data` (`[layers, len(block_ids), ...]`, host or device) into layers
+        [layer, layer + layers) of K (kind 0) or V (kind 1) at `block_ids`. The same rule as
+        `write_blocks`: reserved blocks only, any thread, returns once the copy is done."""
+        layers = data.shape[0]
+        expected = (layers, len(block_ids), self.block_size, self.shape.num_kv_heads, self.shape.head_dim)
+        if tuple(data.shape) != expected or layer + layers > self.shape.num_layers or kind not in (0, 1):
+            raise ValueError(f"KV part {tuple(data.shape)} at layer {layer} does not match the cache {expected}")
+        check_kv_dtype(data, data, self.kv_dtype)
+        if self.device.type != "cuda":
+            self._scatter_part(block_ids, kind, layer, data)
+            return
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._scatter_part(block_ids, kind, layer, data)
+        stream.synchronize()
+
+    def _scatter_part(self, block_ids: list[int], kind: int, layer: int, data: torch.Tensor) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        data = _raw(data.to(device=self.device, dtype=self.kv_dtype, non_blocking=True))
+        for i in range(data.shape[0]):
+            _raw(self.kv_caches[layer + i][kind]).index_copy_(0, idx, data[i])
+
     def _scatter(self, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         k = _raw(k.to(device=self.device, dtype=self.kv_dtype, non_blocking=True))

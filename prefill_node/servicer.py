@@ -26,6 +26,7 @@ logger = logging.getLogger("pdserve.prefill")
 T = node_pb2.KVTransport
 RENEW_TIMEOUT_S = 2.0
 RENEW_RETRY_S = 0.5
+STREAM_POLL_S = 0.005  # how often a streamed transfer asks the engine for newly computed blocks
 
 
 class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
@@ -82,12 +83,17 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
         tracked = self.track(rid)
         self.stats.requests += 1
         done = False
-        lease = (asyncio.get_running_loop().create_task(self._keep_lease(request.target))
-                 if request.HasField("target") else None)
+        loop = asyncio.get_running_loop()
+        lease = loop.create_task(self._keep_lease(request.target)) if request.HasField("target") else None
+        prefilled = loop.create_future()  # True once the prompt's KV is complete and held for export
+        streamed: asyncio.Task | None = None
         try:
             stream = await engine.add_request(rid, list(request.prompt_token_ids), params, request.priority,
                                               sample_index)
+            if request.HasField("target"):  # a prompt of several chunks: its KV leaves chunk by chunk
+                streamed = await self._start_streamed(rid, request, prefilled, context)
             out = await anext(stream)
+            prefilled.set_result(out.finish_reason == "prefilled")
             self.stats.prompt_tokens += len(request.prompt_token_ids)
             self.stats.cached_tokens += out.num_cached_tokens
             self.stats.generation_tokens += len(out.new_token_ids)
@@ -103,11 +109,18 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
                 await engine.release(rid)
                 done = True
                 return
-            bytes_sent, ms, transport = await self._transfer(rid, request.target, context)
+            if streamed is not None:
+                bytes_sent, ms, transport = await streamed
+            else:
+                bytes_sent, ms, transport = await self._transfer(rid, request.target, context)
             done = True
             yield node_pb2.PrefillEvent(transfer_done=node_pb2.TransferDone(bytes=bytes_sent, ms=ms,
                                                                             transport=transport))
         finally:
+            if not prefilled.done():
+                prefilled.set_result(False)
+            if streamed is not None and not streamed.done():
+                streamed.cancel()  # cancels its PushKV call; the decode node drops what arrived
             if lease is not None:
                 lease.cancel()
             self.end_rpc(rid, tracked, done, lambda: engine.abort(rid))  # abort frees queued, running or held KV
@@ -145,6 +158,66 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
         self.stats.kv_transfer_bytes += sent
         self.stats.kv_transfer_seconds += seconds
         return sent, seconds * 1000.0, sender.transport
+
+    async def _start_streamed(self, rid: str, request: node_pb2.PrefillRequest, prefilled: asyncio.Future,
+                              context) -> asyncio.Task | None:
+        """When the prompt spans several prefill chunks and its KV goes over gRPC: a task that sends
+        the KV of every finished chunk while later chunks are still computed (then the rest), and
+        returns what `_transfer` returns; None otherwise (one chunk: nothing to overlap)."""
+        sender = await self.choose_sender(request.target)
+        if not isinstance(sender, GrpcKVSender):
+            return None  # ipc moves a whole prompt in milliseconds; nccl takes whole transfers
+        eng = self.engine.engine
+        block_size = eng.cache_config.block_size
+        chunk_blocks = eng.scheduler_config.max_num_batched_tokens // block_size
+        num_blocks = -(-len(request.prompt_token_ids) // block_size)
+        if chunk_blocks < 1 or num_blocks <= chunk_blocks:
+            return None
+        range_blocks = max(1, min(chunk_blocks, sender.max_frame_bytes // self.spec.block_bytes))
+        task = asyncio.get_running_loop().create_task(
+            self._transfer_streamed(rid, request.target, sender, num_blocks, range_blocks, prefilled, context))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # read by Prefill, unless it left first
+        return task
+
+    async def _transfer_streamed(self, rid: str, target: node_pb2.KVTarget, sender: GrpcKVSender, num_blocks: int,
+                                 range_blocks: int, prefilled: asyncio.Future, context) -> tuple[int, float, int]:
+        engine = self.engine
+        early = {"blocks": 0}
+        done_at: dict[str, float] = {}
+
+        async def parts():
+            sent = 0
+            while not prefilled.done():  # the KV of chunks computed so far, a frame's block range at a time
+                part = await engine.export_computed_kv(rid, sent, range_blocks)
+                if part is not None:
+                    yield part
+                    sent = part[0] + part[1].shape[1]
+                    early["blocks"] = sent
+                else:
+                    await asyncio.wait([prefilled], timeout=STREAM_POLL_S)
+            if not prefilled.result():
+                raise Cancelled("the prompt ended without KV to move")
+            done_at["prefilled"] = time.monotonic()
+            kv = await engine.export_kv(rid, sent)  # the rest; the engine's blocks are free from here on
+            if kv.k.shape[1]:
+                yield sent, kv.k, kv.v
+
+        self.transfers_in_flight += 1
+        t0 = time.monotonic()
+        try:
+            sent = await sender.send_parts(target, parts(), num_blocks, timeout=time_left(context))
+        except (Unavailable, FailedPrecondition):
+            self.stats.kv_transfer_failures += 1
+            raise  # one log line, by the error interceptor
+        finally:
+            self.transfers_in_flight -= 1
+        end = time.monotonic()
+        self.stats.kv_transfers += 1
+        self.stats.kv_transfer_bytes += sent
+        self.stats.kv_transfer_early_bytes += sent * early["blocks"] // num_blocks
+        self.stats.kv_transfer_seconds += end - t0
+        # TransferDone.ms: what the decode node waits for after the prompt is prefilled
+        return sent, (end - done_at.get("prefilled", t0)) * 1000.0, sender.transport
 
     def _first_token(self, out, params: SamplingParams, start: float) -> node_pb2.FirstToken:
         msg = node_pb2.FirstToken(token_id=out.new_token_ids[0],

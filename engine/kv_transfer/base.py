@@ -120,6 +120,15 @@ def plan_frames(spec: KVSpec, num_blocks: int, max_frame_bytes: int = MAX_FRAME_
             for start in range(0, num_blocks, per_frame)]
 
 
+def plan_frames_streamed(spec: KVSpec, num_blocks: int, max_frame_bytes: int = MAX_FRAME_BYTES) -> list[FramePlan]:
+    """The frames of a transfer whose KV arrives in block order (prompt chunks as they are
+    prefilled): block range by block range (each at most `max_frame_bytes` per layer), K then V of
+    every layer within a range, one layer per frame, so a range can leave once its blocks exist."""
+    per_frame = max(1, max_frame_bytes // spec.block_bytes)
+    return [FramePlan(kind, layer, start, min(per_frame, num_blocks - start))
+            for start in range(0, num_blocks, per_frame) for kind in (K, V) for layer in range(spec.num_layers)]
+
+
 def make_header(spec: KVSpec, kind: int, layer: int, start: int, n: int, crc: int,
                 layers: int = 1) -> node_pb2.TensorHeader:
     return node_pb2.TensorHeader(kind=kind, layer=layer, block_start=start, dtype=convert.dtype_name(spec.dtype),
@@ -137,6 +146,21 @@ class KVSender(abc.ABC):
         returns the payload bytes moved. Raises `engine.rpc.errors.Unavailable` when the decode
         node cannot be reached or refuses the transfer."""
 
+    async def send_parts(self, target: node_pb2.KVTarget, parts, num_blocks: int, timeout: float) -> int:
+        """Like `send`, for KV that arrives in parts (`(first_block, k, v)` block ranges in order,
+        covering `num_blocks`). Transports that cannot stream early parts take them all first."""
+        ks, vs, blocks = [], [], 0
+        async for start, k, v in parts:
+            if start != blocks:
+                raise ValueError(f"KV part at block {start} does not follow block {blocks}")
+            ks.append(k)
+            vs.append(v)
+            blocks = start + k.shape[1]
+        if blocks != num_blocks:
+            raise ValueError(f"the KV parts ended at block {blocks} of {num_blocks}")
+        k, v = (ks[0], vs[0]) if len(ks) == 1 else (torch.cat(ks, dim=1), torch.cat(vs, dim=1))
+        return await self.send(target, k, v, timeout)
+
     async def close(self) -> None:
         pass
 
@@ -150,6 +174,9 @@ class KVLanding:
     num_blocks: int
     progress: Callable[[], None]  # a frame (or commit) arrived: renews the lease
     write: Callable[[torch.Tensor, torch.Tensor], Awaitable[None]]  # into the reserved blocks, off the loop
+    # Optional, called on worker threads: part of the transfer into its blocks as it lands
+    # (kind K/V, first layer, first reserved block, blocks, data [layers, n, ...]); then `write` is not used.
+    write_part: Callable[[int, int, int, int, torch.Tensor], None] | None = None
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import grpc
 import torch
 
 from engine.kv_transfer.base import (K, MAX_FRAME_BYTES, T, KVLanding, KVReceiver, KVSender, KVSpec, Received,
-                                     make_header, plan_frames)
+                                     make_header, plan_frames, plan_frames_streamed)
 from engine.kv_transfer.staging import KVStaging, TransferError
 from engine.rpc.channel import NODE_KEEPALIVE, aio_channel
 from engine.rpc.security import ClientSecurity
@@ -52,29 +52,72 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-@torch.inference_mode()
-def to_host(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V in host memory, contiguous: on CUDA one asynchronous copy each into pinned memory on
-    a side stream (waited for here, on the calling worker thread)."""
-    if k.device.type != "cuda":
-        return k.contiguous(), v.contiguous()
-    stream = torch.cuda.Stream(k.device)
-    stream.wait_stream(torch.cuda.current_stream(k.device))
-    with torch.cuda.stream(stream):
-        host = []
-        for t in (k, v):
-            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            h.copy_(t, non_blocking=True)
-            host.append(h)
-    stream.synchronize()
-    return host[0], host[1]
+class HostKV:
+    """A transfer's K and V in host memory, possibly arriving in parts (block ranges, in order).
+    On CUDA each part is one asynchronous copy per layer of K and of V into pinned buffers of the
+    whole transfer, queued on one side stream, each followed by an event; a frame's builder waits
+    (on its worker thread) only for the parts and layers it carries, so frames are on the wire
+    while later layers, or later parts, still copy. On CPU a single part is used as it is."""
+
+    def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.k = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
+        self.v = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self._parts: list[tuple[int, int, dict | None]] = []  # (first block, end block, events per kind)
+
+    @classmethod
+    def of(cls, k: torch.Tensor, v: torch.Tensor) -> "HostKV":
+        """The whole transfer as one part."""
+        if k.device.type != "cuda":
+            host = cls.__new__(cls)
+            host.cuda, host._stream = False, None
+            host.k, host.v = k.contiguous(), v.contiguous()
+            host._parts = [(0, k.shape[1], None)]
+            return host
+        host = cls(tuple(k.shape), k.dtype, k.device)
+        host.add(0, k, v)
+        return host
+
+    @torch.inference_mode()
+    def add(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Blocks [start, start + n) of every layer (`k`, `v`: `[layers, n, ...]`): copies queued."""
+        end = start + k.shape[1]
+        if not self.cuda:
+            self.k[:, start:end].copy_(k)
+            self.v[:, start:end].copy_(v)
+            self._parts.append((start, end, None))
+            return
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream(k.device))
+        k.record_stream(stream)  # the sources are not reused before the copies end, even if we fail first
+        v.record_stream(stream)
+        events: dict[int, list] = {K: [], V: []}
+        with torch.cuda.stream(stream):
+            for kind, src, dst in ((K, k, self.k), (V, v, self.v)):
+                for layer in range(src.shape[0]):
+                    dst[layer, start:end].copy_(src[layer], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    events[kind].append(event)
+        self._parts.append((start, end, events))
+
+    def ready(self, kind: int, first: int, count: int, start: int, n: int) -> None:
+        """Blocks until layers [first, first + count) of K or V, blocks [start, start + n), are in
+        host memory (every part covering them was `add`ed before this is called)."""
+        for lo, hi, events in list(self._parts):
+            if events is not None and lo < start + n and start < hi:
+                for event in events[kind][first:first + count]:
+                    event.synchronize()
 
 
-def encode_frame(reservation_id: str, spec: KVSpec, k: torch.Tensor, v: torch.Tensor, plan: list, seq: int) -> bytes:
-    """The serialized PushKV frame `seq` of `plan` (host tensors): header fields, then the payload
-    appended as field 5 (one copy of the payload; protobuf accepts fields in any order)."""
+def encode_frame(reservation_id: str, spec: KVSpec, host: HostKV, plan: list, seq: int) -> bytes:
+    """The serialized PushKV frame `seq` of `plan`: waits for its layers to reach host memory, then
+    header fields, then the payload appended as field 5 (one copy of the payload; protobuf accepts
+    fields in any order)."""
     p = plan[seq]
-    src = (k if p.kind == K else v)[p.layer:p.layer + p.layers, p.start:p.start + p.n]
+    host.ready(p.kind, p.layer, p.layers, p.start, p.n)
+    src = (host.k if p.kind == K else host.v)[p.layer:p.layer + p.layers, p.start:p.start + p.n]
     payload = memoryview(src.contiguous().view(torch.uint8).reshape(-1).numpy())
     header = make_header(spec, p.kind, p.layer, p.start, p.n, zlib.crc32(payload) & 0xFFFFFFFF, p.layers)
     head = node_pb2.KVFrame(reservation_id=reservation_id, seq=seq, total_frames=len(plan),
@@ -86,10 +129,10 @@ def grpc_frames(reservation_id: str, spec: KVSpec, k: torch.Tensor, v: torch.Ten
                 max_frame_bytes: int | None = None):
     """The PushKV frames of one transfer as messages, in order (a generator; tests and tools)."""
     num_blocks = spec.check_tensors(k, v)
-    k, v = to_host(k, v)
+    host = HostKV.of(k, v)
     plan = plan_frames(spec, num_blocks, *(() if max_frame_bytes is None else (max_frame_bytes,)))
     for seq in range(len(plan)):
-        yield node_pb2.KVFrame.FromString(encode_frame(reservation_id, spec, k, v, plan, seq))
+        yield node_pb2.KVFrame.FromString(encode_frame(reservation_id, spec, host, plan, seq))
 
 
 class Channels:
@@ -134,6 +177,50 @@ async def call_failure(call, exc: BaseException) -> str:
     return "the decode node ended the transfer early"
 
 
+class _Arrived:
+    """The blocks of a streamed transfer that reached host memory so far (event loop side)."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.blocks = 0
+        self.host: HostKV | None = None
+        self._progress = asyncio.Event()
+
+    @classmethod
+    def whole(cls, host: HostKV, num_blocks: int) -> "_Arrived":
+        arrived = cls(num_blocks)
+        arrived.host, arrived.blocks = host, num_blocks
+        return arrived
+
+    async def take(self, spec: KVSpec, parts) -> None:
+        """Consumes `parts` into host memory (the copies run on a worker thread)."""
+        loop = asyncio.get_running_loop()
+        async for start, k, v in parts:
+            n = spec.check_tensors(k, v)
+            if start != self.blocks or start + n > self.num_blocks:
+                raise ValueError(f"KV part [{start}, {start + n}) does not follow block {self.blocks} "
+                                 f"of {self.num_blocks}")
+            if self.host is None:
+                self.host = HostKV((spec.num_layers, self.num_blocks, *spec.block_shape), k.dtype, k.device)
+            await loop.run_in_executor(None, self.host.add, start, k, v)
+            self.blocks = start + n
+            self._progress.set()
+        if self.blocks != self.num_blocks:
+            raise ValueError(f"the KV parts ended at block {self.blocks} of {self.num_blocks}")
+
+    async def wait_for(self, end: int, producer: asyncio.Task | None) -> None:
+        """Until `end` blocks arrived; raises the producer's failure if it ends first."""
+        while self.blocks < end:
+            if producer is None or producer.done():
+                if producer is not None:
+                    producer.result()
+                raise ValueError(f"the KV parts ended at block {self.blocks} of {self.num_blocks}")
+            self._progress.clear()
+            waiter = asyncio.ensure_future(self._progress.wait())
+            await asyncio.wait([waiter, producer], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+
+
 class GrpcKVSender(KVSender):
     transport = T.KV_TRANSPORT_GRPC
 
@@ -145,23 +232,53 @@ class GrpcKVSender(KVSender):
         spec = KVSpec.from_proto(target.layout)
         num_blocks = spec.check_tensors(k, v)
         loop = asyncio.get_running_loop()
-        k, v = await loop.run_in_executor(None, to_host, k, v)
+        host = await loop.run_in_executor(None, HostKV.of, k, v)  # copies queued; frames wait per layer
         plan = plan_frames(spec, num_blocks, self.max_frame_bytes)
-        build = functools.partial(encode_frame, target.reservation_id, spec, k, v, plan)
-        call = self.channels.push_kv_raw(target.decode_address)(timeout=timeout)
-        ahead = collections.deque(loop.run_in_executor(None, build, seq)
-                                  for seq in range(min(PIPELINE_DEPTH, len(plan))))
+        return await self._stream(target, spec, plan, _Arrived.whole(host, num_blocks), timeout)
+
+    async def send_parts(self, target: node_pb2.KVTarget, parts, num_blocks: int, timeout: float) -> int:
+        """Streams a transfer whose KV arrives in parts: `parts` yields `(first_block, k, v)` block
+        ranges in order (the KV of prompt chunks as they are prefilled, then the rest), covering
+        `num_blocks`. Frames go block range by block range (one layer each), each as soon as its
+        blocks are in host memory, while later parts are still being computed."""
+        spec = KVSpec.from_proto(target.layout)
+        arrived = _Arrived(num_blocks)
+        producer = asyncio.get_running_loop().create_task(arrived.take(spec, parts))
         try:
-            for seq in range(len(plan)):
+            return await self._stream(target, spec, plan_frames_streamed(spec, num_blocks, self.max_frame_bytes),
+                                      arrived, timeout, producer)
+        finally:
+            if not producer.done():
+                producer.cancel()
+                await asyncio.gather(producer, return_exceptions=True)
+
+    async def _stream(self, target, spec: KVSpec, plan: list, arrived: "_Arrived", timeout: float,
+                      producer: asyncio.Task | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        call = self.channels.push_kv_raw(target.decode_address)(timeout=timeout)
+        ahead: collections.deque = collections.deque()
+        try:
+            next_build = 0
+            for _ in range(len(plan)):
+                while next_build < len(plan) and len(ahead) < PIPELINE_DEPTH:  # built while frames are written
+                    end = plan[next_build].start + plan[next_build].n
+                    if end > arrived.blocks:
+                        if ahead:
+                            break  # write what is built; the rest is still being computed
+                        await arrived.wait_for(end, producer)
+                        continue
+                    ahead.append(loop.run_in_executor(None, encode_frame, target.reservation_id, spec, arrived.host,
+                                                      plan, next_build))
+                    next_build += 1
                 data = await ahead.popleft()
-                if seq + PIPELINE_DEPTH < len(plan):  # built while this frame is written
-                    ahead.append(loop.run_in_executor(None, build, seq + PIPELINE_DEPTH))
                 await asyncio.wait_for(call.write(data), frame_budget(len(data)))
+            if producer is not None:
+                await producer  # its own failure, if any
             await call.done_writing()
             reply = await call
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, asyncio.TimeoutError) as exc:
             raise Unavailable(f"KV transfer to the decode node failed: {await call_failure(call, exc)}") from None
-        except asyncio.CancelledError:
+        except BaseException:
             call.cancel()
             raise
         finally:
@@ -174,8 +291,10 @@ class GrpcKVSender(KVSender):
 
 
 class GrpcKVReceiver(KVReceiver):
-    """Frames land in host staging (pinned when the cache is on CUDA), then one copy of K and V goes
-    into the reserved blocks."""
+    """Frames land in host staging (pinned when the cache is on CUDA). When the landing can write
+    part of a transfer (`write_part`), each frame goes on into its reserved blocks right after its
+    CRC check, on the same worker thread, overlapping the frames still arriving; otherwise one copy
+    of K and V goes into the reserved blocks after the last frame."""
 
     transport = T.KV_TRANSPORT_GRPC
 
@@ -186,6 +305,8 @@ class GrpcKVReceiver(KVReceiver):
         staging = KVStaging(landing.reservation_id, landing.spec, landing.num_blocks, "cpu", self.pin_memory)
         loop = asyncio.get_running_loop()
         fills: collections.deque = collections.deque()
+        fill = staging.fill if landing.write_part is None else functools.partial(_fill_and_write, staging,
+                                                                                 landing.write_part)
 
         async def land_oldest():
             slot = await fills[0][1]
@@ -197,13 +318,21 @@ class GrpcKVReceiver(KVReceiver):
                 landing.progress()
                 if len(fills) >= PIPELINE_DEPTH:
                     await land_oldest()
-                fills.append((slot, loop.run_in_executor(None, staging.fill, frame, slot)))
+                fills.append((slot, loop.run_in_executor(None, fill, frame, slot)))
             while fills:
                 await land_oldest()
             if not staging.complete:
                 raise TransferError(f"the transfer ended after {staging.frames} of {staging.total_frames} frames")
-            await landing.write(staging.k, staging.v)
+            if landing.write_part is None:
+                await landing.write(staging.k, staging.v)
             return Received(staging.bytes_received, staging.frames)
         finally:
-            if fills:  # let the workers finish with the buffer before it is dropped
+            if fills:  # let the workers finish with the buffer (and the blocks) before it is dropped
                 await asyncio.wait([fut for _, fut in fills])
+
+
+def _fill_and_write(staging: KVStaging, write_part, frame: node_pb2.KVFrame, slot) -> object:
+    """Worker thread: CRC and copy into staging, then that frame's blocks into the cache."""
+    staging.fill(frame, slot)
+    write_part(slot.kind, slot.layer, slot.start, slot.n, staging.slot_tensor(slot))
+    return slot

@@ -145,6 +145,10 @@ class KVStaging:
         self.frames += 1
         self.bytes_received += slot.nbytes
 
+    def slot_tensor(self, slot: Slot) -> torch.Tensor:
+        """The staging region of a frame: `[layers, n, block_size, kv_heads, head_dim]`."""
+        return self._slot(slot)
+
     def _slot(self, slot: Slot) -> torch.Tensor:
         return (self.k if slot.kind == K else self.v)[slot.layer:slot.layer + slot.layers, slot.start:slot.start + slot.n]
 

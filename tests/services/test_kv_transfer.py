@@ -107,6 +107,61 @@ def test_pipelined_accept_and_fill_equal_add_frame():
         staging.tensors()
 
 
+@pytest.mark.parametrize("max_frame_bytes", [3 * SPEC.block_bytes, MAX_FRAME_BYTES])
+def test_receiver_writes_each_frame_into_its_blocks_as_it_lands(max_frame_bytes):
+    """With `write_part`, every frame goes into its own reserved blocks (a real CPU model runner's
+    cache, scattered block ids) as soon as its CRC passed; the cache then equals a whole-transfer
+    `write_blocks`, and `write` is never called. A bad CRC stops the transfer with nothing reported
+    complete."""
+    import asyncio
+
+    from engine.kv_transfer.base import KVLanding
+    from engine.kv_transfer.grpc_transport import GrpcKVReceiver
+    from engine.model_runner import ModelRunner
+
+    def runner():
+        r = ModelRunner.__new__(ModelRunner)  # only the cache geometry and the write methods are used
+        r.device, r.dtype, r.kv_dtype, r.block_size = torch.device("cpu"), SPEC.dtype, SPEC.dtype, SPEC.block_size
+        r.shape = type("Shape", (), {"num_layers": SPEC.num_layers, "num_kv_heads": SPEC.num_kv_heads,
+                                     "head_dim": SPEC.head_dim})()
+        r.kv_caches = [(torch.zeros(12, *SPEC.block_shape), torch.zeros(12, *SPEC.block_shape))
+                       for _ in range(SPEC.num_layers)]
+        return r
+
+    block_ids = [9, 2, 7, 0, 11]
+    k, v, frames = frames_for(SPEC, 5, max_frame_bytes=max_frame_bytes)
+    direct, whole = runner(), runner()
+    whole.write_blocks(block_ids, k, v)
+    parts, wrote = [], []
+
+    def write_part(kind, layer, start, n, data):
+        parts.append((kind, layer, start, n))
+        direct.write_block_range(block_ids[start:start + n], kind, layer, data)
+
+    async def write(k_, v_):
+        wrote.append(1)
+
+    async def frames_of(items):
+        for f in items:
+            yield f
+
+    landing = KVLanding("r", SPEC, 5, progress=lambda: None, write=write, write_part=write_part)
+    got = asyncio.run(GrpcKVReceiver(torch.device("cpu")).receive(landing, frames_of(frames), None))
+    assert got.frames == len(frames) and not wrote and len(parts) == len(frames)
+    for (dk, dv), (wk, wv) in zip(direct.kv_caches, whole.kv_caches):
+        assert torch.equal(dk, wk) and torch.equal(dv, wv)
+    assert direct.kv_caches[0][0][block_ids].abs().sum() > 0
+    bad = node_pb2.KVFrame()
+    bad.CopyFrom(frames[-1])
+    bad.header.crc32 ^= 1
+    with pytest.raises(TransferError, match="CRC32"):
+        asyncio.run(GrpcKVReceiver(torch.device("cpu")).receive(
+            KVLanding("r", SPEC, 5, progress=lambda: None, write=write, write_part=write_part),
+            frames_of(frames[:-1] + [bad]), None))
+    with pytest.raises(ValueError, match="does not match"):
+        direct.write_block_range([1, 2], 0, SPEC.num_layers - 1, torch.zeros(2, 2, *SPEC.block_shape))
+
+
 def test_incomplete_transfer_is_never_usable():
     _, _, frames = frames_for(SPEC, 4)
     staging = KVStaging("r", SPEC, 4)
