@@ -120,6 +120,7 @@ class GuardedStreamingResponse(StreamingResponse):
         self._ending = asyncio.get_running_loop().create_future()
         self.guard.streams.add(self)
         body = self.body_iterator
+        nxt: asyncio.Future | None = None
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             if self.guard.closing:
@@ -147,6 +148,14 @@ class GuardedStreamingResponse(StreamingResponse):
                         await asyncio.sleep(1.0)
                     return
             await self._send(send, b"", more_body=False)
+        except asyncio.CancelledError:
+            # the client left (Starlette cancels us on http.disconnect): the body's pending step runs
+            # in its own task, so cancel it too, which ends the generator (abort counted, calls cancelled)
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
+            await _close(body)
+            raise
         finally:
             self.guard.streams.discard(self)
 
