@@ -97,14 +97,17 @@ class NodeProc:
 def node_args(ns, shape: dict, dtype: str, device: str) -> list[str]:
     max_len = max(ns.sizes) + 64
     blocks = 2 * (-(-max_len // 16)) + 64
+    budget = ns.chunk_tokens or max_len  # a prompt longer than the budget prefills (and streams its KV) in chunks
     return ["--device", device, "--dtype", dtype, "--max-model-len", str(max_len), "--num-gpu-blocks", str(blocks),
-            "--max-num-seqs", "8", "--max-num-batched-tokens", str(max_len), "--kv-transport", "auto",
+            "--max-num-seqs", "8", "--max-num-batched-tokens", str(budget), "--kv-transport", "auto",
             "--shutdown-grace", "2", "--no-enable-prefix-caching"]  # each transport's run recomputes every prompt
 
 
 # ---- one request through the nodes ----------------------------------------------------------------
-async def generate(prefill, decode, rid: str, ids: list[int], max_tokens: int, transport: int):
-    """Reserve -> Prefill(target) -> Decode as the router does it; returns (tokens, TransferDone)."""
+async def generate(prefill, decode, rid: str, ids: list[int], max_tokens: int, transport: int, timing=None):
+    """Reserve -> Prefill(target) -> Decode as the router does it; returns (tokens, TransferDone).
+    `timing` (a dict) gets prefill_ms (the first token's) and after_first_ms: from the first token's
+    arrival to TransferDone's, which is what a client waits between its first and second token."""
     params = convert.params_to_proto(SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     d, p = decode["stub"], prefill["stub"]
     res = await d.Reserve(node_pb2.ReserveRequest(request_id=rid, num_prompt_tokens=len(ids), lease_ms=30_000,
@@ -112,13 +115,15 @@ async def generate(prefill, decode, rid: str, ids: list[int], max_tokens: int, t
     target = node_pb2.KVTarget(decode_address=decode["address"], reservation_id=res.reservation_id,
                                transport=transport, rendezvous=res.rendezvous, decode_node_id=res.node_id,
                                layout=res.layout)
-    first, done = None, None
+    first, done, t_first = None, None, None
     async for ev in p.Prefill(node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, params=params,
                                                       target=target), timeout=120):
         if ev.HasField("first_token"):
-            first = ev.first_token
+            first, t_first = ev.first_token, time.perf_counter()
         else:
             done = ev.transfer_done
+    if timing is not None:
+        timing.update(prefill_ms=first.prefill_ms, after_first_ms=(time.perf_counter() - t_first) * 1000.0)
     tokens = [first.token_id]
     async for ev in d.Decode(node_pb2.DecodeRequest(request_id=rid, reservation_id=res.reservation_id,
                                                     prompt_token_ids=ids, first_token_id=first.token_id,
@@ -156,6 +161,8 @@ def connect(node: NodeProc, role: str) -> dict:
 # ---- sections ---------------------------------------------------------------------------------------
 async def equality(ns, prefill, decode, model_dir, dtype, device, transports, vocab, tag) -> dict:
     lengths = [37, 300, min(1500, max(ns.sizes))]
+    if ns.chunk_tokens and 2 * ns.chunk_tokens + 100 <= max(ns.sizes):
+        lengths.append(2 * ns.chunk_tokens + 100)  # three chunks: its KV streams over grpc
     prompts = prompts_for(vocab, lengths, seed=1)
     want = ns.reference[tag]
     got = {}
@@ -177,17 +184,24 @@ async def node_path(ns, prefill, decode, transports, vocab) -> dict:
     rows = {}
     for name in transports:
         for n in ns.sizes:
-            ms, nbytes = [], 0
+            ms, gaps, prefill_ms, nbytes = [], [], [], 0
             for r in range(ns.repeats + 1):
                 (p,) = prompts_for(vocab, [n], seed=100 + r)
-                _, done = await generate(prefill, decode, f"np-{name}-{n}-{r}", p, 2, TRANSPORTS[name])
+                timing = {}
+                _, done = await generate(prefill, decode, f"np-{name}-{n}-{r}", p, 2, TRANSPORTS[name], timing)
                 if r:  # the first one warms up (pinned buffers, ipc handles)
                     ms.append(done.ms)
+                    gaps.append(timing["after_first_ms"])
+                    prefill_ms.append(timing["prefill_ms"])
                 nbytes = done.bytes
             med = statistics.median(ms)
             rows[f"{name}/{n}"] = {"transport": name, "tokens": n, "bytes": nbytes, "ms_median": med, "ms": ms,
-                                   "gb_s": nbytes / med / 1e6}
-            log(f"node path {name} {n} tokens: {nbytes / 1e6:.0f} MB in {med:.2f} ms = {nbytes / med / 1e6:.2f} GB/s")
+                                   "gb_s": nbytes / med / 1e6, "chunk_tokens": ns.chunk_tokens,
+                                   "after_first_ms_median": statistics.median(gaps),
+                                   "prefill_ms_median": statistics.median(prefill_ms)}
+            log(f"node path {name} {n} tokens: {nbytes / 1e6:.0f} MB, TransferDone.ms {med:.2f} "
+                f"(= {nbytes / med / 1e6:.2f} GB/s), first token -> transfer done {statistics.median(gaps):.2f} ms, "
+                f"prefill {statistics.median(prefill_ms):.1f} ms")
     return rows
 
 
@@ -236,6 +250,8 @@ async def run_model(ns, tag: str, shape: dict, dtype: str, device: str, sections
     transports = ["grpc"] + (["ipc"] if device == "cuda" else [])
     max_len = max(ns.sizes) + 64
     lengths = [37, 300, min(1500, max(ns.sizes))]
+    if ns.chunk_tokens and 2 * ns.chunk_tokens + 100 <= max(ns.sizes):
+        lengths.append(2 * ns.chunk_tokens + 100)  # three chunks: its KV streams over grpc
     ns.reference[tag] = offline_outputs(model_dir, dtype, device, prompts_for(shape["vocab_size"], lengths, seed=1),
                                         ns.eq_tokens, max_len)
     log(f"{tag}: in-process reference done")
@@ -312,12 +328,14 @@ async def grpc_ceiling(total_bytes: int, frames_mib: list[int]) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["", "KV transfer (median):", f"{'model':6} {'what':16} {'tokens':>6} {'MB':>8} {'ms':>9} {'GB/s':>7}"]
+    lines = ["", "KV transfer (median; gap: first token -> KV in place, node path only):",
+             f"{'model':6} {'what':16} {'tokens':>6} {'MB':>8} {'ms':>9} {'GB/s':>7} {'gap ms':>8} {'chunk':>6}"]
     for tag, out in results.get("models", {}).items():
         for section in ("node_path", "transport_only"):
             for key, row in out.get(section, {}).items():
                 lines.append(f"{tag:6} {section[:4] + ':' + key.split('/')[0]:16} {row['tokens']:>6} "
-                             f"{row['bytes'] / 1e6:>8.1f} {row['ms_median']:>9.2f} {row['gb_s']:>7.2f}")
+                             f"{row['bytes'] / 1e6:>8.1f} {row['ms_median']:>9.2f} {row['gb_s']:>7.2f} "
+                             f"{row.get('after_first_ms_median', float('nan')):>8.2f} {row.get('chunk_tokens') or '-':>6}")
         for name, eq in out.get("equality", {}).get("transports", {}).items():
             lines.append(f"{tag:6} equality {name:7}: {'equal to in-process' if eq['equal'] else 'MISMATCH'} "
                          f"(used {','.join(eq['used'])})")
@@ -353,6 +371,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eq-tokens", type=int, default=16)
     ap.add_argument("--sections", default="node,raw,ceiling")
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--chunk-tokens", type=int, default=0,
+                    help="the nodes' token budget (default: the longest prompt, one chunk); smaller makes long "
+                         "prompts prefill in chunks and, over grpc, stream their KV chunk by chunk")
     ns = ap.parse_args(argv)
     ns.sizes = [int(x) for x in ns.sizes.split(",")] if not ns.tiny else [64, 256]
     ns.frames_mib = [int(x) for x in ns.frames_mib.split(",")]

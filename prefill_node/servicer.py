@@ -38,10 +38,12 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
         self.senders: dict[int, KVSender] = {}
         self.channels = Channels()
         self.transfers_in_flight = 0
+        self.stream_chunks = False  # --kv-stream-chunks
 
     def attach(self, engine, ns) -> None:
         super().attach(engine, ns)
         self.channels.security = Security.from_args(ns).client  # PushKV carries the node key / TLS
+        self.stream_chunks = bool(getattr(ns, "kv_stream_chunks", False))
         device = engine.engine.device
         self.senders = {
             T.KV_TRANSPORT_GRPC: GrpcKVSender(self.channels),
@@ -163,7 +165,10 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
                               context) -> asyncio.Task | None:
         """When the prompt spans several prefill chunks and its KV goes over gRPC: a task that sends
         the KV of every finished chunk while later chunks are still computed (then the rest), and
-        returns what `_transfer` returns; None otherwise (one chunk: nothing to overlap)."""
+        returns what `_transfer` returns; None otherwise (one chunk: nothing to overlap), and
+        unless --kv-stream-chunks is on."""
+        if not self.stream_chunks:
+            return None
         sender = await self.choose_sender(request.target)
         if not isinstance(sender, GrpcKVSender):
             return None  # ipc moves a whole prompt in milliseconds; nccl takes whole transfers

@@ -54,17 +54,17 @@ def _varint(n: int) -> bytes:
 
 class HostKV:
     """A transfer's K and V in host memory, possibly arriving in parts (block ranges, in order).
-    On CUDA each part is one asynchronous copy per layer of K and of V into pinned buffers of the
-    whole transfer, queued on one side stream, each followed by an event; a frame's builder waits
-    (on its worker thread) only for the parts and layers it carries, so frames are on the wire
-    while later layers, or later parts, still copy. On CPU a single part is used as it is."""
+    On CUDA each part is one asynchronous copy of K and one of V into pinned buffers of the whole
+    transfer on a side stream, waited for on the calling worker thread, so the frames of earlier
+    parts are on the wire while later parts are still being computed. On CPU a single part is used
+    as it is."""
 
+    @torch.inference_mode()
     def __init__(self, shape: tuple, dtype: torch.dtype, device: torch.device):
         self.cuda = device.type == "cuda"
         self.k = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
         self.v = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
         self._stream = torch.cuda.Stream(device) if self.cuda else None
-        self._parts: list[tuple[int, int, dict | None]] = []  # (first block, end block, events per kind)
 
     @classmethod
     def of(cls, k: torch.Tensor, v: torch.Tensor) -> "HostKV":
@@ -73,7 +73,6 @@ class HostKV:
             host = cls.__new__(cls)
             host.cuda, host._stream = False, None
             host.k, host.v = k.contiguous(), v.contiguous()
-            host._parts = [(0, k.shape[1], None)]
             return host
         host = cls(tuple(k.shape), k.dtype, k.device)
         host.add(0, k, v)
@@ -81,42 +80,25 @@ class HostKV:
 
     @torch.inference_mode()
     def add(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Blocks [start, start + n) of every layer (`k`, `v`: `[layers, n, ...]`): copies queued."""
+        """Blocks [start, start + n) of every layer (`k`, `v`: `[layers, n, ...]`); returns once
+        they are in host memory."""
         end = start + k.shape[1]
         if not self.cuda:
             self.k[:, start:end].copy_(k)
             self.v[:, start:end].copy_(v)
-            self._parts.append((start, end, None))
             return
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(k.device))
-        k.record_stream(stream)  # the sources are not reused before the copies end, even if we fail first
-        v.record_stream(stream)
-        events: dict[int, list] = {K: [], V: []}
         with torch.cuda.stream(stream):
-            for kind, src, dst in ((K, k, self.k), (V, v, self.v)):
-                for layer in range(src.shape[0]):
-                    dst[layer, start:end].copy_(src[layer], non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record(stream)
-                    events[kind].append(event)
-        self._parts.append((start, end, events))
-
-    def ready(self, kind: int, first: int, count: int, start: int, n: int) -> None:
-        """Blocks until layers [first, first + count) of K or V, blocks [start, start + n), are in
-        host memory (every part covering them was `add`ed before this is called)."""
-        for lo, hi, events in list(self._parts):
-            if events is not None and lo < start + n and start < hi:
-                for event in events[kind][first:first + count]:
-                    event.synchronize()
+            self.k[:, start:end].copy_(k, non_blocking=True)
+            self.v[:, start:end].copy_(v, non_blocking=True)
+        stream.synchronize()
 
 
 def encode_frame(reservation_id: str, spec: KVSpec, host: HostKV, plan: list, seq: int) -> bytes:
-    """The serialized PushKV frame `seq` of `plan`: waits for its layers to reach host memory, then
-    header fields, then the payload appended as field 5 (one copy of the payload; protobuf accepts
-    fields in any order)."""
+    """The serialized PushKV frame `seq` of `plan` (its blocks in host memory): header fields, then
+    the payload appended as field 5 (one copy of the payload; protobuf accepts fields in any order)."""
     p = plan[seq]
-    host.ready(p.kind, p.layer, p.layers, p.start, p.n)
     src = (host.k if p.kind == K else host.v)[p.layer:p.layer + p.layers, p.start:p.start + p.n]
     payload = memoryview(src.contiguous().view(torch.uint8).reshape(-1).numpy())
     header = make_header(spec, p.kind, p.layer, p.start, p.n, zlib.crc32(payload) & 0xFFFFFFFF, p.layers)
@@ -232,7 +214,7 @@ class GrpcKVSender(KVSender):
         spec = KVSpec.from_proto(target.layout)
         num_blocks = spec.check_tensors(k, v)
         loop = asyncio.get_running_loop()
-        host = await loop.run_in_executor(None, HostKV.of, k, v)  # copies queued; frames wait per layer
+        host = await loop.run_in_executor(None, HostKV.of, k, v)  # one D2H copy, off the loop
         plan = plan_frames(spec, num_blocks, self.max_frame_bytes)
         return await self._stream(target, spec, plan, _Arrived.whole(host, num_blocks), timeout)
 

@@ -55,7 +55,7 @@ def test_long_prompt_kv_streams_chunk_by_chunk_and_output_is_identical(make_tiny
                              SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]
     del llm
     port = _free_port_pair()
-    with start_stack(model, extra_args=("--max-num-batched-tokens", str(CHUNK), "--metrics-port", str(port))) as stack:
+    with start_stack(model, extra_args=("--max-num-batched-tokens", str(CHUNK), "--kv-stream-chunks", "--metrics-port", str(port))) as stack:
         stub = stack.stub()
         for ids, want in zip(prompts, expected):
             c = stub.Generate(g.GenerateRequest(token_ids=g.TokenIds(ids=ids), sampling=g.SamplingParameters(temperature=0.0),
