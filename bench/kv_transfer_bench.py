@@ -100,7 +100,8 @@ def node_args(ns, shape: dict, dtype: str, device: str) -> list[str]:
     budget = ns.chunk_tokens or max_len  # a prompt longer than the budget prefills (and streams its KV) in chunks
     return ["--device", device, "--dtype", dtype, "--max-model-len", str(max_len), "--num-gpu-blocks", str(blocks),
             "--max-num-seqs", "8", "--max-num-batched-tokens", str(budget), "--kv-transport", "auto",
-            "--shutdown-grace", "2", "--no-enable-prefix-caching"]  # each transport's run recomputes every prompt
+            "--shutdown-grace", "2", "--no-enable-prefix-caching",
+            *(["--kv-stream-chunks"] if ns.chunk_tokens else [])]  # each transport's run recomputes every prompt
 
 
 # ---- one request through the nodes ----------------------------------------------------------------
@@ -372,8 +373,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="node,raw,ceiling")
     ap.add_argument("--skip-8b", action="store_true")
     ap.add_argument("--chunk-tokens", type=int, default=0,
-                    help="the nodes' token budget (default: the longest prompt, one chunk); smaller makes long "
-                         "prompts prefill in chunks and, over grpc, stream their KV chunk by chunk")
+                    help="the nodes' token budget (default: the longest prompt, one chunk); when given, long "
+                         "prompts prefill in chunks and, over grpc, stream their KV chunk by chunk (--kv-stream-chunks)")
     ns = ap.parse_args(argv)
     ns.sizes = [int(x) for x in ns.sizes.split(",")] if not ns.tiny else [64, 256]
     ns.frames_mib = [int(x) for x in ns.frames_mib.split(",")]
