@@ -432,6 +432,7 @@ class Bench:
         dt, self.llm = self.timed(lambda: self.make_llm(self.model_dir))
         eng = self.llm.engine
         info = {"construct_s": round(dt, 2), "num_blocks": eng.cache_config.num_blocks,
+                "kv_blocks_fit": eng.kv_blocks_fit,  # before the max_num_seqs x max_model_len cap
                 "block_size": eng.cache_config.block_size,
                 "kv_cache_tokens": eng.cache_config.num_blocks * eng.cache_config.block_size,
                 "max_num_seqs": eng.scheduler_config.max_num_seqs,
@@ -447,7 +448,8 @@ class Bench:
                         max_allocated_gib=gib(torch.cuda.max_memory_allocated()))
         self.details["engine"] = info
         self.metrics["engine_construct_s"] = dt
-        log(f"engine: built in {dt:.1f}s, {info['num_blocks']} KV blocks ({info['kv_cache_tokens']} tokens)")
+        log(f"engine: built in {dt:.1f}s, {info['num_blocks']} KV blocks ({info['kv_cache_tokens']} tokens; "
+            f"the memory budget fits {info['kv_blocks_fit']})")
 
     def generate(self, prompts, max_tokens: int):
         from engine import SamplingParams

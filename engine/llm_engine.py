@@ -237,6 +237,7 @@ class LLMEngine:
         blocks_per_seq = -(-self.max_model_len // args.block_size)
         useful = args.max_num_seqs * blocks_per_seq + 1
         if args.num_gpu_blocks is not None:
+            self.kv_blocks_fit = args.num_gpu_blocks
             return args.num_gpu_blocks
         if self.device.type != "cuda":
             budget = args.cpu_kv_cache_gb * 2**30
@@ -245,6 +246,7 @@ class LLMEngine:
                 raise ValueError(
                     f"not enough memory for the KV cache: cpu_kv_cache_gb {args.cpu_kv_cache_gb} fits {num} blocks of "
                     f"{per_block / 2**20:.2f} MiB; raise cpu_kv_cache_gb or lower max_model_len")
+            self.kv_blocks_fit = num  # what the budget holds; more than max_num_seqs full sequences use
             return min(num, useful)
         cfg = self.scheduler_config
         peak = self.runner.profile_peak_memory(cfg.max_num_batched_tokens, cfg.max_num_seqs, self.max_model_len)
@@ -263,9 +265,10 @@ class LLMEngine:
                 f"{max(budget, 0) / 2**30:.2f} GiB, but one sequence of max_model_len {self.max_model_len} needs "
                 f"{need * per_block / 2**30:.2f} GiB ({per_block // args.block_size // 1024} KiB per token). Raise "
                 "gpu_memory_utilization, or lower max_model_len or max_num_batched_tokens")
-        logger.info("KV cache: %d blocks = %.2f GiB (%d tokens); weights %.2f GiB, activation peak %.2f GiB",
-                    min(num, useful), min(num, useful) * per_block / 2**30, min(num, useful) * args.block_size,
-                    self._weight_bytes() / 2**30, peak / 2**30)
+        self.kv_blocks_fit = num
+        logger.info("KV cache: %d blocks = %.2f GiB (%d tokens; the budget fits %d blocks); weights %.2f GiB, "
+                    "activation peak %.2f GiB", min(num, useful), min(num, useful) * per_block / 2**30,
+                    min(num, useful) * args.block_size, num, self._weight_bytes() / 2**30, peak / 2**30)
         return min(num, useful)
 
     def _weight_bytes(self) -> int:

@@ -74,6 +74,15 @@ def test_fp8_cache_is_one_byte_and_holds_more_blocks(model_dir):
     assert s.kv_bytes_per_token(FP8) * 4 == s.kv_bytes_per_token(torch.float32)
 
 
+def test_fp8_capacity_is_reported_when_the_sequence_cap_binds(model_dir):
+    # A budget far above max_num_seqs full sequences: both caches allocate only what those can use
+    # (the same count), but the capacity the budget fits (kv_blocks_fit, logged) is twice as large.
+    kw = dict(cpu_kv_cache_gb=0.25, dtype="bfloat16", max_num_seqs=2, max_model_len=64)
+    bf16, fp8 = LLM(model_dir, **kw), LLM(model_dir, kv_cache_dtype="fp8", **kw)
+    assert bf16.engine.cache_config.num_blocks == fp8.engine.cache_config.num_blocks < bf16.engine.kv_blocks_fit
+    assert fp8.engine.kv_blocks_fit == 2 * bf16.engine.kv_blocks_fit
+
+
 def test_fp8_close_to_dense(model_dir, prompts, fp8_baseline):
     dense = _generate(LLM(model_dir, num_gpu_blocks=512, enable_prefix_caching=False), prompts)
     # Free-running greedy: a tiny random model's top two logits are close (its logits have std
@@ -182,15 +191,21 @@ def test_fp8_gpu_triton_and_cuda_graphs(gpu_model, prompts):
     fp8 = LLM(model_dir, kv_cache_dtype="fp8", **kw)
     assert fp8.engine.runner.graphs is not None and fp8.engine.runner.kv_caches[0][0].dtype == FP8
     a, b = _generate(dense, prompts), _generate(fp8, prompts)
-    agree = sum(x == y for u, w in zip(a, b) for x, y in zip(u, w)) / sum(map(len, a))
-    assert agree >= 0.6, agree
     eager = _generate(LLM(model_dir, kv_cache_dtype="fp8", enforce_eager=True, **kw), prompts)
     assert eager == b  # graphs replay the same kernels
-    for p, forced in zip(prompts[:4], a):
+    # Teacher-forced, as on CPU: free-running greedy agreement on a random model is a coin toss once
+    # one near-tie flips (0.54 on the H200, 2026-12-03), so it is printed, not asserted.
+    cos, agree, total = [], 0, 0
+    for p, forced in zip(prompts, a):
         ref = _forced_logits(dense, p, forced[:-1])  # their blocks are free again after _generate
         got = _forced_logits(fp8, p, forced[:-1])
-        for r, g in zip(ref, got):
-            assert float(F.cosine_similarity(r, g, dim=0)) >= 0.99
+        cos += [float(F.cosine_similarity(r, g, dim=0)) for r, g in zip(ref, got)]
+        agree += sum(int(r.argmax() == g.argmax()) for r, g in zip(ref, got))
+        total += len(ref)
+    free = sum(x == y for u, w in zip(a, b) for x, y in zip(u, w)) / sum(map(len, a))
+    print(f"fp8 vs bf16 KV on CUDA: cosine min {min(cos):.5f}; forced argmax {agree}/{total}; free-running {free:.2f}")
+    assert min(cos) >= 0.99, min(cos)
+    assert agree >= 0.85 * total, (agree, total)
 
 
 @pytest.mark.slow
