@@ -5,13 +5,9 @@
 set -o pipefail
 OUT=${OUT:-/tmp/kernels_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-if ! python3 -c "import pytest" 2>/dev/null; then  # pytest is not in the GPU image: wheels carried in .kwhl
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .kwhl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
+source bench/_gpu_env.sh
 timeout 270 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels \
   2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 timeout 240 python3 bench/kernels_bench.py --out "$OUT/kernels.json" "$@" 2>&1 | tee "$OUT/bench.log"

@@ -8,12 +8,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/kv_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl/kv ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/kv/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
+source bench/_gpu_env.sh
 nvidia-smi -L
 python3 -c "import torch, grpc, google.protobuf as pb; print('torch', torch.__version__, 'grpc', grpc.__version__, 'protobuf', pb.__version__, torch.cuda.get_device_name())"
 timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/services/test_kv_ipc.py -k "not cpu_decode_node" 2>&1 \

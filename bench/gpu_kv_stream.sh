@@ -8,12 +8,7 @@
 set -o pipefail
 OUT=${OUT:-/tmp/kv_stream_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .whl/kv ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/kv/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site
-fi
+source bench/_gpu_env.sh
 nvidia-smi -L
 for mode in one chunked; do
   extra=(); [ "$mode" = chunked ] && extra=(--chunk-tokens 2048)

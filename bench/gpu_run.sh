@@ -7,13 +7,9 @@
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-if ! python3 -c "import pytest" 2>/dev/null; then  # pytest is not in the GPU image: wheels carried in .kwhl
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .kwhl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
+source bench/_gpu_env.sh
 TESTS=${TESTS:-"tests/kernels tests/engine/test_gpu_engine.py"}
 if [ "$TESTS" != "none" ]; then
   # shellcheck disable=SC2086

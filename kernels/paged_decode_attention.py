@@ -49,7 +49,9 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # tokens per loop step
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no tf32), else "tf32" (unused by 16-bit)
-    FP8: tl.constexpr,  # the cache is float8 e4m3: converted to q's dtype as loaded, scaled
+    FP8: tl.constexpr,  # the cache is float8 e4m3: converted to COMPUTE as loaded, scaled
+    COMPUTE: tl.constexpr,  # the dots' input dtype: q's, or fp16 for an fp8 cache (e4m3 -> f16 is one
+    # cvt per two elements on sm89+; -> bf16 goes through f32)
 ):
     # kv head fastest: the programs of one sequence run together and read whole token rows
     # (all kv heads of a token are adjacent in the cache).
@@ -72,7 +74,7 @@ def _decode_kernel(
     heads = kv_head * GROUP + g
     head_ok = g < GROUP
     q = tl.load(q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + d[None, :],
-                mask=head_ok[:, None], other=0.0)
+                mask=head_ok[:, None], other=0.0).to(COMPUTE)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -84,14 +86,14 @@ def _decode_kernel(
         n_ok = n < end
         block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         tok = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_offset + head_off  # [BLOCK_N]
-        k = tl.load(k_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
+        k = tl.load(k_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(COMPUTE)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(COMPUTE)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -138,6 +140,7 @@ def _merge_splits_kernel(
     tl.store(out_ptr + seq * stride_o_s + head * stride_o_h + d, out.to(out_ptr.dtype.element_ty))
 
 
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -179,9 +182,10 @@ def paged_decode_attention(
     num_splits: int | None = None,  # None = heuristic; fixed for a CUDA graph (any seq_lens then)
     k_scale: float = 1.0,  # fp8 cache: the stored K is k / k_scale
     v_scale: float = 1.0,
-    block_n: int = 64,
+    block_n: int | None = None,  # None: 64; an fp8 cache 128 where a program walks >= 1k tokens
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int | None = None,  # None: 3 (2 with an fp8 cache's 128-token tiles)
+    fp8_compute: torch.dtype | None = None,  # an fp8 cache's dot dtype: fp16 on CUDA (default), q's otherwise
 ) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -203,11 +207,23 @@ def paged_decode_attention(
         return out
 
     group = num_heads // num_kv_heads
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    compute = q.dtype
+    if fp8 and q.dtype != torch.float32:
+        compute = fp8_compute or (torch.float16 if q.is_cuda else q.dtype)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max())
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_seq_len, num_sms(q.device))
     split = num_splits > 1
+    if block_n is None:
+        # H200 sweep (bench/decode_kernel_sweep.py, 2026-12-03): an fp8 cache with 128-token tiles
+        # is 0.87-0.91x bf16's time at 64 x 1k, 256 x 1k, 64 x 4k, 8 x 32k; with 64-token tiles
+        # 0.98-1.22x. Short split ranges (batch 1) stay faster with 64.
+        long_walk = max_seq_len // num_splits >= 1024 or not split
+        block_n = 128 if fp8 and long_walk else 64
+    if num_stages is None:
+        num_stages = 2 if block_n == 128 and fp8 else 3
     if split:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -220,7 +236,7 @@ def paged_decode_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=k_cache.dtype == torch.float8_e4m3fn,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, COMPUTE=_TL[compute],
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:

@@ -191,8 +191,10 @@ def test_fp8_gpu_triton_and_cuda_graphs(gpu_model, prompts):
     fp8 = LLM(model_dir, kv_cache_dtype="fp8", **kw)
     assert fp8.engine.runner.graphs is not None and fp8.engine.runner.kv_caches[0][0].dtype == FP8
     a, b = _generate(dense, prompts), _generate(fp8, prompts)
-    eager = _generate(LLM(model_dir, kv_cache_dtype="fp8", enforce_eager=True, **kw), prompts)
-    assert eager == b  # graphs replay the same kernels
+    # Graphs replay the same kernels: token-identical to eager in fp32 compute (in bf16 the graph's
+    # fixed split count vs eager's heuristic one flips a near-tie: 1 of 10 prompts on the H200).
+    f32 = dict(kw, dtype="float32", kv_cache_dtype="fp8")
+    assert _generate(LLM(model_dir, enforce_eager=True, **f32), prompts) == _generate(LLM(model_dir, **f32), prompts)
     # Teacher-forced, as on CPU: free-running greedy agreement on a random model is a coin toss once
     # one near-tie flips (0.54 on the H200, 2026-12-03), so it is printed, not asserted.
     cos, agree, total = [], 0, 0
