@@ -77,6 +77,19 @@ def test_text_too_large_for_the_context_is_refused_before_tokenizing(builder):
     assert refused(builder, request(chat=chat)).startswith(f"the chat has {MIN_TEXT_BYTES + 1} bytes")
 
 
+@pytest.mark.parametrize("where", ["tool-arguments", "tool-schema"])
+def test_chat_text_in_tools_counts_toward_the_size_limit(builder, where):
+    """Tool call arguments and tool schemas are rendered into the prompt too: text there is refused
+    untokenized like text in a message's content (the tokenizer thread never renders 16 MiB of it)."""
+    big = '{"a": "' + "x" * MIN_TEXT_BYTES + '"}'
+    if where == "tool-arguments":
+        chat = g.ChatInput(messages=[g.ChatMessage(role="assistant", tool_calls=[
+            g.ToolCall(id="c", name="f", arguments=big)])])
+    else:
+        chat = g.ChatInput(messages=[g.ChatMessage(content="hi")], tools=[g.Tool(name="f", parameters=big)])
+    assert refused(builder, request(chat=chat)).startswith("the chat has ")
+
+
 def test_the_text_limit_grows_with_the_context(default_tokenizer):
     assert PromptBuilder(default_tokenizer, ModelLimits(VOCAB, 8192)).max_text_bytes == 8192 * 32
 
