@@ -1,8 +1,12 @@
-"""Which process imports what: the router and the gateway run without torch or the model code,
-and the gRPC plumbing (engine/rpc) imports nothing above it. Each check imports in a fresh
-interpreter, so modules this test process already loaded cannot hide an import."""
+"""Which layer imports what: the router's and the gateway's modules import neither torch nor the
+model code (at run time transformers 5 still loads torch when the router loads its tokenizer; see
+docs/ARCHITECTURE.md), and the gRPC plumbing (engine/rpc) imports nothing above it. Each check
+imports in a fresh interpreter, so modules this test process already loaded cannot hide an import."""
+import pathlib
 import subprocess
 import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 ROUTER_AND_GATEWAY = ["router.__main__", "router.cli", "router.servicer", "router.pipeline", "router.prompts",
                       "router.registry", "router.policy", "gateway.app", "gateway.__main__", "gateway.protocol"]
@@ -16,7 +20,8 @@ ABOVE_PLUMBING = MODEL_CODE + ["engine.kv_transfer", "engine.node", "engine.asyn
 def loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
     code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
             f"print(','.join(w for w in {watched!r} if w in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         cwd=ROOT)
     return [w for w in out.stdout.strip().split(",") if w]
 
 
