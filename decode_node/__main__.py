@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from decode_node.servicer import DecodeServicer
-from engine.rpc.node_main import main_for
+from engine.node.main import main_for
 from protos.pdserve.v1 import node_pb2_grpc
 
 DEFAULT_PORT = 50071

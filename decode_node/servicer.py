@@ -13,7 +13,7 @@ from engine.kv_transfer import (TRANSPORTS, GrpcKVReceiver, IpcKVReceiver, KVLan
                                 TorchDistKVReceiver, TransferError)
 from engine.rpc import convert
 from engine.rpc.errors import Cancelled, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from engine.rpc.node_base import NodeServicerBase, check_request_id, time_left
+from engine.node.base import NodeServicerBase, check_request_id, time_left
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
 

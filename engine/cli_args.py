@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
-from engine.config import EngineArgs
+if TYPE_CHECKING:  # engine.config imports torch; the router and gateway use these flags without it
+    from engine.config import EngineArgs
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -126,6 +127,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, env: Mapping[str, str] |
 
 def engine_args_from(ns: argparse.Namespace, role: str) -> EngineArgs:
     """EngineArgs for `role` ('both' | 'prefill' | 'decode') from parsed flags."""
+    from engine.config import EngineArgs
+
     return EngineArgs(
         model=ns.model, served_model_name=ns.served_model_name, dtype=ns.dtype,
         device=None if ns.device == "auto" else ns.device, max_model_len=ns.max_model_len,

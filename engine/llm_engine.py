@@ -21,6 +21,7 @@ from engine.config import (CacheConfig, EngineArgs, ModelShape, SchedulerConfig,
                            resolve_dtype, resolve_kv_cache_dtype)
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import ModelSource, load_model_source
+from engine.model_info import resolve_max_model_len
 from engine.model_runner import PLACEHOLDER, ModelRunner, PendingStep
 from engine.models import get_model_class
 from engine.quant import QuantConfig, load_checkpoint, resolve_quant_config
@@ -81,18 +82,6 @@ def estimate_num_params(config) -> int:
     per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * n + 2 * h
     head = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * h
     return config.num_hidden_layers * per_layer + config.vocab_size * h + head + h
-
-
-def resolve_max_model_len(config, requested: int | None) -> int:
-    limit = config.max_position_embeddings
-    window = getattr(config, "sliding_window", None)
-    if config.model_type == "mistral" and window:
-        limit = min(limit, window)  # sliding-window attention is not implemented: stay inside it
-    if requested is None:
-        return limit
-    if requested > limit:
-        raise ValueError(f"max_model_len {requested} exceeds the model's limit of {limit} tokens")
-    return requested
 
 
 def max_batched_tokens(args: EngineArgs, max_model_len: int) -> int:

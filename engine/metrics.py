@@ -319,7 +319,7 @@ class StreamTracker:
 
 class NodeExporter:
     """Copies a node's state into its metrics: gauges from its NodeLoad, counters from the growth of
-    its NodeStats (engine/rpc/node_base.py) since the previous update, and from its engine (an
+    its NodeStats (engine/node/base.py) since the previous update, and from its engine (an
     AsyncEngine) the scheduler's preemptions and the tokens of every step since the last update."""
 
     COUNTERS = (("aborts", "aborts"), ("kv_transfer_bytes", "kv_transfer_bytes"),

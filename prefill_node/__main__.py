@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from engine.rpc.node_main import main_for
+from engine.node.main import main_for
 from prefill_node.servicer import PrefillServicer
 from protos.pdserve.v1 import node_pb2_grpc
 

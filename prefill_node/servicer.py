@@ -18,7 +18,7 @@ from engine.kv_transfer.grpc_transport import Channels
 from engine.rpc import convert
 from engine.rpc.errors import Cancelled, FailedPrecondition, Unavailable
 from engine.rpc.security import Security
-from engine.rpc.node_base import NodeServicerBase, check_request_id, time_left
+from engine.node.base import NodeServicerBase, check_request_id, time_left
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
 

@@ -14,11 +14,10 @@ import logging
 import os
 
 from engine.cli_args import add_flag, add_server_args, env_name
-from engine.kv_transfer import TRANSPORTS
-from engine.loader import load_model_source
-from engine.llm_engine import resolve_max_model_len
 from engine.metrics import PREFIX, PREFIXES, Metrics, start_metrics_server
+from engine.model_info import load_model_info, resolve_max_model_len
 from engine.rpc import process
+from engine.rpc.convert import TRANSPORTS
 from engine.rpc.security import Security, add_security_args
 from engine.rpc.server import build_server, run
 from protos.pdserve.v1 import generation_pb2_grpc, router_pb2_grpc
@@ -105,7 +104,7 @@ def _api_keys(ns) -> list[str]:
 
 
 def build_router(ns) -> tuple[Router, NodeRegistry]:
-    source = load_model_source(ns.model)
+    source = load_model_info(ns.model)
     max_len = resolve_max_model_len(source.config, ns.max_model_len)
     card = ModelCard(name=ns.served_model_name or source.name, max_model_len=max_len,
                      vocab_size=source.config.vocab_size, block_size=ns.block_size,

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import grpc
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.kv_transfer.base import transport_name
 from engine.rpc import convert
 from engine.rpc.errors import RpcError, ResourceExhausted, Unavailable
 from protos.pdserve.v1 import generation_pb2, node_pb2
@@ -531,7 +530,7 @@ class Pipeline:
                 if event.HasField("transfer_done"):
                     self.timings.kv_transfer_ms = event.transfer_done.ms
                     self.timings.kv_transfer_bytes = event.transfer_done.bytes
-                    self.timings.kv_transport = transport_name(event.transfer_done.transport)
+                    self.timings.kv_transport = convert.transport_name(event.transfer_done.transport)
             return None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and self.finished:

@@ -107,7 +107,7 @@ class PromptBuilder:
         for i, m in enumerate(messages):
             if m.role and m.role not in CHAT_ROLES:
                 raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.role[:40]!r}")
-        self.check_text_size(sum(len(m.content.encode("utf-8", "surrogatepass")) for m in messages), "the chat")
+        self.check_text_size(_chat_bytes(messages, tools), "the chat")
         turns = [_turn(i, m) for i, m in enumerate(messages)]
         return render_chat(self.tokenizer, turns, add_generation_prompt=add_generation_prompt,
                            tools=[_tool(i, t) for i, t in enumerate(tools)] or None)
@@ -165,6 +165,15 @@ class PromptBuilder:
             max_tokens = params.verify(self.limits.vocab_size, self.limits.max_model_len, len(ids))
             prompts.append(Prompt(ids, params, max_tokens))
         return prompts
+
+
+def _chat_bytes(messages, tools) -> int:
+    """Bytes of the text a chat template renders: contents, tool calls and tool schemas."""
+    def size(*texts: str) -> int:
+        return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+
+    return (sum(size(m.content, m.name) + sum(size(c.name, c.arguments) for c in m.tool_calls) for m in messages)
+            + sum(size(t.name, t.description, t.parameters) for t in tools))
 
 
 def _json_object(text: str, what: str) -> dict:

@@ -8,21 +8,28 @@ from typing import Awaitable, Callable
 
 import torch
 
-from engine.rpc import convert
+from engine.rpc.convert import TRANSPORT_NAMES, TRANSPORTS, T, transport_name  # noqa: F401  (re-exported)
 from protos.pdserve.v1 import node_pb2
 
 MAX_FRAME_BYTES = 4 * 2**20  # payload per PushKV frame (grpcio streams near its ceiling from 4 MiB)
 K, V = 0, 1
-T = node_pb2.KVTransport
 
-# One name per transport everywhere: CLI `--kv-transport`, the proto enum, timings, docs.
-TRANSPORTS = {"auto": T.KV_TRANSPORT_AUTO, "ipc": T.KV_TRANSPORT_IPC, "nccl": T.KV_TRANSPORT_NCCL,
-              "grpc": T.KV_TRANSPORT_GRPC}
-TRANSPORT_NAMES = {v: k for k, v in TRANSPORTS.items()}
+# KV dtypes by their name on the wire (`KVLayout.dtype`, `TensorHeader.dtype`).
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8,
+           "float8_e4m3fn": torch.float8_e4m3fn}  # an fp8 KV cache (--kv-cache-dtype fp8)
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def transport_name(transport: int) -> str:
-    return TRANSPORT_NAMES.get(transport, "")
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES[dtype]
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype name {name[:32]!r}") from None
 
 
 @dataclass(frozen=True)
@@ -45,12 +52,12 @@ class KVSpec:
 
     @classmethod
     def from_proto(cls, msg: node_pb2.KVLayout) -> "KVSpec":
-        return cls(msg.num_layers, msg.block_size, msg.num_kv_heads, msg.head_dim, convert.dtype_from_name(msg.dtype))
+        return cls(msg.num_layers, msg.block_size, msg.num_kv_heads, msg.head_dim, dtype_from_name(msg.dtype))
 
     def to_proto(self) -> node_pb2.KVLayout:
         return node_pb2.KVLayout(num_layers=self.num_layers, block_size=self.block_size,
                                  num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                                 dtype=convert.dtype_name(self.dtype))
+                                 dtype=dtype_name(self.dtype))
 
     @property
     def block_shape(self) -> tuple[int, int, int]:
@@ -131,7 +138,7 @@ def plan_frames_streamed(spec: KVSpec, num_blocks: int, max_frame_bytes: int = M
 
 def make_header(spec: KVSpec, kind: int, layer: int, start: int, n: int, crc: int,
                 layers: int = 1) -> node_pb2.TensorHeader:
-    return node_pb2.TensorHeader(kind=kind, layer=layer, block_start=start, dtype=convert.dtype_name(spec.dtype),
+    return node_pb2.TensorHeader(kind=kind, layer=layer, block_start=start, dtype=dtype_name(spec.dtype),
                                  shape=[n, *spec.block_shape], crc32=crc, num_layers=layers if layers > 1 else 0)
 
 

@@ -22,8 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from engine.kv_transfer.base import K, V, KVSpec, crc32
-from engine.rpc import convert
+from engine.kv_transfer.base import K, V, KVSpec, crc32, dtype_name
 from protos.pdserve.v1 import node_pb2
 
 
@@ -98,7 +97,7 @@ class KVStaging:
         if h.layer >= spec.num_layers or layers > spec.num_layers - h.layer:
             raise TransferError(f"layers [{h.layer}, {h.layer + layers}) out of range (the cache has "
                                 f"{spec.num_layers} layers)")
-        expected_dtype = convert.dtype_name(spec.dtype)
+        expected_dtype = dtype_name(spec.dtype)
         if h.dtype != expected_dtype:
             raise TransferError(f"dtype {h.dtype[:32]!r} differs from the receiver's {expected_dtype!r}")
         shape = list(h.shape)

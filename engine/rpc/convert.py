@@ -5,12 +5,10 @@
 - logprob dicts `{token_id: logprob}` (sampled token first, then the top candidates) <-> `TokenLogprob`;
 - prompt logprobs (`{token_id: Logprob}` per prompt position) -> `TokenLogprob` with its rank;
 - finish-reason strings (engine/request.py FinishReason values) <-> the `FinishReason` enum;
-- torch dtype <-> its name on the wire ("bfloat16", ...);
+- KV transport names (CLI `--kv-transport`, timings, docs) <-> the `KVTransport` enum;
 - `StructuredSpec` <-> `generation_pb2.StructuredOutput`.
 """
 from __future__ import annotations
-
-import torch
 
 from engine.sampling_params import SamplingParams
 from engine.structured.spec import spec_from_proto as structured_from_proto
@@ -31,10 +29,11 @@ _FINISH_TO_PROTO = {
 }
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items() if k != "prefilled"}
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8,
-           "float8_e4m3fn": torch.float8_e4m3fn}  # an fp8 KV cache (--kv-cache-dtype fp8)
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+T = node_pb2.KVTransport
+# One name per transport everywhere: CLI `--kv-transport`, the proto enum, timings, docs.
+TRANSPORTS = {"auto": T.KV_TRANSPORT_AUTO, "ipc": T.KV_TRANSPORT_IPC, "nccl": T.KV_TRANSPORT_NCCL,
+              "grpc": T.KV_TRANSPORT_GRPC}
+TRANSPORT_NAMES = {v: k for k, v in TRANSPORTS.items()}
 
 
 # ---- finish reasons ------------------------------------------------------------------------------
@@ -52,16 +51,9 @@ def finish_reason_from_proto(value: int) -> str | None:
         raise ValueError(f"unknown finish reason enum value {value}") from None
 
 
-# ---- dtypes --------------------------------------------------------------------------------------
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES[dtype]
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype name {name[:32]!r}") from None
+# ---- KV transports -------------------------------------------------------------------------------
+def transport_name(transport: int) -> str:
+    return TRANSPORT_NAMES.get(transport, "")
 
 
 # ---- sampling parameters -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from engine import default_model, loader
+from engine import default_model, model_info
 from engine.gguf_loader import GGUFFile, hf_name
 from engine.loader import load_model_source
 from tests.conftest import TINY_ARCHS, build_tiny_model
@@ -119,13 +119,13 @@ def test_hub_repo_id_uses_snapshot_download(make_tiny_model, monkeypatch):
         calls.append((repo_id, kwargs))
         return str(make_tiny_model("qwen2"))
 
-    monkeypatch.setattr(loader, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(model_info, "snapshot_download", fake_snapshot_download)
     source = load_model_source("someorg/tiny-qwen2", revision="abc123")
     assert source.name == "someorg/tiny-qwen2"
     assert source.config.model_type == "qwen2"
     assert calls == [("someorg/tiny-qwen2", {
-        "revision": "abc123", "allow_patterns": loader.HUB_ALLOW_PATTERNS,
-        "ignore_patterns": loader.HUB_IGNORE_PATTERNS})]
+        "revision": "abc123", "allow_patterns": model_info.HUB_ALLOW_PATTERNS,
+        "ignore_patterns": model_info.HUB_IGNORE_PATTERNS})]
     assert_weights_equal(source, expected_state_dict("qwen2"))
 
 

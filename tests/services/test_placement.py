@@ -1,7 +1,5 @@
-"""The router's placement (issue: a router that earns the split).
-
-In-process: the policies against fake nodes, and the router's prompt hashes against the engine's
-block manager. Real processes on loopback: prefix-aware placement caches more prompt tokens than
+"""The router's placement (issue: a router that earns the split), with real processes on loopback
+(the policies in process: tests/router/test_placement.py): prefix-aware placement caches more prompt tokens than
 least-load on a shared-prefix workload (outputs unchanged); a short follow-up turn is prefilled by
 the decode node that holds the conversation (no transfer); kill -9 of a decode node mid-stream
 moves its streams to another decode node with identical output; RouterControl.Drain stops
@@ -17,109 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from engine.block_manager import BlockManager, block_hashes
 from protos.pdserve.v1 import generation_pb2 as g
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
-from router.policy import DECODE_REQUEST_TOKENS, Choice, Placement, Policy
-from router.registry import Node
 from tests.services.helpers import ENGINE_KW, assert_idle
 from tests.services.stack import free_port, pid_alive, port_open, start_stack
 
 BS = 16
 NODE_KEY = "placement-test-node-key"
 NODE_AUTH = (("authorization", f"Bearer {NODE_KEY}"),)
-
-
-# ---- in-process: policies ----------------------------------------------------------------------
-def fake(node_id: str, running=0, queued=0, free=100, hashes=(), healthy=True, draining=False) -> Node:
-    node = Node(node_id, f"127.0.0.1:{1000 + len(node_id)}", "decode", channel=None, stub=None, healthy=healthy)
-    node.load = g.NodeLoad(num_running=running, queued_prompt_tokens=queued, free_blocks=free, total_blocks=100,
-                           prefix_hashes=list(hashes), draining=draining)
-    return node
-
-
-def test_prompt_hashes_match_the_engines_prefix_cache():
-    tokens = list(range(1000, 1000 + 5 * BS + 7))  # 5 full blocks and a partial one
-    bm = BlockManager(num_blocks=16, block_size=BS, enable_prefix_caching=True)
-    blocks = bm.allocate(6)
-    bm.cache_full_blocks(blocks, tokens, len(tokens))
-    assert set(block_hashes(tokens, BS)) == set(bm.recent_hashes(100)) and len(block_hashes(tokens, BS)) == 5
-    assert bm.recent_hashes(2) == block_hashes(tokens, BS)[::-1][:2]  # most recent first, bounded
-    bm.check_invariants()
-
-
-def test_prefix_policy_prefers_the_cached_node_until_load_outweighs_it():
-    tokens = list(range(8 * BS))
-    hashes = block_hashes(tokens, BS)
-    cold, warm = fake("p-cold"), fake("p-warm", hashes=hashes[:6])
-    prefill = Policy("prefix", "prefill", BS)
-    assert prefill.pick([cold, warm], hashes, len(tokens)) == Choice(warm, 6 * BS)
-    warm.pending_prompt_tokens = 6 * BS + 1  # more queued work than the cache saves
-    assert prefill.pick([cold, warm], hashes, len(tokens)).node is cold
-    decode = Policy("prefix", "decode", BS)
-    assert decode.pick([cold, warm], hashes, len(tokens)).node is warm
-    warm.active = 1 + 6 * BS // DECODE_REQUEST_TOKENS
-    assert decode.pick([cold, warm], hashes, len(tokens)).node is cold
-    # equal cost: the node with more free blocks (placements since the last poll reserved some)
-    x, y = fake("x"), fake("y")
-    x.pending_blocks = 4
-    assert decode.pick([x, y], [], 10).node is y
-    # a broken chain counts only its leading blocks
-    gap = fake("p-gap", hashes=[hashes[0], hashes[2], hashes[3]])
-    assert prefill.pick([gap], hashes, len(tokens)).cached_tokens == BS
-
-
-def test_least_load_round_robin_and_exclusions():
-    a, b, c = fake("a", running=3), fake("b", running=1), fake("c", running=2)
-    least = Policy("least-load", "decode", BS)
-    assert least.pick([a, b, c], [], 10).node is b
-    b.active = 5  # placed since the last report: counted at once
-    assert least.pick([a, b, c], [], 10).node is c
-    rr = Policy("round-robin", "decode", BS)
-    assert [rr.pick([a, b, c], [], 10).node.node_id for _ in range(4)] == ["a", "b", "c", "a"]
-    down, draining, full = fake("d", healthy=False), fake("e", draining=True), fake("f", free=2)
-    assert least.pick([down, draining, full], [], 10, need_blocks=3) is None
-    assert least.pick([a, b, c], [], 10, exclude={"c", "a"}).node is b
-    with pytest.raises(ValueError, match="policy must be one of"):
-        Policy("random", "decode", BS)
-    b.latency_s = 1.0  # its polls answer slowly: placed on only when no prompt node can take the work
-    assert least.pick([b, c], [], 10).node is c and least.pick([b], [], 10).node is b
-
-
-def test_placement_metrics_exposition():
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    from router.policy import PlacementCollector, PlacementStats
-
-    stats = PlacementStats(prefills_skipped=3, failovers=2)
-    stats.placed(Choice(fake("prefill-0"), 48))
-    stats.placed(Choice(fake("prefill-0"), 0))
-    registry = CollectorRegistry()
-    registry.register(PlacementCollector(stats, "m", "pdserve:"))
-    text = generate_latest(registry).decode()
-    assert 'pdserve:placement_cached_tokens_total{model_name="m",node="prefill-0",role="router"} 48.0' in text
-    assert 'pdserve:placement_prefills_skipped_total{model_name="m",role="router"} 3.0' in text
-    assert 'pdserve:placement_failovers_total{model_name="m",role="router"} 2.0' in text
-
-
-def test_local_prefill_threshold():
-    placement = Placement(BS, local_prefill_tokens=32)
-    node = fake("d")
-    assert placement.prefill_locally(Choice(node, 100), 130)  # 30 uncached tokens
-    assert not placement.prefill_locally(Choice(node, 100), 140)
-    assert not Placement(BS).prefill_locally(Choice(node, 100), 101)  # 0 = never
-    assert not placement.prefill_locally(None, 10)
-    with pytest.raises(ValueError):
-        Placement(BS, local_prefill_tokens=-1)
-
-
-def test_local_prefill_default_is_the_measured_one():
-    from router.__main__ import build_parser
-    from router.policy import DEFAULT_LOCAL_PREFILL_TOKENS
-
-    ns = build_parser().parse_args(["--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2"])
-    assert ns.local_prefill_tokens == DEFAULT_LOCAL_PREFILL_TOKENS == 64
-    assert build_parser().parse_args(["--local-prefill-tokens", "0"]).local_prefill_tokens == 0
 
 
 # ---- real processes ------------------------------------------------------------------------------

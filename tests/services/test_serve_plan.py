@@ -16,7 +16,7 @@ def test_kv_stream_chunks_reaches_the_prefill_nodes_only():
 
 
 def test_the_prefill_node_takes_the_flag_and_its_env_twin(monkeypatch):
-    from engine.rpc.node_main import node_parser
+    from engine.node.main import node_parser
     assert node_parser("prefill", 50061).parse_args(["--model", "m"]).kv_stream_chunks is False
     assert node_parser("prefill", 50061).parse_args(["--model", "m", "--kv-stream-chunks"]).kv_stream_chunks is True
     monkeypatch.setenv("PDSERVE_KV_STREAM_CHUNKS", "1")

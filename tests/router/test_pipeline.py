@@ -1,0 +1,317 @@
+"""router/pipeline.py in process against scripted node stubs (tests/router/fakes.py): retries before
+the first token, decode reservation fallback, the local-prefill path, every way a stream ends, and
+the aborts a cancelled completion sends."""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from engine.rpc.errors import RpcError
+from engine.sampling_params import SamplingParams
+from router.policy import Placement
+from tests.router.fakes import (FR, HANG, PROMPT, Cluster, collect, first_token, make_registry, pipeline, rpc_error,
+                                tokens, transfer_done)
+
+pytestmark = pytest.mark.timeout(30)
+S = grpc.StatusCode
+HELLO, WORLD, DOT, THE, END = 38699, 905, 30, 378, 1112  # " Hello", " world", ".", " The", " end"
+EOS = 2  # the default model's <|im_end|>
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# ---- prefill retries before the first token ------------------------------------------------------
+
+@pytest.mark.parametrize("failure", [[rpc_error(S.UNAVAILABLE, "connection refused")], [rpc_error(S.CANCELLED)],
+                                     []], ids=["unavailable", "cancelled", "ended-without-a-token"])
+def test_prefill_failing_before_the_first_token_moves_to_another_prefill_node(default_tokenizer, failure):
+    async def main():
+        cluster = Cluster(prefill_scripts=[failure, [first_token(), transfer_done()]],
+                          decode_scripts=[[tokens(8), tokens(9, finish=FR.FINISH_REASON_LENGTH)]])
+        chunks = await collect(pipeline(make_registry(cluster), default_tokenizer, max_tokens=3))
+        assert [c.token_ids for c in chunks] == [[7], [8], [9]]
+        assert chunks[-1].finish_reason == FR.FINISH_REASON_LENGTH
+        assert cluster.called("Prefill") == ["prefill-0", "prefill-1"]
+        assert cluster.called("Reserve") == ["decode-0", "decode-0"]  # a fresh reservation for the retry
+        assert sorted(cluster.aborts) == ["decode-0", "prefill-0"]  # the failed attempt is freed on both
+    run(main())
+
+
+def test_prefill_refusing_the_request_is_forwarded_not_retried(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[rpc_error(S.INVALID_ARGUMENT, "prompt too long")]], decode_scripts=[])
+        with pytest.raises(RpcError) as err:
+            await collect(pipeline(make_registry(cluster), default_tokenizer))
+        assert (err.value.code, err.value.message) == (S.INVALID_ARGUMENT, "prefill node prefill-0: prompt too long")
+        assert cluster.called("Prefill") == ["prefill-0"]
+        assert "decode-0" in cluster.aborts  # its reservation is freed
+    run(main())
+
+
+def test_every_prefill_node_failing_is_unavailable(default_tokenizer):
+    async def main():
+        down = [rpc_error(S.UNAVAILABLE)]
+        cluster = Cluster(prefill_scripts=[down, down], decode_scripts=[])
+        with pytest.raises(RpcError) as err:
+            await collect(pipeline(make_registry(cluster), default_tokenizer))
+        assert (err.value.code, err.value.message) == (S.UNAVAILABLE, "no prefill node is available")
+        assert cluster.called("Prefill") == ["prefill-0", "prefill-1"]
+        assert set(cluster.aborts) == {"decode-0", "prefill-0", "prefill-1"}
+        assert cluster.aborts.count("decode-0") >= len(cluster.called("Reserve")) == 3  # every reservation freed
+    run(main())
+
+
+# ---- decode reservations -----------------------------------------------------------------------
+
+def test_reserve_refused_for_room_falls_back_to_the_next_decode_node(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]],
+                          decode_scripts=[[tokens(8, finish=FR.FINISH_REASON_LENGTH)]],
+                          reserve_errors={"decode-0": [rpc_error(S.RESOURCE_EXHAUSTED, "no free blocks")]})
+        registry = make_registry(cluster, decodes=("decode-0", "decode-1"))
+        chunks = await collect(pipeline(registry, default_tokenizer, max_tokens=2))
+        assert [c.token_ids for c in chunks] == [[7], [8]]
+        assert cluster.called("Reserve") == ["decode-0", "decode-1"]
+        assert cluster.called("Decode") == ["decode-1"]
+        target = cluster.requests("Prefill")[0].target
+        assert (target.decode_node_id, target.decode_address) == ("decode-1", registry.nodes["decode-1"].address)
+        assert cluster.aborts == []  # a refused Reserve holds nothing
+    run(main())
+
+
+def test_reserve_failing_on_a_dead_node_frees_it_and_falls_back(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]],
+                          decode_scripts=[[tokens(8, finish=FR.FINISH_REASON_LENGTH)]],
+                          reserve_errors={"decode-0": [rpc_error(S.UNAVAILABLE)]})
+        registry = make_registry(cluster, decodes=("decode-0", "decode-1"))
+        chunks = await collect(pipeline(registry, default_tokenizer, max_tokens=2))
+        assert [c.token_ids for c in chunks] == [[7], [8]]
+        assert cluster.called("Reserve") == ["decode-0", "decode-1"]
+        assert cluster.aborts == ["decode-0"]  # a late Reserve may still have landed there
+    run(main())
+
+
+def test_no_decode_node_with_room_is_resource_exhausted_after_the_admission_wait(default_tokenizer):
+    async def main():
+        full = [rpc_error(S.RESOURCE_EXHAUSTED)] * 100
+        cluster = Cluster([], [], reserve_errors={"decode-0": list(full), "decode-1": list(full)})
+        registry = make_registry(cluster, decodes=("decode-0", "decode-1"))
+        with pytest.raises(RpcError) as err:
+            await collect(pipeline(registry, default_tokenizer, admission_wait_s=0.3))
+        assert err.value.code == S.RESOURCE_EXHAUSTED
+        assert err.value.message == "no decode node can admit 5 prompt + 4 new tokens (1 KV blocks) now; retry later"
+        assert set(cluster.called("Reserve")) == {"decode-0", "decode-1"} and not cluster.called("Prefill")
+    run(main())
+
+
+def test_no_healthy_decode_node_is_unavailable(default_tokenizer):
+    async def main():
+        cluster = Cluster([], [])
+        registry = make_registry(cluster, decodes=("decode-0",))
+        registry.nodes["decode-0"].healthy = False
+        with pytest.raises(RpcError) as err:
+            await collect(pipeline(registry, default_tokenizer, admission_wait_s=0.2))
+        assert (err.value.code, err.value.message) == (S.UNAVAILABLE, "no decode node is available")
+        assert cluster.log == []
+    run(main())
+
+
+def test_reserve_refused_as_bad_input_is_forwarded(default_tokenizer):
+    async def main():
+        cluster = Cluster([], [], reserve_errors={"decode-0": [rpc_error(S.INVALID_ARGUMENT, "num_prompt_tokens")]})
+        with pytest.raises(RpcError) as err:
+            await collect(pipeline(make_registry(cluster), default_tokenizer))
+        assert (err.value.code, err.value.message) == (S.INVALID_ARGUMENT, "decode node decode-0: num_prompt_tokens")
+    run(main())
+
+
+# ---- local prefill -------------------------------------------------------------------------------
+
+def test_a_short_uncached_prompt_is_prefilled_on_the_decode_node(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[], decode_scripts=[[tokens(7), tokens(8, finish=FR.FINISH_REASON_LENGTH)]])
+        placement = Placement(16, local_prefill_tokens=len(PROMPT))
+        pipe = pipeline(make_registry(cluster), default_tokenizer, max_tokens=2, placement=placement)
+        chunks = await collect(pipe)
+        assert [c.token_ids for c in chunks] == [[7], [8]]
+        assert cluster.called("Decode") == ["decode-0"] and not cluster.called("Prefill")
+        assert not cluster.called("Reserve")
+        request = cluster.requests("Decode")[0]
+        assert request.local_prefill and list(request.prompt_token_ids) == PROMPT
+        assert list(request.output_token_ids) == []
+        assert placement.stats.prefills_skipped == 1
+        assert (pipe.timings.prefill_node, pipe.timings.decode_node) == ("decode-0", "decode-0")
+    run(main())
+
+
+def test_a_prompt_longer_than_the_local_threshold_goes_to_the_prefill_pool(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]],
+                          decode_scripts=[[tokens(8, finish=FR.FINISH_REASON_LENGTH)]])
+        placement = Placement(16, local_prefill_tokens=len(PROMPT) - 1)
+        await collect(pipeline(make_registry(cluster), default_tokenizer, max_tokens=2, placement=placement))
+        assert cluster.called("Prefill") == ["prefill-0"] and placement.stats.prefills_skipped == 0
+    run(main())
+
+
+def test_prompt_logprobs_always_use_the_prefill_pool(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]],
+                          decode_scripts=[[tokens(8, finish=FR.FINISH_REASON_LENGTH)]])
+        params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1)
+        placement = Placement(16, local_prefill_tokens=64)
+        await collect(pipeline(make_registry(cluster), default_tokenizer, max_tokens=2, params=params,
+                               placement=placement))
+        assert cluster.called("Prefill") == ["prefill-0"]
+    run(main())
+
+
+def test_colocated_decode_failing_mid_stream_resumes_on_another_node(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[], decode_scripts=[
+            [tokens(7), tokens(8), rpc_error(S.UNAVAILABLE, "node died")],
+            [tokens(9), tokens(10, finish=FR.FINISH_REASON_LENGTH)]])
+        registry = make_registry(cluster, prefills=(), decodes=("decode-0", "decode-1"))
+        pipe = pipeline(registry, default_tokenizer, max_tokens=4)
+        chunks = await collect(pipe)
+        assert [c.token_ids for c in chunks] == [[7], [8], [9], [10]]
+        assert cluster.called("Decode") == ["decode-0", "decode-1"]
+        assert list(cluster.requests("Decode")[1].output_token_ids) == [7, 8]  # resumed, not restarted
+        await asyncio.sleep(0.01)  # the abort of the failed node runs in the background
+        assert cluster.aborts == ["decode-0"] and pipe.placement.stats.failovers == 1
+    run(main())
+
+
+def test_colocated_decode_failing_past_max_failovers_is_unavailable(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[], decode_scripts=[[tokens(7), rpc_error(S.UNAVAILABLE)]])
+        registry = make_registry(cluster, prefills=(), decodes=("decode-0", "decode-1"))
+        with pytest.raises(RpcError) as err:
+            await collect(pipeline(registry, default_tokenizer, max_failovers=0))
+        assert (err.value.code, err.value.message) == (
+            S.UNAVAILABLE, "decode node decode-0 failed mid-stream; 1 tokens were sent")
+    run(main())
+
+
+# ---- how a stream ends ---------------------------------------------------------------------------
+
+def _disaggregated(tokenizer, last_event, params=None, max_tokens=8):
+    cluster = Cluster(prefill_scripts=[[first_token(HELLO), transfer_done()]],
+                      decode_scripts=[[tokens(WORLD), last_event]], first_token_id=HELLO)
+    return cluster, collect(pipeline(make_registry(cluster), tokenizer, max_tokens=max_tokens, params=params))
+
+
+def test_finish_length_relays_every_token_and_its_text(default_tokenizer):
+    async def main():
+        _, chunks = _disaggregated(default_tokenizer, tokens(DOT, finish=FR.FINISH_REASON_LENGTH), max_tokens=3)
+        chunks = await chunks
+        assert [c.token_ids for c in chunks] == [[HELLO], [WORLD], [DOT]]
+        assert [c.text for c in chunks] == [" Hello", " world", "."]
+        assert [c.finish_reason for c in chunks] == [0, 0, FR.FINISH_REASON_LENGTH]
+        assert [c.completion_tokens for c in chunks] == [1, 2, 3]
+        assert chunks[-1].timings is not None and chunks[-1].timings.e2e_ms > 0
+        assert (chunks[-1].stop_sequence, chunks[-1].stop_token_id) == ("", None)
+    run(main())
+
+
+def test_finish_eos_adds_no_text(default_tokenizer):
+    async def main():
+        _, chunks = _disaggregated(default_tokenizer, tokens(EOS, finish=FR.FINISH_REASON_EOS))
+        chunks = await chunks
+        assert (chunks[-1].token_ids, chunks[-1].text, chunks[-1].finish_reason) == ([EOS], "", FR.FINISH_REASON_EOS)
+        assert chunks[-1].stop_token_id is None
+        assert "".join(c.text for c in chunks) == " Hello world"
+    run(main())
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_finish_on_a_stop_token_id(default_tokenizer, include):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[DOT], include_stop_str_in_output=include)
+        _, chunks = _disaggregated(default_tokenizer, tokens(DOT, finish=FR.FINISH_REASON_STOP, stop_token_id=DOT),
+                                   params=params)
+        chunks = await chunks
+        last = chunks[-1]
+        assert (last.finish_reason, last.stop_token_id, last.stop_sequence) == (FR.FINISH_REASON_STOP, DOT, "")
+        assert last.text == ("." if include else "")
+    run(main())
+
+
+def test_finish_on_a_stop_string_never_streams_it(default_tokenizer):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=8, stop=[" world"])
+        _, chunks = _disaggregated(default_tokenizer, tokens(DOT), params=params)
+        chunks = await chunks  # the router sees the stop string in " world" before the node says so
+        assert [c.token_ids for c in chunks] == [[HELLO], [WORLD]]
+        assert "".join(c.text for c in chunks) == " Hello"
+        assert (chunks[-1].finish_reason, chunks[-1].stop_sequence) == (FR.FINISH_REASON_STOP, " world")
+    run(main())
+
+
+def test_finish_stop_reported_by_the_node_keeps_its_stop_sequence(default_tokenizer):
+    async def main():
+        params = SamplingParams(temperature=0.0, max_tokens=8, stop=["."])
+        _, chunks = _disaggregated(default_tokenizer, tokens(DOT, finish=FR.FINISH_REASON_STOP, stop_sequence="."),
+                                   params=params)
+        chunks = await chunks
+        assert "".join(c.text for c in chunks) == " Hello world"
+        assert (chunks[-1].finish_reason, chunks[-1].stop_sequence, chunks[-1].stop_token_id) == (
+            FR.FINISH_REASON_STOP, ".", None)
+    run(main())
+
+
+def test_a_first_token_that_finishes_frees_the_reservation(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[first_token(HELLO, finish_reason=FR.FINISH_REASON_LENGTH)]],
+                          decode_scripts=[], first_token_id=HELLO)
+        chunks = await collect(pipeline(make_registry(cluster), default_tokenizer, max_tokens=1))
+        assert [(c.token_ids, c.text, c.finish_reason) for c in chunks] == [([HELLO], " Hello",
+                                                                            FR.FINISH_REASON_LENGTH)]
+        assert not cluster.called("Decode") and cluster.aborts == ["decode-0"]
+    run(main())
+
+
+# ---- aborts ------------------------------------------------------------------------------------
+
+def test_a_cancelled_completion_aborts_every_node_holding_it(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]], decode_scripts=[[tokens(8), HANG]])
+        pipe = pipeline(make_registry(cluster), default_tokenizer, max_tokens=8)
+        got = []
+
+        async def consume():
+            async for chunk in pipe.run():
+                got.append(chunk.token_ids)
+
+        task = asyncio.get_running_loop().create_task(consume())
+        while len(got) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert got == [[7], [8]]
+        assert sorted(cluster.aborts) == ["decode-0", "prefill-0"]
+        assert all(call.cancelled for call in cluster.calls)
+        last = pipe.final_chunk(FR.FINISH_REASON_ABORTED)  # what the router sends the client then
+        assert (last.finish_reason, last.completion_tokens, pipe.finished) == (FR.FINISH_REASON_ABORTED, 2, True)
+    run(main())
+
+
+def test_a_cancelled_local_completion_aborts_its_decode_node(default_tokenizer):
+    async def main():
+        cluster = Cluster(prefill_scripts=[], decode_scripts=[[tokens(7), HANG]])
+        pipe = pipeline(make_registry(cluster, prefills=()), default_tokenizer, max_tokens=8)
+        task = asyncio.get_running_loop().create_task(collect(pipe))
+        while not pipe.num_tokens:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cluster.aborts == ["decode-0"] and cluster.calls[0].cancelled
+        assert pipe.registry.nodes["decode-0"].active == 0
+    run(main())
