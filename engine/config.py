@@ -252,6 +252,38 @@ class SchedulerConfig:
                 f"({self.max_model_len}) when chunked prefill is disabled")
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype without the module: "bfloat16", "float8_e4m3fn"."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """What one engine's `EngineArgs` came to on its model and device, built once by `LLMEngine`
+    (`engine.resolved`) once the KV cache is sized: what the node reports (registration, KV layout)
+    rather than deriving it again."""
+
+    device: torch.device
+    dtype: torch.dtype  # weights and activations ("auto" resolved)
+    kv_dtype: torch.dtype  # the KV cache's storage: dtype, or float8_e4m3fn under --kv-cache-dtype fp8
+    max_model_len: int  # prompt + output tokens
+    max_num_batched_tokens: int  # the token budget of one step
+    block_size: int  # tokens per KV block
+    num_blocks: int  # KV blocks, the null block 0 included
+
+    def __post_init__(self):
+        if self.max_model_len < 2 or self.max_num_batched_tokens < 1 or self.num_blocks < 2:
+            raise ValueError(f"unusable resolved config: {self}")
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+    @property
+    def kv_dtype_name(self) -> str:
+        return dtype_name(self.kv_dtype)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The numbers of a decoder-only transformer that the cache and runner need."""

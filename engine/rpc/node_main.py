@@ -138,7 +138,8 @@ async def _register_forever(role: str, ns, servicer, stop: asyncio.Event) -> Non
                 if not registered:
                     reply = await stub.Register(router_pb2.RegisterNodeRequest(
                         node_id=ns.node_id, address=ns.advertised_address, role=role, layout=servicer.layout_proto(),
-                        load=load, model=servicer.model_name, max_model_len=servicer.max_model_len), timeout=5.0)
+                        load=load, model=servicer.model_name, max_model_len=servicer.max_model_len,
+                        dtype=servicer.resolved.dtype_name), timeout=5.0)
                     registered = reply.accepted
                 else:
                     reply = await stub.Heartbeat(router_pb2.HeartbeatRequest(node_id=ns.node_id, load=load,
