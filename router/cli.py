@@ -149,10 +149,13 @@ def plan(ns) -> list[Child]:
     engine flag with a value (engine/cli_args.py `engine_argv`, derived from EngineArgs / NodeArgs)."""
     engine = engine_argv(ns)
     local = "127.0.0.1"
+    router_address = f"{local if ns.host in ('0.0.0.0', '::') else ns.host}:{ns.port}"
+    # Nodes also register with the router: it learns their block size, dtype, max_model_len, KV layout.
+    register = ["--router", router_address] if ns.port else []
     nodes = [(role, i) for role, count in (("prefill", ns.num_prefill), ("decode", ns.num_decode)) for i in range(count)]
     children = [Child(f"{role}-{i}", [f"{role}_node", *engine, *_role_tp_argv(ns, role), *_metrics_argv(ns, 1 + j),
                                       *(["--kv-stream-chunks"] if role == "prefill" and ns.kv_stream_chunks else []),
-                                      "--node-id", f"{role}-{i}",
+                                      *register, "--node-id", f"{role}-{i}",
                                       "--host", local, "--port", str(free_port())])
                 for j, (role, i) in enumerate(nodes)]
     router = ["router", "--host", ns.host, "--port", str(ns.port), "--block-size", str(ns.block_size),
@@ -172,7 +175,6 @@ def plan(ns) -> list[Child]:
         router += ["--max-stream-buffer", str(ns.max_stream_buffer)]
     children.append(Child("router", router))
     if ns.gateway and importlib.util.find_spec("gateway.__main__") is not None:
-        router_address = f"{'127.0.0.1' if ns.host in ('0.0.0.0', '::') else ns.host}:{ns.port}"
         gateway = ["gateway", "--router", router_address, "--host", ns.gateway_host, "--port", str(ns.gateway_port),
                    "--shutdown-grace", str(ns.grace_period)]
         for key in keys:

@@ -130,6 +130,7 @@ async def _register_forever(role: str, ns, servicer, stop: asyncio.Event) -> Non
 
     interval = 2.0
     registered = False
+    failures = 0  # calls in a row the router did not answer (it may still be starting: pdserve serve)
     async with aio_channel(ns.router, security=Security.from_args(ns).client) as channel:
         stub = router_pb2_grpc.RouterControlStub(channel)
         while not stop.is_set():
@@ -146,8 +147,13 @@ async def _register_forever(role: str, ns, servicer, stop: asyncio.Event) -> Non
                                                                              serving=True), timeout=5.0)
                     registered = reply.known
                 interval = max(0.2, (reply.heartbeat_interval_ms or 2000) / 1000.0 / 2)
+                failures = 0
             except grpc.aio.AioRpcError as exc:
-                logger.warning("router %s: %s", ns.router, exc.code().name)
+                failures += 1
+                starting = exc.code() == grpc.StatusCode.UNAVAILABLE and not registered and failures < 10
+                (logger.info if starting else logger.warning)(
+                    "router %s: %s%s", ns.router, exc.code().name,
+                    " (not up yet? retrying)" if starting else f": {(exc.details() or '')[:300]}")
                 registered = False
                 interval = 1.0
             except Exception:

@@ -49,3 +49,12 @@ def test_role_tensor_parallel_size_overrides_the_forwarded_one():
     argv = _argv(["--tensor-parallel-size", "2", "--decode-tensor-parallel-size", "4"])
     assert node_parser("prefill", 0).parse_args(argv["prefill-0"][1:]).tensor_parallel_size == 2
     assert node_parser("decode", 0).parse_args(argv["decode-0"][1:]).tensor_parallel_size == 4
+
+
+def test_nodes_register_with_the_stacks_router_so_it_learns_their_config():
+    argv = _argv(["--num-prefill", "1", "--port", "50123", "--host", "0.0.0.0"])
+    for name in ("prefill-0", "decode-0"):
+        assert argv[name][argv[name].index("--router") + 1] == "127.0.0.1:50123"
+    assert "--router" not in argv["router"]
+    assert argv["decode-0"][-1] == argv["router"][argv["router"].index("--decode") + 1].rsplit(":", 1)[1]
+    assert not any("--router" in a for n, a in _argv(["--port", "0"]).items() if n != "gateway")
