@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Role = Literal["both", "prefill", "decode"]
-ROLES = ("both", "prefill", "decode")
-QUANTIZATIONS = (None, "fp8", "awq", "gptq", "gguf")
-KV_CACHE_DTYPES = ("auto", "fp8")
+# The torch-free part (what users configure) lives in engine.args; re-exported here.
+from engine.args import (DTYPE_CHOICES, KV_CACHE_DTYPES, KV_TRANSPORT_NAMES, QUANTIZATIONS, ROLES,  # noqa: F401
+                         WARMUP_MODES, CacheConfig, EngineArgs, Flag, NodeArgs, Role, SchedulerConfig, flag,
+                         not_a_flag, optional_int)
+
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
@@ -104,80 +104,36 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-@dataclass(frozen=True)
-class EngineArgs:
-    """User-facing engine options (names as in vLLM)."""
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype without the module: "bfloat16", "float8_e4m3fn"."""
+    return str(dtype).removeprefix("torch.")
 
-    model: str | None = None
-    dtype: str = "auto"
-    device: str | None = None
-    max_model_len: int | None = None
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    gpu_memory_utilization: float = 0.9
-    num_gpu_blocks: int | None = None  # explicit KV block count (tests, or to override profiling)
-    cpu_kv_cache_gb: float = 1.0  # KV cache size on CPU when num_gpu_blocks is not given
-    role: Role = "both"
-    attention_backend: str | None = None  # "torch" | "triton"; None = by device
-    enforce_eager: bool = False  # CUDA: never capture / replay CUDA graphs
-    # Schedule step N+1 while step N runs on the device. None = on for CUDA (where it pays);
-    # True also on CPU (same logic, no overlap: for tests). Never for the prefill role.
-    async_scheduling: bool | None = None
-    seed: int = 0
-    served_model_name: str | None = None
-    # Ranks the model is split across (Megatron-style): one process per rank, rank 0 schedules.
-    tensor_parallel_size: int = 1
-    # Weight quantization (vLLM's names): fp8 | awq | gptq | gguf; None = as the checkpoint says.
-    quantization: str | None = None
-    # auto = the model dtype; fp8 = float8 e4m3 with one static scale for K and one for V (1.0, as
-    # vLLM's default without checkpoint scales), writes saturate at +-448 (docs/PERFORMANCE.md).
-    kv_cache_dtype: str = "auto"
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """What one engine's `EngineArgs` came to on its model and device, built once by `LLMEngine`
+    (`engine.resolved`) once the KV cache is sized: what the node reports (registration, KV layout)
+    rather than deriving it again."""
+
+    device: torch.device
+    dtype: torch.dtype  # weights and activations ("auto" resolved)
+    kv_dtype: torch.dtype  # the KV cache's storage: dtype, or float8_e4m3fn under --kv-cache-dtype fp8
+    max_model_len: int  # prompt + output tokens
+    max_num_batched_tokens: int  # the token budget of one step
+    block_size: int  # tokens per KV block
+    num_blocks: int  # KV blocks, the null block 0 included
 
     def __post_init__(self):
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size}")
-        if not 1 <= self.max_num_seqs <= 4096:
-            raise ValueError(f"max_num_seqs must be in [1, 4096], got {self.max_num_seqs}")
-        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in [0.05, 1], got {self.gpu_memory_utilization}")
-        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 2:
-            raise ValueError(f"num_gpu_blocks must be >= 2 (block 0 is reserved), got {self.num_gpu_blocks}")
-        if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {', '.join(map(str, QUANTIZATIONS))}, got {self.quantization!r}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.max_model_len < 2 or self.max_num_batched_tokens < 1 or self.num_blocks < 2:
+            raise ValueError(f"unusable resolved config: {self}")
 
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
 
-@dataclass(frozen=True)
-class CacheConfig:
-    block_size: int
-    num_blocks: int  # including the null block 0
-    enable_prefix_caching: bool
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    enable_chunked_prefill: bool = True
-
-    def __post_init__(self):
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
-                f"({self.max_model_len}) when chunked prefill is disabled")
+    @property
+    def kv_dtype_name(self) -> str:
+        return dtype_name(self.kv_dtype)
 
 
 @dataclass(frozen=True)

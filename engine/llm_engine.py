@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import (CacheConfig, EngineArgs, ModelShape, SchedulerConfig, resolve_device,
+from engine.config import (CacheConfig, EngineArgs, ModelShape, ResolvedConfig, SchedulerConfig, resolve_device,
                            resolve_dtype, resolve_kv_cache_dtype)
 from engine.detokenizer import IncrementalDetokenizer
 from engine.loader import ModelSource, load_model_source
@@ -166,6 +166,8 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
+        self.resolved = ResolvedConfig(self.device, self.dtype, self.kv_dtype, self.max_model_len,
+                                       self.scheduler_config.max_num_batched_tokens, args.block_size, num_blocks)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
         # Async scheduling: one step queued on the device ahead of the host (CUDA; not for the

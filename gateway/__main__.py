@@ -19,6 +19,7 @@ import sys
 
 import uvicorn
 
+from engine.cli_args import add_flag
 from engine.rpc.process import announce_ready
 from engine.rpc.server import run
 from engine.rpc.security import ClientSecurity
@@ -30,60 +31,44 @@ from gateway.sse_guard import MAX_BACKLOG_BYTES, STALL_TIMEOUT_S, TransportScope
 SHUTDOWN_SLACK_S = 5.0  # past the grace: for the streams' final events to get out before uvicorn cancels
 
 
-def env_name(flag: str) -> str:
-    return "PDSERVE_" + flag.lstrip("-").replace("-", "_").upper()
-
-
-def _flag(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
-    """A flag whose default comes from its PDSERVE_<FLAG> twin (read now, once), as engine/cli_args."""
-    name = env_name(flag)
-    kwargs["help"] = f"{kwargs.get('help', '')} [env: {name}]"
-    if name in os.environ:
-        try:
-            kwargs["default"] = kwargs.get("type", str)(os.environ[name])
-        except ValueError as exc:
-            raise SystemExit(f"{name}={os.environ[name]!r}: {exc}") from None
-    parser.add_argument(flag, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve gateway",
                                 description="OpenAI-compatible HTTP gateway onto a pdserve router.")
-    _flag(p, "--router", default="127.0.0.1:50051", help="host:port of the router's pdserve.v1.Generation")
-    _flag(p, "--host", default="127.0.0.1", help="HTTP listen address (0.0.0.0 to serve other hosts)")
-    _flag(p, "--port", type=int, default=8000, help="HTTP port (0 = any free port)")
+    add_flag(p, "--router", default="127.0.0.1:50051", help="host:port of the router's pdserve.v1.Generation")
+    add_flag(p, "--host", default="127.0.0.1", help="HTTP listen address (0.0.0.0 to serve other hosts)")
+    add_flag(p, "--port", type=int, default=8000, help="HTTP port (0 = any free port)")
     p.add_argument("--api-key", action="append", default=None,
                    help="accepted API key (`Authorization: Bearer KEY`), repeatable; every route but "
                         "/health needs one when any is set [env: PDSERVE_API_KEY, comma-separated]")
-    _flag(p, "--router-api-key", default=None,
-          help="key the gateway presents to the router (default: the first --api-key)")
-    _flag(p, "--request-timeout", type=float, default=600.0,
-          help="deadline of each generation call to the router, seconds (expiry -> HTTP 504)")
-    _flag(p, "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (-> HTTP 413)")
-    _flag(p, "--router-wait", type=float, default=60.0,
-          help="how long to wait at startup for the router to answer, seconds")
-    _flag(p, "--shutdown-grace", type=float, default=30.0,
-          help="seconds in-flight requests may take to finish after SIGTERM; SSE streams still open then end "
-               "with an error event and [DONE]")
-    _flag(p, "--sse-stall-timeout", type=float, default=STALL_TIMEOUT_S,
-          help="an SSE stream whose client stays --sse-max-backlog bytes behind (or whose write stays blocked) "
-               "this many seconds is aborted upstream and its connection reset")
-    _flag(p, "--sse-max-backlog", type=int, default=MAX_BACKLOG_BYTES,
-          help="bytes of one SSE stream the client may leave unread (socket + write buffer) before the "
-               "--sse-stall-timeout clock runs")
-    _flag(p, "--body-timeout", type=float, default=BODY_TIMEOUT_S,
-          help="seconds a request body may take to arrive (-> HTTP 408)")
-    _flag(p, "--tls-cert", default=None, help="PEM certificate: serve HTTPS (also our client certificate "
-                                              "towards a router that requires mTLS)")
-    _flag(p, "--tls-key", default=None, help="PEM private key of --tls-cert")
-    _flag(p, "--tls-client-ca", default=None, help="PEM CA bundle: HTTP clients must present a certificate it signed")
-    _flag(p, "--tls-ca", default=None, help="PEM CA bundle that verifies the router's certificate (TLS to the router)")
-    _flag(p, "--metrics-prefix", default="pdserve", choices=PREFIXES,
-          help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
-    _flag(p, "--tool-call-parser", default=None, choices=sorted(PARSERS),
-          help="parser of model output into OpenAI tool_calls (needed for tool_choice auto)")
-    _flag(p, "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-          help="log level")
+    add_flag(p, "--router-api-key", default=None,
+             help="key the gateway presents to the router (default: the first --api-key)")
+    add_flag(p, "--request-timeout", type=float, default=600.0,
+             help="deadline of each generation call to the router, seconds (expiry -> HTTP 504)")
+    add_flag(p, "--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (-> HTTP 413)")
+    add_flag(p, "--router-wait", type=float, default=60.0,
+             help="how long to wait at startup for the router to answer, seconds")
+    add_flag(p, "--shutdown-grace", type=float, default=30.0,
+             help="seconds in-flight requests may take to finish after SIGTERM; SSE streams still open then end "
+                  "with an error event and [DONE]")
+    add_flag(p, "--sse-stall-timeout", type=float, default=STALL_TIMEOUT_S,
+             help="an SSE stream whose client stays --sse-max-backlog bytes behind (or whose write stays blocked) "
+                  "this many seconds is aborted upstream and its connection reset")
+    add_flag(p, "--sse-max-backlog", type=int, default=MAX_BACKLOG_BYTES,
+             help="bytes of one SSE stream the client may leave unread (socket + write buffer) before the "
+                  "--sse-stall-timeout clock runs")
+    add_flag(p, "--body-timeout", type=float, default=BODY_TIMEOUT_S,
+             help="seconds a request body may take to arrive (-> HTTP 408)")
+    add_flag(p, "--tls-cert", default=None, help="PEM certificate: serve HTTPS (also our client certificate "
+                                                 "towards a router that requires mTLS)")
+    add_flag(p, "--tls-key", default=None, help="PEM private key of --tls-cert")
+    add_flag(p, "--tls-client-ca", default=None, help="PEM CA bundle: HTTP clients must present a certificate it signed")
+    add_flag(p, "--tls-ca", default=None, help="PEM CA bundle that verifies the router's certificate (TLS to the router)")
+    add_flag(p, "--metrics-prefix", default="pdserve", choices=PREFIXES,
+             help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
+    add_flag(p, "--tool-call-parser", default=None, choices=sorted(PARSERS),
+             help="parser of model output into OpenAI tool_calls (needed for tool_choice auto)")
+    add_flag(p, "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+             help="log level")
     return p
 
 

@@ -14,6 +14,7 @@ import logging
 import os
 
 from engine.cli_args import add_flag, add_server_args, env_name
+from engine.args import DTYPE_CHOICES, EngineArgs
 from engine.metrics import PREFIX, PREFIXES, Metrics, start_metrics_server
 from engine.model_info import load_model_info, resolve_max_model_len
 from engine.rpc import process
@@ -57,9 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
              help="model whose tokenizer and config the router loads (never its weights); "
                   "must be the nodes' model (default: the bundled small model)")
     add_flag(p, "--served-model-name", default=None, help="model name clients use (default: from --model)")
-    add_flag(p, "--max-model-len", type=int, default=None, help="context length; default: the model's")
-    add_flag(p, "--block-size", type=int, default=16, help="the nodes' KV block size, in tokens")
-    add_flag(p, "--dtype", default="auto", help="the nodes' dtype, reported by ModelInfo")
+    add_flag(p, "--max-model-len", type=int, default=None,
+             help="context length; default: the registered nodes' (the model's until one registered); "
+                  "nodes with another one are refused")
+    add_flag(p, "--block-size", type=int, default=None,
+             help=f"the nodes' KV block size, in tokens; default: the registered nodes' ({EngineArgs.block_size} "
+                  "until one registered); nodes with another one are refused")
+    add_flag(p, "--dtype", default="auto", choices=DTYPE_CHOICES,
+             help="the nodes' dtype; auto: as the registered nodes report it (ModelInfo says auto until one "
+                  "registered); otherwise nodes with another one are refused")
     add_flag(p, "--kv-transport", default="auto", choices=list(TRANSPORTS),
              help="how prefill nodes send KV to decode nodes: auto (ipc when both share a host and GPU set, else "
                   "nccl when both are on CUDA, else grpc), ipc (CUDA IPC), nccl (torch.distributed; gloo on CPU) "
@@ -106,16 +113,17 @@ def _api_keys(ns) -> list[str]:
 def build_router(ns) -> tuple[Router, NodeRegistry]:
     source = load_model_info(ns.model)
     max_len = resolve_max_model_len(source.config, ns.max_model_len)
+    block_size = ns.block_size or EngineArgs.block_size  # until the nodes' is known (Router.adopt)
     card = ModelCard(name=ns.served_model_name or source.name, max_model_len=max_len,
-                     vocab_size=source.config.vocab_size, block_size=ns.block_size,
-                     eos_token_ids=list(source.eos_token_ids),
-                     dtype="float32" if ns.dtype == "auto" else ns.dtype)
+                     vocab_size=source.config.vocab_size, block_size=block_size,
+                     eos_token_ids=list(source.eos_token_ids), dtype=ns.dtype)
     builder = PromptBuilder(source.tokenizer, ModelLimits(card.vocab_size, max_len), source.generation_defaults)
-    placement = Placement(ns.block_size, ns.prefill_policy, ns.decode_policy, ns.local_prefill_tokens)
-    config = PipelineConfig(block_size=ns.block_size, transport=TRANSPORTS[ns.kv_transport],
+    placement = Placement(block_size, ns.prefill_policy, ns.decode_policy, ns.local_prefill_tokens)
+    config = PipelineConfig(block_size=block_size, transport=TRANSPORTS[ns.kv_transport],
                             lease_ms=ns.kv_lease_ms, admission_wait_s=ns.admission_wait_ms / 1000.0,
                             max_failovers=ns.max_failovers, placement=placement)
-    registry = NodeRegistry(Security.from_args(ns).client, block_size=ns.block_size)
+    registry = NodeRegistry(Security.from_args(ns).client, block_size=ns.block_size,
+                            dtype=None if ns.dtype == "auto" else ns.dtype, max_model_len=ns.max_model_len)
     for address in _list_value(ns, "prefill"):
         registry.add(address, "prefill")
     for address in _list_value(ns, "decode"):

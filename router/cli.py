@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from engine.cli_args import add_engine_args, add_flag
+from engine.cli_args import add_engine_args, add_flag, engine_argv
 from engine.rpc.channel import sync_channel
 from engine.rpc.security import Security, add_security_args
 from engine.metrics import PREFIXES
@@ -34,9 +34,6 @@ from router.policy import DEFAULT_LOCAL_PREFILL_TOKENS, POLICIES
 PLACEMENT_FLAGS = ("prefill_policy", "decode_policy", "local_prefill_tokens", "max_failovers")
 STOP_SLACK_S = 5.0  # past the grace period, for a process to end its streams and exit before SIGKILL
 DELEGATES = {"router": "router", "prefill": "prefill_node", "decode": "decode_node", "gateway": "gateway"}
-ENGINE_FLAGS = ("model", "served_model_name", "dtype", "device", "max_model_len", "gpu_memory_utilization",
-                "cpu_kv_cache_gb", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_gpu_blocks",
-                "seed", "kv_transport", "quantization", "kv_cache_dtype", "tensor_parallel_size", "warmup")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -135,20 +132,6 @@ def stop_all(children: list[Child], grace: float) -> None:
                 child.proc.wait()
 
 
-def _engine_argv(ns) -> list[str]:
-    argv = []
-    for name in ENGINE_FLAGS:
-        value = getattr(ns, name)
-        if value is not None:
-            argv += [f"--{name.replace('_', '-')}", str(value)]
-    argv.append("--enable-prefix-caching" if ns.enable_prefix_caching else "--no-enable-prefix-caching")
-    if ns.enforce_eager:
-        argv.append("--enforce-eager")
-    if ns.async_scheduling is not None:
-        argv.append("--async-scheduling" if ns.async_scheduling else "--no-async-scheduling")
-    return argv
-
-
 def _role_tp_argv(ns, role: str) -> list[str]:
     """--prefill-tensor-parallel-size / --decode-tensor-parallel-size override --tensor-parallel-size."""
     size = getattr(ns, f"{role}_tensor_parallel_size")
@@ -162,13 +145,17 @@ def _metrics_argv(ns, offset: int) -> list[str]:
 
 
 def plan(ns) -> list[Child]:
-    """The processes of `pdserve serve`, nodes first, on free loopback ports."""
-    engine = _engine_argv(ns)
+    """The processes of `pdserve serve`, nodes first, on free loopback ports. Every node gets every
+    engine flag with a value (engine/cli_args.py `engine_argv`, derived from EngineArgs / NodeArgs)."""
+    engine = engine_argv(ns)
     local = "127.0.0.1"
+    router_address = f"{local if ns.host in ('0.0.0.0', '::') else ns.host}:{ns.port}"
+    # Nodes also register with the router: it learns their block size, dtype, max_model_len, KV layout.
+    register = ["--router", router_address] if ns.port else []
     nodes = [(role, i) for role, count in (("prefill", ns.num_prefill), ("decode", ns.num_decode)) for i in range(count)]
     children = [Child(f"{role}-{i}", [f"{role}_node", *engine, *_role_tp_argv(ns, role), *_metrics_argv(ns, 1 + j),
                                       *(["--kv-stream-chunks"] if role == "prefill" and ns.kv_stream_chunks else []),
-                                      "--node-id", f"{role}-{i}",
+                                      *register, "--node-id", f"{role}-{i}",
                                       "--host", local, "--port", str(free_port())])
                 for j, (role, i) in enumerate(nodes)]
     router = ["router", "--host", ns.host, "--port", str(ns.port), "--block-size", str(ns.block_size),
@@ -188,7 +175,6 @@ def plan(ns) -> list[Child]:
         router += ["--max-stream-buffer", str(ns.max_stream_buffer)]
     children.append(Child("router", router))
     if ns.gateway and importlib.util.find_spec("gateway.__main__") is not None:
-        router_address = f"{'127.0.0.1' if ns.host in ('0.0.0.0', '::') else ns.host}:{ns.port}"
         gateway = ["gateway", "--router", router_address, "--host", ns.gateway_host, "--port", str(ns.gateway_port),
                    "--shutdown-grace", str(ns.grace_period)]
         for key in keys:

@@ -113,6 +113,10 @@ class Placement:
         self.local_prefill_tokens = local_prefill_tokens
         self.stats = PlacementStats()
 
+    def set_block_size(self, block_size: int) -> None:
+        """The pool's block size, learned from its nodes (prefix hashes are over blocks of it)."""
+        self.block_size = self.prefill.block_size = self.decode.block_size = block_size
+
     def prefill_locally(self, choice: Choice | None, num_prompt_tokens: int) -> bool:
         """Decode node first, then decide: its own prefill pays when what it has not cached is short."""
         return (choice is not None and self.local_prefill_tokens > 0

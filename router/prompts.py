@@ -49,8 +49,12 @@ class PromptBuilder:
 
     def __init__(self, tokenizer, limits: ModelLimits, generation_defaults: dict | None = None):
         self.tokenizer = tokenizer
-        self.limits = limits
         self.defaults = {**OPENAI_DEFAULTS, **(generation_defaults or {})}
+        self.set_limits(limits)
+
+    def set_limits(self, limits: ModelLimits) -> None:
+        """The limits prompts are checked against (the router: the pool's max_model_len, once known)."""
+        self.limits = limits
         self.max_text_bytes = max(MIN_TEXT_BYTES, limits.max_model_len * MAX_BYTES_PER_TOKEN)
 
     def check_text_size(self, num_bytes: int, what: str = "the prompt") -> None:

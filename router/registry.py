@@ -10,6 +10,9 @@ Health tells the truth:
   node now (`suspect`), so a healthy peer of a dead node is never blamed;
 - a registered node is placed on only once a poll on its claimed role's service answered and
   named the router's model (its KV layout was checked at Register).
+The pool's config (block size, dtype, max_model_len, KV layout) is learned from the first node
+that registers (`PoolConfig`); a later node that disagrees, with it or with a value the router was
+given on its command line, is refused with FAILED_PRECONDITION.
 Between polls, placement keeps a local estimate (`pending_blocks`, `pending_prompt_tokens`) of
 what it sent since the last reading.
 """
@@ -18,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 import grpc
 
@@ -34,6 +38,25 @@ POLL_TIMEOUT_S = 1.0
 MISSES_DOWN = 3  # consecutive poll timeouts that mark a node down
 HEARTBEAT_INTERVAL_MS = 1000
 ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """What every node of the pool agrees on, as the first node that registered said it."""
+
+    node_id: str  # the node it was learned from (named in refusals)
+    layout: node_pb2.KVLayout | None = None  # block size, KV geometry and the KV cache's dtype
+    dtype: str = ""  # the model's dtype ("" until a node that sends it registered)
+    max_model_len: int = 0  # 0: not known yet
+
+    @property
+    def block_size(self) -> int | None:
+        return self.layout.block_size if self.layout is not None else None
+
+
+def _layout_text(layout: node_pb2.KVLayout) -> str:
+    return (f"{layout.num_layers} layers, block size {layout.block_size}, {layout.num_kv_heads} KV heads, "
+            f"head dim {layout.head_dim}, {layout.dtype[:32]}")
 
 
 @dataclass(eq=False)
@@ -78,10 +101,15 @@ def _stub_for(role: str, channel):
 
 
 class NodeRegistry:
-    def __init__(self, security: ClientSecurity | None = None, block_size: int | None = None):
+    def __init__(self, security: ClientSecurity | None = None, block_size: int | None = None,
+                 dtype: str | None = None, max_model_len: int | None = None):
+        """`block_size`, `dtype`, `max_model_len`: values the router was told (None: learn them from
+        the nodes); a node that disagrees is refused."""
         self.nodes: dict[str, Node] = {}  # by node id
         self.security = security
-        self.block_size = block_size
+        self.block_size, self.dtype, self.max_model_len = block_size, dtype, max_model_len
+        self.pool: PoolConfig | None = None  # learned at the first Register
+        self.on_pool: Callable[[PoolConfig], None] | None = None  # called when `pool` changes
         self._loops: dict[str, asyncio.Task] = {}
         self._interval: float | None = None
         self._checks: set[asyncio.Task] = set()
@@ -108,29 +136,61 @@ class NodeRegistry:
             if node.address != address or node.role != role:
                 raise FailedPrecondition(f"node {node.node_id!r} is registered as a {node.role} node at another "
                                          "address or role; a node's address and role never change")
-        if request.HasField("layout"):
-            self._check_layout(request.layout)
+        self._check_config(request)
         node = known or at_address
         if node is None:
             node = self._new(address, role, request.node_id or None)
             node.expected_model = request.model
         if request.HasField("layout"):
             node.layout = request.layout
+        self._learn(node.node_id, request)
         node.draining = False
         return node
 
-    def _check_layout(self, layout: node_pb2.KVLayout) -> None:
-        if self.block_size is not None and layout.block_size != self.block_size:
-            raise InvalidArgument(f"the node's KV block size is {layout.block_size}; this pool uses {self.block_size}")
-        for other in self.nodes.values():
-            if other.layout is not None and other.layout.dtype != layout.dtype:
-                raise InvalidArgument(f"the node's KV cache dtype is {layout.dtype[:32]}, node {other.node_id}'s is "
-                                      f"{other.layout.dtype}: every node of a pool needs the same --kv-cache-dtype "
-                                      "(and --dtype)")
-            if other.layout is not None and other.layout != layout:
-                raise InvalidArgument(f"the node's KV layout differs from node {other.node_id}'s "
-                                      f"({other.layout.num_layers} layers, {other.layout.num_kv_heads} KV heads, "
-                                      f"head dim {other.layout.head_dim}, {other.layout.dtype})")
+    def _check_config(self, request) -> None:
+        """Refuses a node whose block size, dtype, max_model_len or KV layout differs from the
+        router's flags or from the pool's (FAILED_PRECONDITION, naming both values)."""
+        layout = request.layout if request.HasField("layout") else None
+        pool = self.pool or PoolConfig("")
+        told = "this router's --{}".format
+        learned = f"node {pool.node_id}'s"
+        checks = [("KV block size", layout.block_size if layout else None,
+                   (self.block_size, told("block-size")), (pool.block_size, learned), "--block-size"),
+                  ("dtype", request.dtype or None, (self.dtype, told("dtype")), (pool.dtype or None, learned),
+                   "--dtype"),
+                  ("max_model_len", request.max_model_len or None, (self.max_model_len, told("max-model-len")),
+                   (pool.max_model_len or None, learned), "--max-model-len")]
+        for what, mine, *theirs, flag in checks:
+            for value, whose in theirs:
+                if mine is not None and value is not None and mine != value:
+                    raise FailedPrecondition(f"the node's {what} is {str(mine)[:32]}, {whose} is {value}: every "
+                                             f"node of a pool needs the same {flag}")
+        if layout is None or pool.layout is None:
+            return
+        if layout.dtype != pool.layout.dtype:
+            raise FailedPrecondition(f"the node's KV cache dtype is {layout.dtype[:32]}, {learned} is "
+                                     f"{pool.layout.dtype}: every node of a pool needs the same --kv-cache-dtype "
+                                     "(and --dtype)")
+        if layout != pool.layout:
+            raise FailedPrecondition(f"the node's KV layout ({_layout_text(layout)}) differs from {learned} "
+                                     f"({_layout_text(pool.layout)}): every node of a pool serves the same model")
+
+    def _learn(self, node_id: str, request) -> None:
+        """The pool's config: the first registered node's, completed by later ones (that agree)."""
+        pool = self.pool or PoolConfig(node_id)
+        layout = pool.layout
+        if layout is None and request.HasField("layout"):
+            layout = node_pb2.KVLayout()
+            layout.CopyFrom(request.layout)
+        learned = replace(pool, layout=layout, dtype=pool.dtype or request.dtype,
+                          max_model_len=pool.max_model_len or request.max_model_len)
+        if learned != self.pool:
+            self.pool = learned
+            logger.info("pool config from node %s: %s, dtype %s, max_model_len %s", learned.node_id,
+                        _layout_text(learned.layout) if learned.layout is not None else "no KV layout",
+                        learned.dtype or "unknown", learned.max_model_len or "unknown")
+            if self.on_pool is not None:
+                self.on_pool(learned)
 
     def _new(self, address: str, role: str, node_id: str | None) -> Node:
         if role not in ROLES:

@@ -5,7 +5,7 @@ import asyncio
 import concurrent.futures
 import importlib.metadata
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -16,8 +16,8 @@ from router.auth import ADMIN, Scopes
 from router.ledger import Ledger, RequestRun
 from router.pipeline import Chunk, Pipeline, PipelineConfig
 from router.placement import blocks_needed
-from router.prompts import Prompt, PromptBuilder
-from router.registry import HEARTBEAT_INTERVAL_MS, NodeRegistry
+from router.prompts import ModelLimits, Prompt, PromptBuilder
+from router.registry import HEARTBEAT_INTERVAL_MS, NodeRegistry, PoolConfig
 
 FR = generation_pb2.FinishReason
 NO_DEADLINE_S = 3600.0
@@ -39,14 +39,17 @@ class RouterLimits:
     max_request_block_share: float = 0.5  # of all decode KV blocks (always enough for one full context)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelCard:
+    """What ModelInfo reports. block_size, dtype and max_model_len are the router's flags (or its
+    model's) until a node registers, then the pool's (`Router.adopt`)."""
+
     name: str
     max_model_len: int
     vocab_size: int
     block_size: int
     eos_token_ids: list[int]
-    dtype: str
+    dtype: str  # "auto": not known before a node registered
 
 
 class Router:
@@ -56,6 +59,9 @@ class Router:
                  limits: RouterLimits = RouterLimits()):
         self.registry, self.builder, self.card, self.config, self.limits = registry, builder, card, config, limits
         self.ledger = Ledger()
+        registry.on_pool = self.adopt
+        if registry.pool is not None:
+            self.adopt(registry.pool)
         self.metrics = None  # engine.metrics.Metrics when --metrics-port is set
         # One tokenizer thread: the event loop never tokenizes, and a fast tokenizer is not safe to
         # reconfigure from two threads at once.
@@ -77,6 +83,19 @@ class Router:
         if need > cap:
             raise InvalidArgument(f"this request needs {need} KV blocks (prompts x n x (prompt + max_tokens)); "
                                   f"one request may hold at most {cap}; send fewer completions or fewer tokens")
+
+    def adopt(self, pool: PoolConfig) -> None:
+        """The registered nodes' block size, dtype and max_model_len replace the router's own:
+        ModelInfo reports them, prompts are checked against them, placement hashes by them."""
+        card = self.card
+        self.card = replace(card, block_size=pool.block_size or card.block_size, dtype=pool.dtype or card.dtype,
+                            max_model_len=pool.max_model_len or card.max_model_len)
+        if self.card.max_model_len != card.max_model_len:
+            self.builder.set_limits(ModelLimits(card.vocab_size, self.card.max_model_len))
+        if self.card.block_size != self.config.block_size:
+            self.config = replace(self.config, block_size=self.card.block_size)
+            if self.config.placement is not None:
+                self.config.placement.set_block_size(self.card.block_size)
 
     def shutdown(self) -> int:
         """Ends every request still running with UNAVAILABLE (after the shutdown grace period)."""

@@ -44,11 +44,10 @@ class KVSpec:
 
     @classmethod
     def of_engine(cls, engine) -> "KVSpec":
-        s = engine.shape
+        s, resolved = engine.shape, engine.resolved
         # The cache's dtype (float8_e4m3fn under --kv-cache-dtype fp8: 1-byte elements on the wire;
         # its scales are static, so equal dtypes mean equal scales).
-        return cls(s.num_layers, engine.cache_config.block_size, s.num_kv_heads, s.head_dim,
-                   getattr(engine, "kv_dtype", engine.dtype))
+        return cls(s.num_layers, resolved.block_size, s.num_kv_heads, s.head_dim, resolved.kv_dtype)
 
     @classmethod
     def from_proto(cls, msg: node_pb2.KVLayout) -> "KVSpec":

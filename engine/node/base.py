@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from engine.async_engine import AsyncEngine
+from engine.config import ResolvedConfig
 from engine.kv_transfer.base import KVSpec
 from engine.rpc.errors import InvalidArgument, Unavailable
 from protos.pdserve.v1 import generation_pb2, node_pb2
@@ -59,6 +60,7 @@ class NodeServicerBase:
         self.stats = NodeStats()
         self.model_name = ""
         self.max_model_len = 0
+        self.resolved: ResolvedConfig | None = None  # the engine's, once attached
         self.node_id = ""
         self._tasks: set[asyncio.Task] = set()
         self._active: dict[str, asyncio.Task] = {}  # request id -> the RPC task serving it
@@ -69,7 +71,8 @@ class NodeServicerBase:
         self.engine = engine
         self.spec = KVSpec.of_engine(engine.engine)
         self.model_name = engine.engine.model_name
-        self.max_model_len = engine.engine.max_model_len
+        self.resolved = engine.engine.resolved
+        self.max_model_len = self.resolved.max_model_len
         self.node_id = ns.node_id
 
     def ready_engine(self) -> AsyncEngine:

@@ -130,6 +130,7 @@ async def _register_forever(role: str, ns, servicer, stop: asyncio.Event) -> Non
 
     interval = 2.0
     registered = False
+    failures = 0  # calls in a row the router did not answer (it may still be starting: pdserve serve)
     async with aio_channel(ns.router, security=Security.from_args(ns).client) as channel:
         stub = router_pb2_grpc.RouterControlStub(channel)
         while not stop.is_set():
@@ -138,15 +139,21 @@ async def _register_forever(role: str, ns, servicer, stop: asyncio.Event) -> Non
                 if not registered:
                     reply = await stub.Register(router_pb2.RegisterNodeRequest(
                         node_id=ns.node_id, address=ns.advertised_address, role=role, layout=servicer.layout_proto(),
-                        load=load, model=servicer.model_name, max_model_len=servicer.max_model_len), timeout=5.0)
+                        load=load, model=servicer.model_name, max_model_len=servicer.max_model_len,
+                        dtype=servicer.resolved.dtype_name), timeout=5.0)
                     registered = reply.accepted
                 else:
                     reply = await stub.Heartbeat(router_pb2.HeartbeatRequest(node_id=ns.node_id, load=load,
                                                                              serving=True), timeout=5.0)
                     registered = reply.known
                 interval = max(0.2, (reply.heartbeat_interval_ms or 2000) / 1000.0 / 2)
+                failures = 0
             except grpc.aio.AioRpcError as exc:
-                logger.warning("router %s: %s", ns.router, exc.code().name)
+                failures += 1
+                starting = exc.code() == grpc.StatusCode.UNAVAILABLE and not registered and failures < 10
+                (logger.info if starting else logger.warning)(
+                    "router %s: %s%s", ns.router, exc.code().name,
+                    " (not up yet? retrying)" if starting else f": {(exc.details() or '')[:300]}")
                 registered = False
                 interval = 1.0
             except Exception:

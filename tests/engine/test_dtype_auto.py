@@ -81,3 +81,31 @@ def test_engine_auto_dtype_on_cpu(make_tiny_model, monkeypatch, flags, want):
     out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}],
                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_engine_resolved_config_is_built_once_and_is_what_the_node_reports(make_tiny_model, monkeypatch):
+    """LLMEngine.resolved: the frozen values the node reports (KV layout, registration), equal to
+    the engine's own attributes; 'auto' resolved, not echoed."""
+    import dataclasses
+
+    from engine import LLM
+    from engine.config import ResolvedConfig
+    from engine.kv_transfer.base import KVSpec
+
+    monkeypatch.delenv(CPU_AUTO_DTYPE_ENV, raising=False)
+    monkeypatch.setattr(config, "cpu_bf16_flags", lambda cpuinfo=None: ["amx_bf16"])
+    eng = LLM(str(make_tiny_model("llama")), device="cpu", num_gpu_blocks=24, max_model_len=96,
+              block_size=32, max_num_batched_tokens=64, kv_cache_dtype="fp8").engine
+    r = eng.resolved
+    assert isinstance(r, ResolvedConfig)
+    assert (r.device, r.dtype, r.kv_dtype) == (torch.device("cpu"), torch.bfloat16, torch.float8_e4m3fn)
+    assert (r.max_model_len, r.max_num_batched_tokens, r.block_size, r.num_blocks) == (96, 64, 32, 24)
+    assert (r.dtype_name, r.kv_dtype_name) == ("bfloat16", "float8_e4m3fn")
+    assert (eng.dtype, eng.kv_dtype, eng.max_model_len, eng.cache_config.num_blocks) == (
+        r.dtype, r.kv_dtype, r.max_model_len, r.num_blocks)
+    spec = KVSpec.of_engine(eng)
+    assert (spec.block_size, spec.dtype) == (32, torch.float8_e4m3fn)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.block_size = 16
+    with pytest.raises(ValueError, match="unusable"):
+        dataclasses.replace(r, num_blocks=1)

@@ -18,6 +18,7 @@ import pytest
 from engine.rpc.errors import FailedPrecondition, RpcError
 from protos.pdserve.v1 import generation_pb2 as g
 from protos.pdserve.v1 import node_pb2, router_pb2
+from router.pipeline import PipelineConfig
 from router.registry import MISSES_DOWN, NodeRegistry
 from tests.router.fakes import FR, HANG, Cluster, collect, first_token, make_registry, pipeline, rpc_error, tokens, \
     transfer_done
@@ -140,11 +141,96 @@ def test_register_never_moves_a_node_and_checks_model_and_layout():
         assert (first.address, first.role) == ("127.0.0.1:9001", "decode")
         assert registry.register(router_pb2.RegisterNodeRequest(
             node_id="decode-a", address="127.0.0.1:9001", role="decode", model="m", layout=layout)) is first
-        with pytest.raises(RpcError, match="block size"):
+        with pytest.raises(FailedPrecondition, match="block size is 32, this router's --block-size is 16"):
             registry.register(router_pb2.RegisterNodeRequest(
                 node_id="decode-b", address="127.0.0.1:9003", role="decode", model="m",
                 layout=node_pb2.KVLayout(num_layers=2, block_size=32, num_kv_heads=2, head_dim=8, dtype="float32")))
+        assert "decode-b" not in registry.nodes
         first.stub = Cluster([], []).stub("decode-a", model="another-model")
         assert not await registry.poll(first) and not first.healthy  # serves another model: never placed
+        await registry.close()
+    asyncio.run(main())
+
+
+def _register(registry, node_id, port, *, layout=None, dtype="bfloat16", max_model_len=256, role="decode"):
+    layout = layout or node_pb2.KVLayout(num_layers=2, block_size=32, num_kv_heads=2, head_dim=8, dtype="bfloat16")
+    return registry.register(router_pb2.RegisterNodeRequest(
+        node_id=node_id, address=f"127.0.0.1:{port}", role=role, model="m", layout=layout, dtype=dtype,
+        max_model_len=max_model_len))
+
+
+def test_the_pool_config_is_learned_from_registration_and_disagreeing_nodes_are_refused():
+    """No --block-size / --dtype / --max-model-len on the router: the first node's values are the
+    pool's; a node that disagrees is refused with FAILED_PRECONDITION naming both values."""
+    async def main():
+        registry = NodeRegistry()
+        learned = []
+        registry.on_pool = learned.append
+        assert registry.pool is None
+        _register(registry, "decode-a", 9001)
+        pool = registry.pool
+        assert (pool.node_id, pool.block_size, pool.dtype, pool.max_model_len) == ("decode-a", 32, "bfloat16", 256)
+        assert pool.layout.num_kv_heads == 2 and learned == [pool]
+        refusals = [
+            (dict(dtype="float32"), "dtype is float32, node decode-a's is bfloat16: every node of a pool needs the same --dtype"),
+            (dict(max_model_len=512), "max_model_len is 512, node decode-a's is 256"),
+            (dict(layout=node_pb2.KVLayout(num_layers=2, block_size=16, num_kv_heads=2, head_dim=8, dtype="bfloat16")),
+             "KV block size is 16, node decode-a's is 32"),
+            (dict(layout=node_pb2.KVLayout(num_layers=2, block_size=32, num_kv_heads=2, head_dim=8,
+                                           dtype="float8_e4m3fn")),
+             "KV cache dtype is float8_e4m3fn, node decode-a's is bfloat16"),
+            (dict(layout=node_pb2.KVLayout(num_layers=3, block_size=32, num_kv_heads=2, head_dim=8, dtype="bfloat16")),
+             r"KV layout \(3 layers.*differs from node decode-a's \(2 layers"),
+        ]
+        for port, (kwargs, message) in enumerate(refusals, start=9100):
+            with pytest.raises(FailedPrecondition, match=message) as err:
+                _register(registry, f"prefill-{port}", port, role="prefill", **kwargs)
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"prefill-{port}" not in registry.nodes
+        assert registry.pool is pool and learned == [pool]
+        same = _register(registry, "prefill-a", 9002, role="prefill")
+        old = _register(registry, "prefill-b", 9003, role="prefill", dtype="", max_model_len=0)  # an older node
+        assert same.healthy is False and old.node_id == "prefill-b" and registry.pool is pool
+        await registry.close()
+    asyncio.run(main())
+
+
+def test_the_routers_own_flags_check_registrations():
+    async def main():
+        registry = NodeRegistry(block_size=32, dtype="float16", max_model_len=128)
+        for kwargs, message in ((dict(dtype="bfloat16"), "dtype is bfloat16, this router's --dtype is float16"),
+                                (dict(dtype="float16"), "max_model_len is 256, this router's --max-model-len is 128")):
+            with pytest.raises(FailedPrecondition, match=message):
+                _register(registry, "decode-a", 9001, **kwargs)
+        assert registry.pool is None and not registry.nodes
+        _register(registry, "decode-a", 9001, dtype="float16", max_model_len=128)
+        assert (registry.pool.dtype, registry.pool.max_model_len) == ("float16", 128)
+        await registry.close()
+    asyncio.run(main())
+
+
+def test_the_router_reports_and_checks_prompts_with_the_pools_config(default_tokenizer):
+    """ModelInfo's dtype / block size / max_model_len and the prompt-length check follow the
+    registered nodes (a bf16 GPU pool is reported as bf16, not as the router's guess)."""
+    from router.policy import Placement
+    from router.prompts import ModelLimits, PromptBuilder
+    from router.servicer import GenerationServicer, ModelCard, Router
+
+    async def main():
+        registry = NodeRegistry()
+        card = ModelCard(name="m", max_model_len=4096, vocab_size=len(default_tokenizer), block_size=16,
+                         eos_token_ids=[0], dtype="auto")
+        builder = PromptBuilder(default_tokenizer, ModelLimits(card.vocab_size, card.max_model_len))
+        placement = Placement(16)
+        router = Router(registry, builder, card, PipelineConfig(block_size=16, placement=placement))
+        info = await GenerationServicer(router).ModelInfo(g.ModelInfoRequest(), None)
+        assert (info.dtype, info.block_size, info.max_model_len) == ("auto", 16, 4096)
+        _register(registry, "decode-a", 9001, max_model_len=8)
+        info = await GenerationServicer(router).ModelInfo(g.ModelInfoRequest(), None)
+        assert (info.dtype, info.block_size, info.max_model_len) == ("bfloat16", 32, 8)
+        assert router.config.block_size == placement.block_size == placement.decode.block_size == 32
+        assert builder.limits.max_model_len == 8
+        with pytest.raises(ValueError, match="max_model_len is 8"):
+            builder.build(g.GenerateRequest(token_ids=g.TokenIds(ids=list(range(1, 10)))))
         await registry.close()
     asyncio.run(main())

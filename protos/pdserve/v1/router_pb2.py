@@ -26,7 +26,7 @@ from protos.pdserve.v1 import generation_pb2 as protos_dot_pdserve_dot_v1_dot_ge
 from protos.pdserve.v1 import node_pb2 as protos_dot_pdserve_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/pdserve/v1/router.proto\x12\npdserve.v1\x1a\"protos/pdserve/v1/generation.proto\x1a\x1cprotos/pdserve/v1/node.proto\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\")\n\x11\x44rainNodeResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\"\xb5\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\"\n\x04load\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.NodeLoad\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\"X\n\x14RegisterNodeResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"X\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x04load\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.NodeLoad\x12\x0f\n\x07serving\x18\x03 \x01(\x08\"A\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r2\xee\x01\n\rRouterControl\x12M\n\x08Register\x12\x1f.pdserve.v1.RegisterNodeRequest\x1a .pdserve.v1.RegisterNodeResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12\x44\n\x05\x44rain\x12\x1c.pdserve.v1.DrainNodeRequest\x1a\x1d.pdserve.v1.DrainNodeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/pdserve/v1/router.proto\x12\npdserve.v1\x1a\"protos/pdserve/v1/generation.proto\x1a\x1cprotos/pdserve/v1/node.proto\"#\n\x10\x44rainNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\")\n\x11\x44rainNodeResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\x08\"\xc4\x01\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12$\n\x06layout\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVLayout\x12\"\n\x04load\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.NodeLoad\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\r\n\x05\x64type\x18\x08 \x01(\t\"X\n\x14RegisterNodeResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r\x12\x0f\n\x07node_id\x18\x03 \x01(\t\"X\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x04load\x18\x02 \x01(\x0b\x32\x14.pdserve.v1.NodeLoad\x12\x0f\n\x07serving\x18\x03 \x01(\x08\"A\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\r2\xee\x01\n\rRouterControl\x12M\n\x08Register\x12\x1f.pdserve.v1.RegisterNodeRequest\x1a .pdserve.v1.RegisterNodeResponse\x12H\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1d.pdserve.v1.HeartbeatResponse\x12\x44\n\x05\x44rain\x12\x1c.pdserve.v1.DrainNodeRequest\x1a\x1d.pdserve.v1.DrainNodeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINNODERESPONSE']._serialized_start=149
   _globals['_DRAINNODERESPONSE']._serialized_end=190
   _globals['_REGISTERNODEREQUEST']._serialized_start=193
-  _globals['_REGISTERNODEREQUEST']._serialized_end=374
-  _globals['_REGISTERNODERESPONSE']._serialized_start=376
-  _globals['_REGISTERNODERESPONSE']._serialized_end=464
-  _globals['_HEARTBEATREQUEST']._serialized_start=466
-  _globals['_HEARTBEATREQUEST']._serialized_end=554
-  _globals['_HEARTBEATRESPONSE']._serialized_start=556
-  _globals['_HEARTBEATRESPONSE']._serialized_end=621
-  _globals['_ROUTERCONTROL']._serialized_start=624
-  _globals['_ROUTERCONTROL']._serialized_end=862
+  _globals['_REGISTERNODEREQUEST']._serialized_end=389
+  _globals['_REGISTERNODERESPONSE']._serialized_start=391
+  _globals['_REGISTERNODERESPONSE']._serialized_end=479
+  _globals['_HEARTBEATREQUEST']._serialized_start=481
+  _globals['_HEARTBEATREQUEST']._serialized_end=569
+  _globals['_HEARTBEATRESPONSE']._serialized_start=571
+  _globals['_HEARTBEATRESPONSE']._serialized_end=636
+  _globals['_ROUTERCONTROL']._serialized_start=639
+  _globals['_ROUTERCONTROL']._serialized_end=877
 # @@protoc_insertion_point(module_scope)

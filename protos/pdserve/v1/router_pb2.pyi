@@ -20,7 +20,7 @@ class DrainNodeResponse(_message.Message):
     def __init__(self, acknowledged: _Optional[bool] = ...) -> None: ...
 
 class RegisterNodeRequest(_message.Message):
-    __slots__ = ("node_id", "address", "role", "layout", "load", "model", "max_model_len")
+    __slots__ = ("node_id", "address", "role", "layout", "load", "model", "max_model_len", "dtype")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class RegisterNodeRequest(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     role: str
@@ -35,7 +36,8 @@ class RegisterNodeRequest(_message.Message):
     load: _generation_pb2.NodeLoad
     model: str
     max_model_len: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., layout: _Optional[_Union[_node_pb2.KVLayout, _Mapping]] = ..., load: _Optional[_Union[_generation_pb2.NodeLoad, _Mapping]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    dtype: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., role: _Optional[str] = ..., layout: _Optional[_Union[_node_pb2.KVLayout, _Mapping]] = ..., load: _Optional[_Union[_generation_pb2.NodeLoad, _Mapping]] = ..., model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class RegisterNodeResponse(_message.Message):
     __slots__ = ("accepted", "heartbeat_interval_ms", "node_id")
