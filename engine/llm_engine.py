@@ -21,7 +21,7 @@ from engine.config import (CacheConfig, EngineArgs, ModelShape, SchedulerConfig,
                            resolve_dtype, resolve_kv_cache_dtype)
 from engine.kv_sizing import check_weights_fit, size_kv_cache
 from engine.loader import ModelSource, load_model_source
-from engine.model_runner import PLACEHOLDER, ModelRunner, PendingStep
+from engine.model_runner import ModelRunner, PendingStep
 from engine.models import get_model_class
 from engine.quant import QuantConfig, load_checkpoint, resolve_quant_config
 from engine.parallel.group import TPGroup
@@ -30,7 +30,7 @@ from engine.parallel.sharding import check_tp_size, make_shard
 from engine.parallel.step import TPLeaderRunner
 from engine.outputs import StepOutput
 from engine.output_processor import OutputProcessor
-from engine.request import FinishReason, Request
+from engine.request import PLACEHOLDER, FinishReason, Request
 from engine.sampler import RowSpec
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
@@ -344,6 +344,7 @@ class LLMEngine:
         if prev is not None and not out.is_empty and self._needs_token_values(out):
             outputs += self._complete(prev)
             prev = None
+            out = self.scheduler.resolve_placeholders(out)
         if not out.is_empty:
             self.step_tokens.append(out.num_scheduled_tokens)
             self._inflight = self._launch(out, prev)
