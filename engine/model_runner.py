@@ -47,8 +47,6 @@ class StepInputs:
     sampled_rows: tuple[int, ...]  # row index (into chunks) of each sampled row
 
 
-
-
 class _HostSet:
     """One set of host staging arrays (pinned on CUDA), with numpy views."""
 
