@@ -19,19 +19,20 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import (CacheConfig, EngineArgs, ModelShape, ResolvedConfig, SchedulerConfig, resolve_device,
                            resolve_dtype, resolve_kv_cache_dtype)
-from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_sizing import check_weights_fit, size_kv_cache
 from engine.loader import ModelSource, load_model_source
 from engine.model_info import resolve_max_model_len
-from engine.model_runner import PLACEHOLDER, ModelRunner, PendingStep
+from engine.model_runner import ModelRunner, PendingStep
 from engine.models import get_model_class
 from engine.quant import QuantConfig, load_checkpoint, resolve_quant_config
 from engine.parallel.group import TPGroup
 from engine.parallel.ranks import RankProcesses, rank_devices
 from engine.parallel.sharding import check_tp_size, make_shard
 from engine.parallel.step import TPLeaderRunner
-from engine.outputs import Logprob, StepOutput
-from engine.request import FinishReason, Request
-from engine.sampler import PromptLogprobsOutput, RowSpec, SamplerOutput
+from engine.outputs import StepOutput
+from engine.output_processor import OutputProcessor
+from engine.request import PLACEHOLDER, FinishReason, Request
+from engine.sampler import RowSpec
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from engine.structured import GrammarCache, GrammarState
@@ -73,15 +74,6 @@ def model_shape(config, max_model_len: int) -> ModelShape:
     )
 
 
-def estimate_num_params(config) -> int:
-    """Parameters of a Llama-family decoder (fused projections, untied or tied head)."""
-    h, n = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    d = getattr(config, "head_dim", None) or h // heads
-    per_layer = h * (heads + 2 * kv) * d + heads * d * h + 3 * h * n + 2 * h
-    head = 0 if getattr(config, "tie_word_embeddings", False) else config.vocab_size * h
-    return config.num_hidden_layers * per_layer + config.vocab_size * h + head + h
 
 
 def max_batched_tokens(args: EngineArgs, max_model_len: int) -> int:
@@ -159,10 +151,12 @@ class LLMEngine:
     def _build(self, config) -> None:
         args = self.args
         if self.device.type == "cuda":
-            self._check_weights_fit(config)
+            check_weights_fit(config, args, self.device, self.dtype)
         self.runner = build_runner(args, self.source, self.device, self.max_model_len,
                                    self.ranks.group if self.ranks else None)
-        num_blocks = self._num_blocks()
+        sizing = size_kv_cache(args, self.runner, self.scheduler_config, self.max_model_len)
+        self.kv_blocks_fit = sizing.fit  # before the max_num_seqs cap (reported by bench/gpu_speed.py)
+        num_blocks = sizing.num_blocks
         self.runner.allocate_kv_cache(num_blocks)
         self.runner.capture_cuda_graphs()
         self.cache_config = CacheConfig(args.block_size, num_blocks, args.enable_prefix_caching)
@@ -170,6 +164,7 @@ class LLMEngine:
                                        self.scheduler_config.max_num_batched_tokens, args.block_size, num_blocks)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.block_manager)
+        self.output_processor = OutputProcessor(self.tokenizer, self.role, self._finish)
         # Async scheduling: one step queued on the device ahead of the host (CUDA; not for the
         # prefill role, whose requests end after one token).
         wanted = self.device.type == "cuda" if args.async_scheduling is None else args.async_scheduling
@@ -208,63 +203,6 @@ class LLMEngine:
                 pass
         ranks.close(grace)
 
-    def _check_weights_fit(self, config) -> None:
-        free, total = torch.cuda.mem_get_info(self.device)
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        need = estimate_num_params(config) * elem // self.args.tensor_parallel_size  # this rank's shard
-        allowed = self.args.gpu_memory_utilization * total - (total - free)
-        if need > allowed:
-            raise MemoryError(
-                f"the model's weights need {need / 2**30:.2f} GiB in {str(self.dtype).removeprefix('torch.')}, but "
-                f"gpu_memory_utilization {self.args.gpu_memory_utilization} of {total / 2**30:.2f} GiB with "
-                f"{(total - free) / 2**30:.2f} GiB already in use leaves {max(allowed, 0) / 2**30:.2f} GiB")
-
-    def _num_blocks(self) -> int:
-        """KV blocks that fit: on CUDA, what `gpu_memory_utilization` of the GPU leaves after the
-        weights, everything else already on the GPU, and the peak activations of the largest step
-        (measured by running it); on CPU, `cpu_kv_cache_gb`."""
-        args = self.args
-        per_block = self.runner.shape.kv_bytes_per_token(self.kv_dtype) * args.block_size  # this rank's heads
-        blocks_per_seq = -(-self.max_model_len // args.block_size)
-        useful = args.max_num_seqs * blocks_per_seq + 1
-        if args.num_gpu_blocks is not None:
-            self.kv_blocks_fit = args.num_gpu_blocks
-            return args.num_gpu_blocks
-        if self.device.type != "cuda":
-            budget = args.cpu_kv_cache_gb * 2**30
-            num = int(budget // per_block)
-            if num < 2 + blocks_per_seq // 4:
-                raise ValueError(
-                    f"not enough memory for the KV cache: cpu_kv_cache_gb {args.cpu_kv_cache_gb} fits {num} blocks of "
-                    f"{per_block / 2**20:.2f} MiB; raise cpu_kv_cache_gb or lower max_model_len")
-            self.kv_blocks_fit = num  # what the budget holds; more than max_num_seqs full sequences use
-            return min(num, useful)
-        cfg = self.scheduler_config
-        peak = self.runner.profile_peak_memory(cfg.max_num_batched_tokens, cfg.max_num_seqs, self.max_model_len)
-        free, total = torch.cuda.mem_get_info(self.device)
-        in_use = total - free  # weights, CUDA context, other processes
-        graph_reserve = 0 if self.runner.graph_max_batch == 0 else 256 * 2**20
-        budget = args.gpu_memory_utilization * total - in_use - peak - graph_reserve
-        num = int(budget // per_block)
-        need = blocks_per_seq + 1
-        if num < need:
-            raise MemoryError(
-                f"no room for the KV cache: gpu_memory_utilization {args.gpu_memory_utilization} of "
-                f"{total / 2**30:.2f} GiB = {args.gpu_memory_utilization * total / 2**30:.2f} GiB; in use "
-                f"{in_use / 2**30:.2f} GiB (weights {self._weight_bytes() / 2**30:.2f} GiB); activations peak "
-                f"{peak / 2**30:.2f} GiB at max_num_batched_tokens {cfg.max_num_batched_tokens}; that leaves "
-                f"{max(budget, 0) / 2**30:.2f} GiB, but one sequence of max_model_len {self.max_model_len} needs "
-                f"{need * per_block / 2**30:.2f} GiB ({per_block // args.block_size // 1024} KiB per token). Raise "
-                "gpu_memory_utilization, or lower max_model_len or max_num_batched_tokens")
-        self.kv_blocks_fit = num
-        logger.info("KV cache: %d blocks = %.2f GiB (%d tokens; the budget fits %d blocks); weights %.2f GiB, "
-                    "activation peak %.2f GiB", min(num, useful), min(num, useful) * per_block / 2**30,
-                    min(num, useful) * args.block_size, num, self._weight_bytes() / 2**30, peak / 2**30)
-        return min(num, useful)
-
-    def _weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.runner.model.parameters())
-
     # ---- requests ------------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
@@ -296,7 +234,7 @@ class LLMEngine:
                           parent=parent, sample_index=index if params.n > 1 else sample_index)
             req.client_id = request_id
             req.grammar = grammars[index]
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
+            self.output_processor.start(req)
             if params.prompt_logprobs is not None and parent is None and not output_token_ids:
                 req.prompt_logprobs = []  # the first sequence computes them (a resumed one sent them already)
             parent = parent or req
@@ -322,8 +260,7 @@ class LLMEngine:
             if req.grammar is not None and not req.grammar.accept(token_id):
                 raise ValueError(f"resumed token {token_id} is outside the request's grammar")
             req.output_token_ids.append(token_id)
-            req.detokenizer.append(token_id)
-        req.detokenizer.get_delta()  # that text reached the client from the node that generated it
+        self.output_processor.replay(req, output_token_ids)  # that text reached the client already
 
     def grammar_state(self, params: SamplingParams) -> GrammarState | None:
         """A fresh grammar matcher for a structured request (None without a constraint)."""
@@ -378,12 +315,12 @@ class LLMEngine:
         pending = self.runner.execute(out, [self._row_spec(c.request) for c in sampled])
         for chunk in out.chunks:
             self.scheduler.advance(chunk)
-        self._record_prompt_logprobs(out.chunks, pending.prompt)
+        self.output_processor.record_prompt_logprobs(out.chunks, pending.prompt)
         result = pending.output
         if result is None:
             return []
         token_ids = result.sampled_token_ids.tolist()
-        return self._process_samples([(c.request, None) for c in sampled], token_ids, result)
+        return self.output_processor.process([(c.request, None) for c in sampled], token_ids, result)
 
     def _step_async(self) -> list[StepOutput]:
         """Async scheduling: step N+1 is scheduled and queued on the device before step N's tokens
@@ -400,6 +337,7 @@ class LLMEngine:
         if prev is not None and not out.is_empty and self._needs_token_values(out):
             outputs += self._complete(prev)
             prev = None
+            out = self.scheduler.resolve_placeholders(out)
         if not out.is_empty:
             self.step_tokens.append(out.num_scheduled_tokens)
             self._inflight = self._launch(out, prev)
@@ -440,33 +378,10 @@ class LLMEngine:
             req = chunk.request
             if not req.is_finished:
                 self.scheduler.register_blocks(chunk)
-        self._record_prompt_logprobs(launched.chunks, launched.pending.prompt)
+        self.output_processor.record_prompt_logprobs(launched.chunks, launched.pending.prompt)
         if result is None:
             return []
-        return self._process_samples(launched.rows, token_ids, result)
-
-    @staticmethod
-    def _record_prompt_logprobs(chunks, prompt: PromptLogprobsOutput | None) -> None:
-        """Appends a step's prompt logprobs to their requests. Rows follow the chunks' `prompt_logits`
-        spans in order; a position already recorded (recomputed after a preemption) is skipped."""
-        if prompt is None:
-            return
-        logprobs, ranks = prompt.logprobs.tolist(), prompt.ranks.tolist()
-        top_ids = prompt.top_ids.tolist() if prompt.top_ids is not None else None
-        top_lps = prompt.top_logprobs.tolist() if prompt.top_logprobs is not None else None
-        row = 0
-        for chunk in chunks:
-            first, count = chunk.prompt_logits
-            req = chunk.request
-            num_top = req.sampling_params.prompt_logprobs or 0
-            for pos, r in zip(range(first, first + count), range(row, row + count)):
-                if req.prompt_logprobs is None or pos != len(req.prompt_logprobs):
-                    continue
-                entry = {req.prompt_token_ids[pos + 1]: Logprob(logprobs[r], ranks[r])}
-                for rank, (t, lp) in enumerate(zip(top_ids[r][:num_top], top_lps[r][:num_top]) if num_top else (), 1):
-                    entry.setdefault(t, Logprob(lp, rank))
-                req.prompt_logprobs.append(entry)
-            row += count
+        return self.output_processor.process(launched.rows, token_ids, result)
 
     def take_step_tokens(self) -> list[int]:
         """The tokens of every step since the last call (any thread: deque pops are atomic)."""
@@ -479,80 +394,6 @@ class LLMEngine:
     def _row_spec(req: Request) -> RowSpec:
         return RowSpec(req.sampling_params, req.prompt_token_ids, req.output_token_ids, req.eos_token_ids,
                        index=req.sample_index, grammar=req.grammar)
-
-    def _process_samples(self, rows, token_ids: list[int], result: SamplerOutput) -> list[StepOutput]:
-        """rows[i]: (request, index of its placeholder) or (request, None) to append; None = skip."""
-        outputs = []
-        for i, row in enumerate(rows):
-            if row is None:
-                continue
-            req, index = row
-            if req.is_finished:  # aborted, or finished by the step before (async)
-                continue
-            logprobs = self._logprobs(result, i, token_ids[i]) if req.sampling_params.logprobs is not None else None
-            outputs.append(self._append_token(req, token_ids[i], logprobs, index))
-        return outputs
-
-    @staticmethod
-    def _logprobs(result: SamplerOutput, row: int, token_id: int) -> dict[int, float]:
-        entry = {token_id: float(result.logprobs[row])}
-        if result.top_logprob_ids is not None:
-            for t, lp in zip(result.top_logprob_ids[row].tolist(), result.top_logprobs[row].tolist()):
-                entry.setdefault(t, lp)
-        return entry
-
-    def _append_token(self, req: Request, token_id: int, logprobs: dict[int, float] | None,
-                      index: int | None = None) -> StepOutput:
-        """Records a sampled token: appended, or written over its placeholder at `index`."""
-        if index is None:
-            req.output_token_ids.append(token_id)
-            count = len(req.output_token_ids)
-        else:
-            req.output_token_ids[index] = token_id
-            count = index + 1
-        if req.grammar is not None and not req.grammar.accept(token_id):
-            logger.warning("request %s: token %d is outside its grammar", req.client_id[:64], token_id)
-        reason = self._check_stop(req, token_id, count)
-        if reason is None and req.grammar is not None and req.grammar.is_terminated:
-            reason = FinishReason.EOS  # min_tokens or ignore_eos kept it going, but the grammar ended
-        if reason is None and self.role == "prefill":
-            reason = FinishReason.PREFILLED
-        if reason is not None:
-            del req.output_token_ids[count:]  # placeholders of a step already queued after this one
-            self._finish(req, reason)
-        prompt_logprobs = None
-        if req.prompt_logprobs is not None and not req.prompt_logprobs_sent:
-            req.prompt_logprobs_sent = True
-            prompt_logprobs = req.prompt_logprobs
-            if len(prompt_logprobs) != req.num_prompt_tokens - 1:
-                logger.error("request %s: %d prompt logprobs for %d prompt tokens", req.client_id[:64],
-                             len(prompt_logprobs), req.num_prompt_tokens)
-        return StepOutput(
-            request_id=req.client_id, index=req.sample_index, new_token_ids=[token_id],
-            text_delta=req.detokenizer.get_delta(finished=reason is not None),
-            finished=reason is not None, finish_reason=reason.value if reason else None,
-            stop_reason=req.stop_reason, new_logprobs=[logprobs] if logprobs is not None else None,
-            num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
-            prompt_logprobs=prompt_logprobs)
-
-    def _check_stop(self, req: Request, token_id: int, count: int) -> FinishReason | None:
-        """count: output tokens so far, this one included."""
-        params = req.sampling_params
-        min_reached = count >= params.min_tokens  # as vLLM: stops count once min_tokens are out
-        if min_reached and params.stop_token_ids and token_id in params.stop_token_ids:
-            req.stop_reason = token_id
-            if params.include_stop_str_in_output:
-                req.detokenizer.append(token_id)
-            return FinishReason.STOP
-        if min_reached and not params.ignore_eos and token_id in req.eos_token_ids:
-            return FinishReason.EOS
-        stop = req.detokenizer.append(token_id)
-        if min_reached and stop is not None:
-            req.stop_reason = stop
-            return FinishReason.STOP
-        if count >= req.max_tokens:
-            return FinishReason.LENGTH
-        return None
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         keep = reason == FinishReason.PREFILLED
@@ -640,11 +481,10 @@ class LLMEngine:
         req.block_table = list(block_ids)
         req.num_computed_tokens = n
         req.num_cached_tokens = 0
-        req.detokenizer = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, params)
         req.grammar = grammar
         req.output_token_ids.append(first_token_id)
-        req.detokenizer.append(first_token_id)
-        req.detokenizer.get_delta()  # the first token's text was streamed by the prefill side
+        self.output_processor.start(req)
+        self.output_processor.replay(req, [first_token_id])  # the prefill side streamed its text
         self._groups[request_id] = [req]
         self.scheduler.add_running(req)
         # The imported prompt joins this node's prefix cache, so a follow-up turn reuses it here.

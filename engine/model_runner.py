@@ -22,6 +22,7 @@ import torch
 
 from engine.attention import AttentionMetadata, get_backend_class
 from engine.config import ModelShape
+from engine.request import PLACEHOLDER  # an input token read from the step before's device output
 from engine.sampler import PromptLogprobsOutput, RowSpec, Sampler, SamplerOutput, SamplingMetadata, prompt_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, SchedulerOutput
@@ -44,9 +45,6 @@ class StepInputs:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_logits] int64; last token of each sampled row, then prompt-logprob positions
     sampled_rows: tuple[int, ...]  # row index (into chunks) of each sampled row
-
-
-PLACEHOLDER = -1  # a token sampled by a step still in flight: read from that step's device output
 
 
 class _HostSet:
@@ -260,13 +258,10 @@ class ModelRunner:
             if n == 1:
                 token = chunk.token_ids[0]
                 if token == PLACEHOLDER:
-                    req = chunk.request
-                    token = req.token_id_at(start)  # resolved on the host since it was scheduled?
-                    if token == PLACEHOLDER:
-                        h.fix_dst[fixes] = t
-                        h.fix_src[fixes] = req.pending_row
-                        fixes += 1
-                        token = 0
+                    h.fix_dst[fixes] = t
+                    h.fix_src[fixes] = chunk.input_row
+                    fixes += 1
+                    token = 0
                 ids[t] = token
                 pos[t] = start
                 slots[t] = table[start // bs] * bs + start % bs
@@ -277,10 +272,9 @@ class ModelRunner:
                 slots[t:t + n] = np.asarray(table)[p // bs] * bs + p % bs
             first, count = chunk.prompt_logits
             if count:
-                req = chunk.request
                 prompt_rows.extend(range(t + first - start, t + first - start + count))
-                prompt_targets.extend(req.prompt_token_ids[first + 1:first + 1 + count])
-                prompt_top = max(prompt_top, req.sampling_params.prompt_logprobs or 0)
+                prompt_targets.extend(chunk.prompt_targets)
+                prompt_top = max(prompt_top, chunk.num_prompt_top)
             t += n
             qsl[i + 1] = t
             lens[i] = end

@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     from engine.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # an output token sampled by a step still in flight (async scheduling): not read yet
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"

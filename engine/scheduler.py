@@ -9,25 +9,32 @@ preempted: its blocks are freed and it recomputes from scratch later (its output
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.config import SchedulerConfig
-from engine.request import FinishReason, Request, RequestStatus
+from engine.request import PLACEHOLDER, FinishReason, Request, RequestStatus
 
 
 @dataclass(frozen=True)
 class ScheduledChunk:
     """One row of a step: compute KV for `token_ids` at positions `start_pos ...`."""
 
-    request: Request  # read-only for the runner: sampling parameters and token history
+    request: Request  # the scheduler's and the engine's handle: the model runner never reads it
     token_ids: tuple[int, ...]
     start_pos: int
     block_table: tuple[int, ...]
     sample: bool  # the chunk reaches the request's last known token: sample the next one
-    # prompt logprobs: (first position, count) of the positions whose full logits are needed
+    # prompt logprobs: (first position, count) of the positions whose full logits are needed, the
+    # prompt tokens those positions predict, and how many top candidates to report for each
     prompt_logits: tuple[int, int] = (0, 0)
+    prompt_targets: tuple[int, ...] = ()
+    num_prompt_top: int = 0
+    # async scheduling: token_ids is (PLACEHOLDER,), the token that this row of the step in flight
+    # samples (read from its device output); -1 otherwise
+    input_row: int = -1
 
     @property
     def end_pos(self) -> int:
@@ -174,8 +181,22 @@ class Scheduler:
     def _chunk(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
         tokens = tuple(req.token_id_at(j) for j in range(start, start + n))
+        first, count = req.prompt_logits_span(start, start + n)
+        targets = tuple(req.prompt_token_ids[first + 1:first + 1 + count])
+        top = (req.sampling_params.prompt_logprobs or 0) if count else 0
+        row = req.pending_row if n == 1 and tokens[0] == PLACEHOLDER else -1
         return ScheduledChunk(req, tokens, start, tuple(req.block_table), start + n == req.num_tokens,
-                              req.prompt_logits_span(start, start + n))
+                              (first, count), targets, top, row)
+
+    @staticmethod
+    def resolve_placeholders(out: SchedulerOutput) -> SchedulerOutput:
+        """`out` with the placeholder tokens that became known on the host since it was scheduled
+        (async scheduling: the step in flight was completed before this one launched)."""
+        def known(c: ScheduledChunk) -> ScheduledChunk:
+            token = c.request.token_id_at(c.start_pos) if c.input_row >= 0 else PLACEHOLDER
+            return c if token == PLACEHOLDER else dataclasses.replace(c, token_ids=(token,), input_row=-1)
+
+        return dataclasses.replace(out, chunks=tuple(known(c) for c in out.chunks))
 
     # ---- state changes --------------------------------------------------------------------
     def preempt(self, req: Request) -> None:

@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictIn
                       ValidationError)
 
 from engine.sampling_params import SamplingParams
+from engine.sampling_proto import SAMPLING_FIELDS, to_request
 from engine.structured.spec import spec_from_proto
 from engine.tool_parsers import NamedFunctionOutput, RequiredOutput, ToolParser, get_parser
 from gateway.errors import APIError
@@ -223,10 +224,6 @@ def refuse_unknown(body: BaseModel, path: str = "") -> None:
 
 # -- sampling ------------------------------------------------------------------------------------
 
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
-                    "presence_penalty", "frequency_penalty")
-
-
 def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None,
                    vocab_size: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """Validates every sampling / stopping field with the engine's rules (ValueError -> 400)."""
@@ -235,7 +232,7 @@ def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None,
                        param="best_of")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-    given = {f: getattr(req, f) for f in _SAMPLING_FIELDS if getattr(req, f) is not None}
+    given = {f: getattr(req, f) for f in SAMPLING_FIELDS if getattr(req, f) is not None}
     bias = None
     if req.logit_bias:
         try:
@@ -271,24 +268,15 @@ def sampling_proto(req: _Sampling, params: SamplingParams, max_tokens: int | Non
                    logprobs: int | None, inputs: list[pb.Input],
                    structured: pb.StructuredOutput | None = None) -> pb.GenerateRequest:
     """The GenerateRequest: client-given fields only, so the router applies model defaults."""
-    sampling = pb.SamplingParameters(**{f: getattr(params, f) for f in _SAMPLING_FIELDS
-                                        if getattr(req, f) is not None})
-    if params.logit_bias:
-        sampling.logit_bias.update(params.logit_bias)
-    stopping = pb.StoppingCriteria(min_new_tokens=params.min_tokens, stop=params.stop,
-                                   stop_token_ids=params.stop_token_ids,
-                                   include_stop_str=params.include_stop_str_in_output,
-                                   ignore_eos=params.ignore_eos)
-    if max_tokens is not None:
-        stopping.max_new_tokens = max_tokens
-    request = pb.GenerateRequest(model=req.model or "", sampling=sampling, stopping=stopping,
-                                 n=params.n, priority=req.priority,
-                                 client_request_id=(req.request_id or "")[:256],
-                                 skip_special_tokens=params.skip_special_tokens)
-    if logprobs is not None:
-        request.logprobs = logprobs
-    if params.prompt_logprobs is not None:
-        request.prompt_logprobs = params.prompt_logprobs
+    request = pb.GenerateRequest(model=req.model or "", sampling=pb.SamplingParameters(),
+                                 stopping=pb.StoppingCriteria(), priority=req.priority,
+                                 client_request_id=(req.request_id or "")[:256])
+    unset = [f for f in SAMPLING_FIELDS if getattr(req, f) is None]
+    if max_tokens is None:
+        unset.append("max_tokens")
+    if logprobs is None:
+        unset.append("logprobs")
+    to_request(params, request, unset)
     if structured is not None:
         request.structured.CopyFrom(structured)
     if len(inputs) == 1:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from engine.block_manager import block_hashes
 from engine.chat import render_chat
-from engine.rpc.convert import structured_from_proto
+from engine import sampling_proto
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2
 
@@ -118,44 +118,9 @@ class PromptBuilder:
 
     # ---- sampling ---------------------------------------------------------------------------
     def params(self, request: generation_pb2.GenerateRequest) -> SamplingParams:
-        s, stop = request.sampling, request.stopping
-
-        def pick(name):
-            return getattr(s, name) if s.HasField(name) else self.defaults.get(name)
-
-        return SamplingParams(
-            n=request.n or 1,
-            temperature=pick("temperature"),
-            top_p=pick("top_p"),
-            top_k=pick("top_k"),
-            min_p=pick("min_p"),
-            repetition_penalty=pick("repetition_penalty"),
-            presence_penalty=s.presence_penalty if s.HasField("presence_penalty") else 0.0,
-            frequency_penalty=s.frequency_penalty if s.HasField("frequency_penalty") else 0.0,
-            seed=s.seed if s.HasField("seed") else None,
-            logit_bias=dict(s.logit_bias) or None,
-            max_tokens=stop.max_new_tokens if stop.HasField("max_new_tokens") else None,
-            min_tokens=stop.min_new_tokens,
-            stop=list(stop.stop) or None,
-            stop_token_ids=list(stop.stop_token_ids) or None,
-            include_stop_str_in_output=stop.include_stop_str,
-            ignore_eos=stop.ignore_eos,
-            logprobs=request.logprobs if request.HasField("logprobs") else None,
-            prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
-            skip_special_tokens=request.skip_special_tokens if request.HasField("skip_special_tokens") else True,
-            structured=self.structured(request),
-        )
-
-    @staticmethod
-    def structured(request: generation_pb2.GenerateRequest):
-        """The output constraint, its schema / regex / grammar parsed here so a bad one is
-        INVALID_ARGUMENT before any node sees it."""
-        if not request.HasField("structured"):
-            return None
-        spec = structured_from_proto(request.structured)
-        if spec is not None:
-            spec.check()
-        return spec
+        """The request's parameters, the model's defaults where it left them unset (the output
+        constraint is parsed here, so a bad one is INVALID_ARGUMENT before any node sees it)."""
+        return sampling_proto.from_request(request, self.defaults)
 
     def build(self, request: generation_pb2.GenerateRequest) -> list[Prompt]:
         """Validates and tokenizes (slow for long text: the router runs it on a worker thread)."""

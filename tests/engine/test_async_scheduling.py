@@ -5,11 +5,13 @@ strings, stop ids) discarding the queued step's row, preemption with a token in 
 cache registration after the fact, penalties forcing a wait."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.model_runner import ModelRunner
 from tests.engine.helpers import greedy, random_prompts, token_ids
 
 
@@ -96,3 +98,25 @@ def test_async_n_greater_than_one_and_abort(make_tiny_model):
     assert all(len(got[k]) + 3 >= 50 for k in ("0", "2", "3"))
     eng.check_invariants()
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_total_blocks
+
+
+def test_the_runner_reads_nothing_from_requests(make_tiny_model, monkeypatch):
+    """The SchedulerOutput is the model runner's whole input: with every chunk's request hidden from
+    it, async steps (placeholder tokens, late finishes, penalties waiting, prompt logprobs) give
+    the output of synchronous ones."""
+    path = make_tiny_model("llama")
+    prompts = random_prompts(12, 49152, seed=9)
+    params = _mixed_params(10, seed=10) + [SamplingParams(temperature=0.0, max_tokens=6, prompt_logprobs=2)] * 2
+    sync, _ = _run(path, prompts, params, num_gpu_blocks=512, async_scheduling=False)
+    launch = ModelRunner.launch
+
+    def without_requests(self, out, rows, prev=None, to_host=True):
+        hidden = tuple(dataclasses.replace(c, request=None) for c in out.chunks)
+        return launch(self, dataclasses.replace(out, chunks=hidden), rows, prev, to_host)
+
+    monkeypatch.setattr(ModelRunner, "launch", without_requests)
+    asyn, eng = _run(path, prompts, params, num_gpu_blocks=512, async_scheduling=True)
+    assert eng._async
+    assert token_ids(asyn) == token_ids(sync)
+    assert [o.outputs[0].finish_reason for o in asyn] == [o.outputs[0].finish_reason for o in sync]
+    assert asyn[-1].prompt_logprobs is not None and asyn[-1].prompt_logprobs == sync[-1].prompt_logprobs
