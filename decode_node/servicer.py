@@ -337,7 +337,7 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
 
     @staticmethod
     def _event(out, params: SamplingParams) -> node_pb2.DecodeEvent:
-        ev = node_pb2.DecodeEvent(token_ids=out.new_token_ids,
+        ev = node_pb2.DecodeEvent(token_ids=out.new_token_ids, text=out.text_delta, held_text=out.held_text,
                                   finish_reason=convert.finish_reason_to_proto(out.finish_reason))
         if out.new_logprobs:
             ev.logprobs.extend(convert.logprob_to_proto(e, params.logprobs or 0) for e in out.new_logprobs)

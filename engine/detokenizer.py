@@ -57,6 +57,12 @@ class IncrementalDetokenizer:
         return self._text + self._pending
 
     @property
+    def held_back(self) -> str:
+        """Output text not yet returned by get_delta (a possible start of a stop string, bytes of
+        an unfinished character): what get_delta(finished=True) would release now."""
+        return self.output_text[self._streamed:]
+
+    @property
     def finished_by_stop(self) -> bool:
         return self.stop_reason is not None
 

@@ -72,13 +72,14 @@ class OutputProcessor:
         if reason is not None:
             del req.output_token_ids[count:]  # placeholders of a step already queued after this one
             self.finish(req, reason)
+        # a prefilled request goes on elsewhere: its text is streamed as if it went on here
+        text = req.detokenizer.get_delta(finished=reason not in (None, FinishReason.PREFILLED))
         return StepOutput(
-            request_id=req.client_id, index=req.sample_index, new_token_ids=[token_id],
-            text_delta=req.detokenizer.get_delta(finished=reason is not None),
+            request_id=req.client_id, index=req.sample_index, new_token_ids=[token_id], text_delta=text,
             finished=reason is not None, finish_reason=reason.value if reason else None,
             stop_reason=req.stop_reason, new_logprobs=[logprobs] if logprobs is not None else None,
             num_prompt_tokens=req.num_prompt_tokens, num_cached_tokens=max(req.num_cached_tokens, 0),
-            prompt_logprobs=_take_prompt_logprobs(req))
+            prompt_logprobs=_take_prompt_logprobs(req), held_text=req.detokenizer.held_back)
 
     # ---- prompt logprobs ---------------------------------------------------------------------------
     @staticmethod

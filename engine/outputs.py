@@ -26,7 +26,7 @@ class StepOutput:
     request_id: str
     index: int
     new_token_ids: list[int]
-    text_delta: str
+    text_delta: str  # never splits a character; a stop string only with include_stop_str_in_output
     finished: bool
     finish_reason: str | None = None  # FinishReason value
     stop_reason: str | int | None = None  # the matched stop string or stop token id
@@ -34,6 +34,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     prompt_logprobs: PromptLogprobs | None = None  # once, with the request's first token (when asked)
+    held_text: str = ""  # text held back after this step (released if the request is ended from outside)
 
 
 @dataclass

@@ -227,14 +227,16 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
     def _first_token(self, out, params: SamplingParams, start: float) -> node_pb2.FirstToken:
         msg = node_pb2.FirstToken(token_id=out.new_token_ids[0],
                                   finish_reason=convert.finish_reason_to_proto(out.finish_reason),
-                                  cached_tokens=out.num_cached_tokens,
-                                  prefill_ms=(time.monotonic() - start) * 1000.0)
+                                  cached_tokens=out.num_cached_tokens, text=out.text_delta,
+                                  held_text=out.held_text, prefill_ms=(time.monotonic() - start) * 1000.0)
         if out.new_logprobs:
             msg.logprob.CopyFrom(convert.logprob_to_proto(out.new_logprobs[0], params.logprobs or 0))
         if out.prompt_logprobs is not None:
             msg.prompt_logprobs.extend(convert.prompt_logprobs_to_proto(out.prompt_logprobs, params.prompt_logprobs or 0))
         if isinstance(out.stop_reason, str):
             msg.stop_sequence = out.stop_reason
+        elif isinstance(out.stop_reason, int):
+            msg.stop_token_id = out.stop_reason
         return msg
 
     async def Abort(self, request: node_pb2.NodeAbortRequest, context):

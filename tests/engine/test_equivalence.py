@@ -156,3 +156,29 @@ def test_priority_orders_admission(model_dir):
     while eng.has_unfinished_requests():
         finished += [o.request_id for o in eng.step() if o.finished]
     assert finished == ["high", "low"]
+
+
+def test_prefill_text_and_decode_text_join_to_the_single_process_text(model_dir, prompts):
+    """The text a node streams (its `text_delta`s, sent to the router as they are): the prefill
+    node's first token plus the importing decode node's deltas equal one engine's text (a stop
+    string that never matches makes both hold text back)."""
+    from engine.config import EngineArgs
+    from engine.llm_engine import LLMEngine
+
+    params = greedy(NEW, stop=["@@never@@"])
+    both = LLM(model_dir, num_gpu_blocks=512)
+    expected = [o.outputs[0].text for o in both.generate([{"prompt_token_ids": p} for p in prompts], params,
+                                                          use_tqdm=False)]
+    pre = LLMEngine(EngineArgs(model=model_dir, role="prefill", num_gpu_blocks=256))
+    dec = LLMEngine(EngineArgs(model=model_dir, role="decode", num_gpu_blocks=256))
+    text = {}
+    for i, p in enumerate(prompts):
+        pre.add_request(str(i), prompt_token_ids=p, params=params)
+        out, = pre.step()
+        text[out.request_id] = out.text_delta
+        kv = pre.export_kv(out.request_id)
+        dec.import_request(out.request_id, kv.prompt_token_ids, kv.first_token_id, params, kv.k, kv.v)
+    while dec.has_unfinished_requests():
+        for out in dec.step():
+            text[out.request_id] += out.text_delta
+    assert [text[str(i)] for i in range(len(prompts))] == expected
