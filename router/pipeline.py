@@ -1,9 +1,12 @@
 """One completion's path through the pool: Reserve on a decode node -> Prefill (first token,
 relayed at once) -> Decode stream (relayed token by token).
 
-A `Pipeline` yields `Chunk`s. It does its own incremental detokenization over the token ids it
-relays, mirroring the engine's stop rules, so text deltas never split a character and stop
-strings are never emitted.
+A `Pipeline` yields `Chunk`s. It relays what the nodes decided, where the tokens were sampled:
+each event's text delta (never a split character, never a stop string unless
+include_stop_str_in_output), its finish reason and the stop string or stop token id that ended it.
+A node that takes over a completion (an imported first token, resumed output tokens) streams only
+the text after what the client already has; the router only keeps the text the last node held
+back, sent if the router ends the completion itself (time limit, cancel).
 
 Every stage has its own budget (`PipelineConfig`): Reserve, prefill to the first token, the KV
 transfer up to the first decode event, and each later gap between tokens; node channels also
@@ -24,7 +27,6 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from engine.detokenizer import IncrementalDetokenizer
 from engine.rpc import convert
 from engine.rpc.errors import RpcError, ResourceExhausted, Unavailable
 from protos.pdserve.v1 import generation_pb2, node_pb2
@@ -88,9 +90,8 @@ def _forward_error(exc: grpc.aio.AioRpcError, what: str) -> RpcError:
 
 
 class Pipeline:
-    def __init__(self, registry: NodeRegistry, config: PipelineConfig, tokenizer, prompt: Prompt,
-                 prompt_index: int, index: int, node_request_id: str, priority: int, deadline: float,
-                 arrival: float):
+    def __init__(self, registry: NodeRegistry, config: PipelineConfig, prompt: Prompt, prompt_index: int,
+                 index: int, node_request_id: str, priority: int, deadline: float, arrival: float):
         self.registry, self.config = registry, config
         self.prompt, self.prompt_index, self.index = prompt, prompt_index, index
         self.node_request_id = node_request_id
@@ -101,11 +102,11 @@ class Pipeline:
         if index != 0:  # prompt logprobs are the same for every completion: index 0 computes them
             self.params.prompt_logprobs = None
         self.wire_params = convert.params_to_proto(self.params, sample_index=index)
-        self.detok = IncrementalDetokenizer(tokenizer, prompt.token_ids, self.params)
         self.holders: set[Node] = set()  # nodes that may hold state for this completion
         self.placement = config.placement or Placement(config.block_size)
         self.hashes = prompt.block_hashes(config.block_size)  # for prefix-aware placement
         self.output_ids: list[int] = []  # every token relayed so far (resumed on a failover)
+        self.held_text = ""  # text the last node holds back after the tokens relayed so far
         self._background: set[asyncio.Task] = set()
         self._active: Node | None = None
         self.finished = False
@@ -126,26 +127,23 @@ class Pipeline:
         return Chunk(self.prompt_index, self.index, prompt_tokens=len(self.prompt.token_ids),
                      completion_tokens=self.num_tokens, cached_tokens=self.cached_tokens, **kw)
 
-    def _token(self, token_id: int, finish: int, stop_sequence: str = "", stop_token_id: int | None = None,
-               logprob=None) -> Chunk:
-        """Relays one token; mirrors the engine: a stop token id or eos that ends the output adds
-        no text (unless include_stop_str for stop ids)."""
-        self.num_tokens += 1
-        self.output_ids.append(token_id)
-        self._time_token()
-        ends_by_id = finish == FR.FINISH_REASON_EOS or (finish == FR.FINISH_REASON_STOP and not stop_sequence)
-        if not ends_by_id or (finish == FR.FINISH_REASON_STOP and self.params.include_stop_str_in_output):
-            matched = self.detok.append(token_id)
-            if matched is not None and not finish:
-                finish, stop_sequence = FR.FINISH_REASON_STOP, matched  # the node will agree
-        if finish == FR.FINISH_REASON_STOP and not stop_sequence and stop_token_id is None:
-            stop_token_id = token_id
-        chunk = self._chunk(token_ids=[token_id], logprobs=[logprob] if logprob is not None else [],
-                            text=self.detok.get_delta(finished=bool(finish)), finish_reason=finish,
-                            stop_sequence=stop_sequence, stop_token_id=stop_token_id)
-        if finish:
-            self._finish(chunk)
-        return chunk
+    def _relay(self, token_ids, logprobs, event) -> list[Chunk]:
+        """The chunks of one node event (`FirstToken` or `DecodeEvent`), a token each, as the node
+        decided them: the event's text, finish and stop belong to its last token."""
+        self.held_text = event.held_text
+        chunks = []
+        for j, token_id in enumerate(token_ids):
+            self.num_tokens += 1
+            self.output_ids.append(token_id)
+            self._time_token()
+            chunks.append(self._chunk(token_ids=[token_id], logprobs=[logprobs[j]] if j < len(logprobs) else []))
+        if chunks:
+            last = chunks[-1]
+            last.text, last.finish_reason, last.stop_sequence = event.text, event.finish_reason, event.stop_sequence
+            last.stop_token_id = event.stop_token_id if event.HasField("stop_token_id") else None
+            if last.finish_reason:
+                self._finish(last)
+        return chunks
 
     def _time_token(self) -> None:
         """Timings: the gap between the first and the second token relayed."""
@@ -169,7 +167,8 @@ class Pipeline:
 
     def final_chunk(self, finish: int) -> Chunk:
         """The last chunk when the completion ends early (abort, time limit)."""
-        chunk = self._chunk(text=self.detok.get_delta(finished=True), finish_reason=finish)
+        chunk = self._chunk(text=self.held_text, finish_reason=finish)
+        self.held_text = ""
         self._finish(chunk)
         return chunk
 
@@ -276,14 +275,8 @@ class Pipeline:
                 continue
             return _Attempt(decode, reservation, prefill, call, event.first_token)
 
-    def _event_chunks(self, event: node_pb2.DecodeEvent):
-        """The chunks of one DecodeEvent, a token each; the event's finish belongs to its last token."""
-        for j, token_id in enumerate(event.token_ids):
-            last = j == len(event.token_ids) - 1
-            yield self._token(token_id, event.finish_reason if last else FR.FINISH_REASON_UNSPECIFIED,
-                              event.stop_sequence if last else "",
-                              event.stop_token_id if last and event.HasField("stop_token_id") else None,
-                              logprob=event.logprobs[j] if j < len(event.logprobs) else None)
+    def _event_chunks(self, event: node_pb2.DecodeEvent) -> list[Chunk]:
+        return self._relay(event.token_ids, event.logprobs, event)
 
     @property
     def colocated(self) -> bool:
@@ -413,8 +406,8 @@ class Pipeline:
             self.timings.prefill_ms = first.prefill_ms
             self.cached_tokens = first.cached_tokens
             first_chunk = self._with_prompt_logprobs(
-                self._token(first.token_id, first.finish_reason, first.stop_sequence,
-                            logprob=first.logprob if first.HasField("logprob") else None), first.prompt_logprobs)
+                self._relay([first.token_id], [first.logprob] if first.HasField("logprob") else [], first)[0],
+                first.prompt_logprobs)
             if self.finished:  # the first token ended it: the prefill node freed its KV, free the reservation
                 attempt.close()
                 await self._abort(attempt.decode)

@@ -128,7 +128,7 @@ class Router:
         queue: asyncio.Queue = asyncio.Queue()
         run.wakeup = lambda: queue.put_nowait(run.failure)
         loop = asyncio.get_running_loop()
-        pipelines = [Pipeline(self.registry, self.config, self.builder.tokenizer, prompt, p, i,
+        pipelines = [Pipeline(self.registry, self.config, prompt, p, i,
                               f"{run.request_id}.{p}.{i}", request.priority, deadline, arrival)
                      for p, prompt in enumerate(prompts) for i in range(prompt.params.n)]
         reader = asyncio.current_task()

@@ -28,12 +28,13 @@ from tests.router.fakes import FR, HANG, Cluster, collect, first_token, make_reg
 def test_prefill_failing_mid_transfer_after_first_token_is_retried(default_tokenizer):
     async def main():
         cluster = Cluster(
+            tokenizer=default_tokenizer,
             prefill_scripts=[[first_token(), rpc_error(grpc.StatusCode.UNAVAILABLE, "PushKV: Socket closed")],
                              [first_token(99), transfer_done()]],  # the retry's first token is not sent again
             decode_scripts=[[HANG],  # waits for KV that never comes; the router cancels it
                             [tokens(8), tokens(9), tokens(10, finish=FR.FINISH_REASON_LENGTH)]])
         registry = make_registry(cluster)
-        chunks = await collect(pipeline(registry, default_tokenizer))
+        chunks = await collect(pipeline(registry))
         assert [c.token_ids for c in chunks] == [[7], [8], [9], [10]]
         assert chunks[-1].finish_reason == FR.FINISH_REASON_LENGTH
         assert all(call.cancelled or not call.script for call in cluster.calls)
@@ -47,10 +48,11 @@ def test_prefill_failing_mid_transfer_after_first_token_is_retried(default_token
 def test_expired_reservation_before_second_token_is_retried_not_404(default_tokenizer):
     async def main():
         cluster = Cluster(
+            tokenizer=default_tokenizer,
             prefill_scripts=[[first_token(), transfer_done()], [first_token(), transfer_done()]],
             decode_scripts=[[rpc_error(grpc.StatusCode.NOT_FOUND, "unknown or expired reservation")],
                             [tokens(8, 9), tokens(10, finish=FR.FINISH_REASON_LENGTH)]])
-        chunks = await collect(pipeline(make_registry(cluster), default_tokenizer))
+        chunks = await collect(pipeline(make_registry(cluster)))
         assert [c.token_ids for c in chunks] == [[7], [8], [9], [10]]
     asyncio.run(main())
 
@@ -58,9 +60,9 @@ def test_expired_reservation_before_second_token_is_retried_not_404(default_toke
 @pytest.mark.timeout(60)
 def test_decode_stalling_after_tokens_ends_unavailable_within_the_gap_budget(default_tokenizer):
     async def main():
-        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]],
+        cluster = Cluster(tokenizer=default_tokenizer, prefill_scripts=[[first_token(), transfer_done()]],
                           decode_scripts=[[tokens(8), HANG]])
-        pipe = pipeline(make_registry(cluster), default_tokenizer, max_tokens=10, token_gap_s=0.5,
+        pipe = pipeline(make_registry(cluster), max_tokens=10, token_gap_s=0.5,
                         max_failovers=0)
         got = []
         start = time.monotonic()
@@ -78,10 +80,10 @@ def test_decode_stalling_after_tokens_ends_unavailable_within_the_gap_budget(def
 @pytest.mark.timeout(60)
 def test_node_cancelled_is_unavailable_not_cancelled(default_tokenizer):
     async def main():
-        cluster = Cluster(prefill_scripts=[[first_token(), transfer_done()]] * 3,
+        cluster = Cluster(tokenizer=default_tokenizer, prefill_scripts=[[first_token(), transfer_done()]] * 3,
                           decode_scripts=[[rpc_error(grpc.StatusCode.CANCELLED)]] * 3)
         with pytest.raises(RpcError) as err:
-            await collect(pipeline(make_registry(cluster), default_tokenizer))
+            await collect(pipeline(make_registry(cluster)))
         assert err.value.code == grpc.StatusCode.UNAVAILABLE  # never reported as a client disconnect
     asyncio.run(main())
 
