@@ -56,11 +56,19 @@ class IncrementalDetokenizer:
     def output_text(self) -> str:
         return self._text + self._pending
 
+    def _output_from(self, start: int, end: int | None = None) -> str:
+        """output_text[start:end] without building the whole text (this runs for every token)."""
+        settled = len(self._text)
+        end = settled + len(self._pending) if end is None else end
+        if start >= settled:
+            return self._pending[start - settled:end - settled]
+        return self._text[start:end] + (self._pending[:end - settled] if end > settled else "")
+
     @property
     def held_back(self) -> str:
         """Output text not yet returned by get_delta (a possible start of a stop string, bytes of
         an unfinished character): what get_delta(finished=True) would release now."""
-        return self.output_text[self._streamed:]
+        return self._output_from(self._streamed)
 
     @property
     def finished_by_stop(self) -> bool:
@@ -80,14 +88,13 @@ class IncrementalDetokenizer:
 
     def get_delta(self, finished: bool = False) -> str:
         """Text safe to stream since the last call; finished=True releases everything."""
-        text = self.output_text
         if finished or self.stop_reason is not None:
-            end = len(text)
+            end = len(self._text) + len(self._pending)
         else:
             end = len(self._text) - self._holdback
         if end <= self._streamed:
             return ""
-        delta = text[self._streamed:end]
+        delta = self._output_from(self._streamed, end)
         self._streamed = end
         return delta
 
