@@ -74,8 +74,6 @@ def model_shape(config, max_model_len: int) -> ModelShape:
     )
 
 
-
-
 def max_batched_tokens(args: EngineArgs, max_model_len: int) -> int:
     if args.max_num_batched_tokens:
         return args.max_num_batched_tokens

@@ -221,6 +221,16 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def add_metrics_flags(parser) -> None:
+    """--metrics-port and --metrics-prefix, as the router and the nodes take them."""
+    from engine.cli_args import add_flag
+
+    add_flag(parser, "--metrics-port", type=int, default=None,
+             help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+    add_flag(parser, "--metrics-prefix", default="pdserve", choices=PREFIXES,
+             help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
+
+
 def start_metrics_server(port: int, host: str = "127.0.0.1",
                          registry: CollectorRegistry | Metrics | None = None):
     """Serves `registry` at http://host:port/metrics from a daemon thread, always in the text

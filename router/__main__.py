@@ -15,7 +15,7 @@ import os
 
 from engine.cli_args import add_flag, add_server_args, env_name
 from engine.args import DTYPE_CHOICES, EngineArgs
-from engine.metrics import PREFIX, PREFIXES, Metrics, start_metrics_server
+from engine.metrics import PREFIX, Metrics, add_metrics_flags, start_metrics_server
 from engine.model_info import load_model_info, resolve_max_model_len
 from engine.rpc import process
 from engine.rpc.convert import TRANSPORTS
@@ -97,10 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
              help="how long a request waits for a decode node with room before RESOURCE_EXHAUSTED")
     add_flag(p, "--grace-period", type=float, default=30.0,
              help="seconds in-flight streams get to finish on SIGTERM before they end with UNAVAILABLE")
-    add_flag(p, "--metrics-port", type=int, default=None,
-             help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
-    add_flag(p, "--metrics-prefix", default="pdserve", choices=PREFIXES,
-             help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
+    add_metrics_flags(p)
     add_server_args(p, default_port=50051)
     add_security_args(p)
     return p

@@ -17,7 +17,7 @@ from typing import Callable
 
 from engine.async_engine import AsyncEngine
 from engine.cli_args import add_engine_args, add_flag, engine_args_from
-from engine.metrics import PREFIXES
+from engine.metrics import add_metrics_flags
 from engine.rpc.process import announce_ready, die_with_parent, stop_signals
 from engine.rpc.security import Security, add_security_args
 from engine.rpc.server import build_server, run
@@ -37,10 +37,7 @@ def node_parser(role: str, default_port: int) -> argparse.ArgumentParser:
     add_flag(g, "--router", default=None, help="host:port of a router to register with (optional)")
     add_flag(g, "--shutdown-grace", type=float, default=10.0,
              help="seconds in-flight requests get to finish on SIGTERM")
-    add_flag(g, "--metrics-port", type=int, default=None,
-             help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
-    add_flag(g, "--metrics-prefix", default="pdserve", choices=PREFIXES,
-             help="metric name prefix: pdserve (pdserve:...) or vllm (vllm:..., for vLLM's dashboards and autoscaling rules)")
+    add_metrics_flags(g)
     add_flag(g, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
     add_flag(g, "--kv-stream-chunks", action=argparse.BooleanOptionalAction, default=False,
              help="prefill node, grpc transport: send each prefill chunk's KV while the next chunk computes "
