@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kv_transfer.grpc_transport import PUSH_KV, decoded_frames
 from engine.kv_transfer import (TRANSPORTS, GrpcKVReceiver, IpcKVReceiver, KVLanding, KVReceiver, TorchDistHost,
                                 TorchDistKVReceiver, TransferError)
 from engine.rpc import convert
@@ -45,6 +46,7 @@ class Reservation:
 
 class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
     role = "decode"
+    RAW_REQUESTS = (PUSH_KV,)  # frames are parsed by decode_frame, the payload read in place
 
     def __init__(self, default_transport: str = "auto"):
         super().__init__()
@@ -177,7 +179,7 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
 
     async def PushKV(self, request_iterator, context):
         self.ready_engine()
-        frames = aiter(request_iterator)
+        frames = decoded_frames(request_iterator)  # raw bytes: the payload is read in place (see decode_frame)
         frame = await anext(frames, None)
         if frame is None:
             raise InvalidArgument("PushKV carried no frame")

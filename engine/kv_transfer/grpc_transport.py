@@ -23,7 +23,7 @@ import zlib
 import grpc
 import torch
 
-from engine.kv_transfer.base import (K, MAX_FRAME_BYTES, T, KVLanding, KVReceiver, KVSender, KVSpec, Received,
+from engine.kv_transfer.base import (K, MAX_FRAME_BYTES, T, V, KVLanding, KVReceiver, KVSender, KVSpec, Received,
                                      make_header, plan_frames, plan_frames_streamed)
 from engine.kv_transfer.staging import KVStaging, TransferError
 from engine.rpc.channel import NODE_KEEPALIVE, aio_channel
@@ -65,18 +65,47 @@ class HostKV:
         self.k = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
         self.v = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
         self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self._events: dict | None = None  # (kind, layer) -> CUDA event, for `copying`
 
     @classmethod
     def of(cls, k: torch.Tensor, v: torch.Tensor) -> "HostKV":
-        """The whole transfer as one part."""
+        """The whole transfer as one part, in host memory when this returns."""
+        host = cls.copying(k, v)
+        host.wait(K, 0, k.shape[0])
+        host.wait(V, 0, v.shape[0])
+        return host
+
+    @classmethod
+    @torch.inference_mode()
+    def copying(cls, k: torch.Tensor, v: torch.Tensor) -> "HostKV":
+        """The whole transfer, its D2H copies queued layer by layer (K of every layer, then V, the
+        order of `plan_frames`) on a side stream; `wait(kind, layer, n)` returns once those layers
+        are in host memory, so the first frames leave while later layers are still being copied."""
         if k.device.type != "cuda":
             host = cls.__new__(cls)
-            host.cuda, host._stream = False, None
+            host.cuda, host._stream, host._events = False, None, None
             host.k, host.v = k.contiguous(), v.contiguous()
             return host
         host = cls(tuple(k.shape), k.dtype, k.device)
-        host.add(0, k, v)
+        stream = host._stream
+        stream.wait_stream(torch.cuda.current_stream(k.device))
+        host._events = {}
+        with torch.cuda.stream(stream):
+            for kind, src, dst in ((K, k, host.k), (V, v, host.v)):
+                for layer in range(src.shape[0]):
+                    dst[layer].copy_(src[layer], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    host._events[kind, layer] = event
+        for t in (k, v):
+            t.record_stream(stream)  # the caller may drop them before the copies ran
         return host
+
+    def wait(self, kind: int, layer: int, n: int = 1) -> None:
+        """Until layers [layer, layer + n) of `kind` are in host memory (parts added by `add` are
+        there already)."""
+        if self._events:
+            self._events[kind, layer + n - 1].synchronize()  # copies run in order on one stream
 
     @torch.inference_mode()
     def add(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -99,12 +128,91 @@ def encode_frame(reservation_id: str, spec: KVSpec, host: HostKV, plan: list, se
     """The serialized PushKV frame `seq` of `plan` (its blocks in host memory): header fields, then
     the payload appended as field 5 (one copy of the payload; protobuf accepts fields in any order)."""
     p = plan[seq]
+    host.wait(p.kind, p.layer, p.layers)
     src = (host.k if p.kind == K else host.v)[p.layer:p.layer + p.layers, p.start:p.start + p.n]
     payload = memoryview(src.contiguous().view(torch.uint8).reshape(-1).numpy())
     header = make_header(spec, p.kind, p.layer, p.start, p.n, zlib.crc32(payload) & 0xFFFFFFFF, p.layers)
     head = node_pb2.KVFrame(reservation_id=reservation_id, seq=seq, total_frames=len(plan),
                             header=header).SerializeToString()
     return b"".join((head, _DATA_TAG, _varint(len(payload)), payload))
+
+
+class WireFrame:
+    """A received PushKV frame: KVFrame's fields, its payload a view into the received message bytes.
+    Parsing the message with protobuf would copy the payload (several MiB per frame) on the event
+    loop, and every read of `KVFrame.data` copies it again; this reads it in place."""
+
+    __slots__ = ("reservation_id", "seq", "total_frames", "header", "data")
+
+    def __init__(self, fields: node_pb2.KVFrame, data: memoryview):
+        self.reservation_id, self.seq, self.total_frames = fields.reservation_id, fields.seq, fields.total_frames
+        self.header, self.data = fields.header, data
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise TransferError("malformed KVFrame: truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def decode_frame(raw) -> "WireFrame | node_pb2.KVFrame":
+    """A PushKV request as received (serialized bytes) -> its fields and a zero-copy view of its
+    payload. Walks the message's top-level fields (protobuf wire format); every field but the
+    payload (field 5) goes through the generated parser, so unknown fields, repeated scalars and
+    any field order are handled as protobuf would; a malformed message is a TransferError. An
+    already-parsed KVFrame (in-process callers) is returned as it is."""
+    if isinstance(raw, node_pb2.KVFrame):
+        return raw
+    buf = memoryview(raw)
+    pos, end = 0, len(buf)
+    others: list[memoryview] = []
+    data = buf[0:0]
+    while pos < end:
+        start = pos
+        tag, pos = _read_varint(buf, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if field == 0:
+            raise TransferError("malformed KVFrame: field number 0")
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _read_varint(buf, pos)
+            if pos + length > end:
+                raise TransferError("malformed KVFrame: a field runs past the end of the message")
+            if field == 5:  # the payload (the last occurrence wins, as in protobuf)
+                data = buf[pos:pos + length]
+                pos += length
+                continue
+            pos += length
+        else:
+            raise TransferError(f"malformed KVFrame: wire type {wire_type} is not used by KVFrame")
+        if pos > end:
+            raise TransferError("malformed KVFrame: a field runs past the end of the message")
+        others.append(buf[start:pos])
+    try:
+        fields = node_pb2.KVFrame.FromString(b"".join(others))
+    except Exception as exc:  # protobuf's DecodeError
+        raise TransferError(f"malformed KVFrame: {exc}") from None
+    if fields.data:  # field 5 sent with another wire type
+        raise TransferError("malformed KVFrame: field 5 (data) must be length-delimited")
+    return WireFrame(fields, data)
+
+
+async def decoded_frames(requests):
+    """PushKV's request stream (raw bytes, see `decode_frame`) as frames."""
+    async for raw in requests:
+        yield decode_frame(raw)
 
 
 def grpc_frames(reservation_id: str, spec: KVSpec, k: torch.Tensor, v: torch.Tensor,
@@ -214,7 +322,7 @@ class GrpcKVSender(KVSender):
         spec = KVSpec.from_proto(target.layout)
         num_blocks = spec.check_tensors(k, v)
         loop = asyncio.get_running_loop()
-        host = await loop.run_in_executor(None, HostKV.of, k, v)  # one D2H copy, off the loop
+        host = await loop.run_in_executor(None, HostKV.copying, k, v)  # D2H copies queued; frames wait per layer
         plan = plan_frames(spec, num_blocks, self.max_frame_bytes)
         return await self._stream(target, spec, plan, _Arrived.whole(host, num_blocks), timeout)
 

@@ -142,7 +142,12 @@ def _wrap(behavior: Callable, method: str, stream_in: bool, stream_out: bool) ->
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions to status codes; logs tracebacks server-side only."""
+    """Maps exceptions to status codes; logs tracebacks server-side only. Methods named in
+    `raw_requests` ("/package.Service/Method") get their requests as the received bytes, unparsed
+    (a servicer that parses them itself, e.g. to read a large payload in place)."""
+
+    def __init__(self, raw_requests: Sequence[str] = ()):
+        self.raw_requests = frozenset(raw_requests)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -158,7 +163,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         key = (handler.request_streaming, handler.response_streaming)
         attr, make = kinds[key]
         return make(_wrap(getattr(handler, attr), method, *key),
-                    request_deserializer=_safe_deserializer(handler.request_deserializer),
+                    request_deserializer=(None if method in self.raw_requests
+                                          else _safe_deserializer(handler.request_deserializer)),
                     response_serializer=handler.response_serializer)
 
 
@@ -207,9 +213,11 @@ class RpcServer:
 def build_server(servicers: Sequence[tuple[Callable, Any]], port: int = 0, host: str = "127.0.0.1",
                  options: Sequence[tuple[str, Any]] = (), interceptors: Sequence = (),
                  credentials: grpc.ServerCredentials | None = None) -> RpcServer:
-    """`servicers`: (generated add_XServicer_to_server, servicer) pairs. Port 0 picks a free port.
+    """`servicers`: (generated add_XServicer_to_server, servicer) pairs; a servicer's `RAW_REQUESTS`
+    (full method names) take their requests unparsed. Port 0 picks a free port.
     Must be called with the event loop that will run the server current (inside `async def`)."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *interceptors],
+    raw = [m for _, servicer in servicers for m in getattr(servicer, "RAW_REQUESTS", ())]
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(raw), *interceptors],
                              options=[*SERVER_OPTIONS, *options])
     names = []
     for add_fn, servicer in servicers:

@@ -1,0 +1,94 @@
+"""The decode node reads PushKV frames from the received bytes (`decode_frame`): the same fields as
+protobuf's parser gives, the payload as a view into the message (no copy), malformed bytes refused."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine.kv_transfer import KVSpec, TransferError
+from engine.kv_transfer.grpc_transport import HostKV, WireFrame, decode_frame, encode_frame
+from engine.kv_transfer.base import plan_frames
+from protos.pdserve.v1 import node_pb2
+
+
+def _header(**kw) -> node_pb2.TensorHeader:
+    return node_pb2.TensorHeader(kind=1, layer=3, block_start=5, shape=[2, 16, 4, 8], dtype="bfloat16",
+                                 crc32=123456789, num_layers=1, **kw)
+
+
+def _same(wire, msg: node_pb2.KVFrame) -> None:
+    assert isinstance(wire, WireFrame)
+    assert (wire.reservation_id, wire.seq, wire.total_frames) == (msg.reservation_id, msg.seq, msg.total_frames)
+    assert wire.header == msg.header
+    assert bytes(wire.data) == msg.data
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", bytes(range(256)) * 70, b"\x00" * 300_000])
+def test_decode_frame_equals_protobuf_parse(payload):
+    msg = node_pb2.KVFrame(reservation_id="res-\u00e9", seq=7, total_frames=2**31 + 5, header=_header(), data=payload)
+    raw = msg.SerializeToString()
+    wire = decode_frame(raw)
+    _same(wire, node_pb2.KVFrame.FromString(raw))
+    if payload:  # the payload is a view into the received bytes, not a copy
+        assert isinstance(wire.data, memoryview) and wire.data.obj is raw
+
+
+def test_decode_frame_reads_any_field_order_unknown_fields_and_a_repeated_payload():
+    rng = random.Random(0)
+    parts = [node_pb2.KVFrame(reservation_id="r1").SerializeToString(),
+             node_pb2.KVFrame(seq=3).SerializeToString(),
+             node_pb2.KVFrame(data=b"first").SerializeToString(),
+             node_pb2.KVFrame(total_frames=9).SerializeToString(),
+             node_pb2.KVFrame(header=_header()).SerializeToString(),
+             bytes([(15 << 3) | 0]) + b"\x96\x01",          # unknown varint field 15
+             bytes([(14 << 3) | 5]) + b"abcd",              # unknown fixed32
+             bytes([(13 << 3) | 1]) + b"abcdefgh",          # unknown fixed64
+             bytes([(12 << 3) | 2, 3]) + b"xyz",            # unknown bytes
+             b"\xf8\x07\x01"]                                 # unknown field 127 (a two-byte tag)
+    for _ in range(20):
+        rng.shuffle(parts)
+        raw = b"".join(parts) + node_pb2.KVFrame(data=b"second").SerializeToString()  # the last one wins
+        _same(decode_frame(raw), node_pb2.KVFrame.FromString(raw))
+
+
+def test_decode_frame_of_the_senders_frames():
+    spec = KVSpec(2, 4, 2, 8, torch.float16)
+    k, v = (torch.randn(2, 3, 4, 2, 8, dtype=torch.float16) for _ in range(2))
+    host, plan = HostKV.of(k, v), plan_frames(spec, 3, 256)
+    for seq in range(len(plan)):
+        raw = encode_frame("r", spec, host, plan, seq)
+        _same(decode_frame(raw), node_pb2.KVFrame.FromString(raw))
+
+
+def test_decode_frame_passes_parsed_messages_through():
+    msg = node_pb2.KVFrame(reservation_id="r", data=b"abc")
+    assert decode_frame(msg) is msg
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"\x80", "varint"),                                    # truncated tag
+    (b"\x08" + b"\xff" * 11, "varint"),                     # overlong varint
+    (bytes([(5 << 3) | 2, 10]) + b"short", "past the end"),  # payload longer than the message
+    (bytes([(2 << 3) | 1]) + b"1234", "past the end"),      # fixed64 cut short
+    (bytes([(4 << 3) | 3]), "wire type 3"),                 # groups are not KVFrame's
+    (bytes([(1 << 3) | 7]), "wire type 7"),
+    (b"\x00\x01", "field number 0"),
+    (bytes([(4 << 3) | 2, 2]) + b"\xff\xff", "malformed KVFrame"),  # header bytes that are no TensorHeader
+])
+def test_malformed_frames_are_transfer_errors(raw, why):
+    with pytest.raises(TransferError, match=why):
+        decode_frame(raw)
+
+
+def test_random_bytes_never_crash_the_decoder():
+    rng = random.Random(1)
+    for _ in range(2000):
+        raw = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40)))
+        try:
+            frame = decode_frame(raw)
+        except TransferError:
+            continue
+        ref = node_pb2.KVFrame.FromString(raw)  # what decoded must be what protobuf reads
+        _same(frame, ref)
