@@ -17,12 +17,15 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import transformers
 
 from engine.default_model import cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2")
 _SIDECAR_VERSION = 1
@@ -83,6 +86,8 @@ class GGUFFile:
         final.parent.mkdir(parents=True, exist_ok=True)
         print(f"pdserve: reading config and tokenizer from {self.path.name} (first use only; "
               f"cached in {final}) ...", file=sys.stderr, flush=True)
+        if sys.modules.get("torch", False) is None:  # this process forbids torch (the router's)
+            return self._sidecar_in_child(final)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
         try:
             config = self.build_config()
@@ -99,6 +104,21 @@ class GGUFFile:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def _sidecar_in_child(self, final: pathlib.Path) -> pathlib.Path:
+        """transformers reads a gguf tokenizer only with torch: a process without torch builds
+        the sidecar once in a child (`python -m engine.gguf_loader sidecar FILE`)."""
+        import subprocess
+
+        proc = subprocess.run([sys.executable, "-m", "engine.gguf_loader", "sidecar", str(self.path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  p for p in (str(pathlib.Path(__file__).resolve().parent.parent),
+                                              os.environ.get("PYTHONPATH", "")) if p)})
+        if proc.returncode != 0 or not (final / "config.json").is_file():
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{self.path.name}: building its config and tokenizer failed: {tail}")
         return final
 
     # --- metadata -------------------------------------------------------------------------
@@ -186,7 +206,7 @@ class GGUFFile:
             if t.tensor_type.name not in BLOCKS or len(t.shape) != 2:
                 yield name, self._dense(t, config)
                 continue
-            data = torch.from_numpy(np.array(t.data, copy=True)).reshape(int(t.shape[1]), -1)  # [rows, row bytes]
+            data = _torch().from_numpy(np.array(t.data, copy=True)).reshape(int(t.shape[1]), -1)  # [rows, row bytes]
             yield name, PackedTensor(t.tensor_type.name, self._unpermute_rows(name, data, config), int(t.shape[0]))
 
     def _dense(self, t, config: transformers.PretrainedConfig) -> torch.Tensor:
@@ -196,7 +216,7 @@ class GGUFFile:
         array = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         if not array.flags.writeable:  # F32 tensors come back as read-only memmap views
             array = array.copy()
-        return self._unpermute_rows(hf_name(t.name), torch.from_numpy(array.reshape(shape)), config)
+        return self._unpermute_rows(hf_name(t.name), _torch().from_numpy(array.reshape(shape)), config)
 
     def _unpermute_rows(self, name: str, rows: torch.Tensor, config) -> torch.Tensor:
         if self.arch == "llama" and ".self_attn.q_proj." in name:
@@ -206,9 +226,23 @@ class GGUFFile:
         return rows
 
 
+def _torch():
+    """torch, imported only when weights are read: config, tokenizer and sidecar need none of it
+    (the router's process, which has no torch, opens gguf files too)."""
+    import torch
+
+    return torch
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation. Its converter reorders each head's rows from HF's
     [first rotary half | second half] to interleaved pairs: reshape(n_head, 2, d/2).swapaxes(1, 2).
     The inverse splits rows as (n_head, d/2, 2) and swaps back."""
     half = w.shape[0] // n_head // 2
     return w.reshape(n_head, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+if __name__ == "__main__":  # python -m engine.gguf_loader sidecar FILE: builds FILE's sidecar
+    if len(sys.argv) != 3 or sys.argv[1] != "sidecar":
+        sys.exit("usage: python -m engine.gguf_loader sidecar FILE.gguf")
+    print(GGUFFile(pathlib.Path(sys.argv[2])).ensure_sidecar())

@@ -13,6 +13,11 @@ import asyncio
 import logging
 import os
 
+from engine.rpc.process import forbid_torch
+
+if __name__ == "__main__":  # `python -m router`: no torch in this process (before transformers is imported)
+    forbid_torch()
+
 from engine.cli_args import add_flag, add_server_args, env_name
 from engine.args import DTYPE_CHOICES, EngineArgs
 from engine.metrics import PREFIX, Metrics, add_metrics_flags, start_metrics_server

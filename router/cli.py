@@ -323,6 +323,10 @@ def main(argv=None) -> int:
     if command not in DELEGATES:
         print(f"pdserve: unknown command {command!r}; choose one of {', '.join(commands)}", file=sys.stderr)
         return 2
+    if command == "router":
+        from engine.rpc.process import forbid_torch
+
+        forbid_torch()  # as `python -m router` does
     module = importlib.import_module(f"{DELEGATES[command]}.__main__")
     return module.main(rest) or 0
 

@@ -48,3 +48,20 @@ def stop_signals(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Event
 
 def announce_ready(address: str) -> None:
     print(f"READY {address}", flush=True)
+
+
+def forbid_torch() -> bool:
+    """Makes this process torch-free for good (the router's: it reads a config and a tokenizer,
+    never weights). transformers imports torch whenever it is installed (its config module does);
+    with `sys.modules["torch"] = None` it finds no torch and takes its torch-free paths, and any
+    `import torch` fails at once. A gguf file's first use builds its sidecar in a child process
+    (`engine.gguf_loader.GGUFFile.ensure_sidecar`). Must run before transformers is imported (it
+    decides once whether torch exists); returns False, changing nothing, when torch or
+    transformers is already loaded."""
+    if sys.modules.get("torch", False) is None:
+        return True
+    if "torch" in sys.modules or "transformers" in sys.modules:
+        return False
+    sys.modules["torch"] = None
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" notice
+    return True

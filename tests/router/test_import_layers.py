@@ -1,6 +1,6 @@
 """Which layer imports what: the router's and the gateway's modules import neither torch nor the
-model code (at run time transformers 5 still loads torch when the router loads its tokenizer; see
-docs/ARCHITECTURE.md), and the gRPC plumbing (engine/rpc) imports nothing above it. Each check
+model code (at run time the router process blocks torch: tests/services/test_router_no_torch.py),
+and the gRPC plumbing (engine/rpc) imports nothing above it. Each check
 imports in a fresh interpreter, so modules this test process already loaded cannot hide an import."""
 import pathlib
 import subprocess
