@@ -488,14 +488,21 @@ class Pipeline:
             attempt.read = asyncio.ensure_future(attempt.decode_call.read())
             attempt.read.add_done_callback(_retrieve)
         read = attempt.read
-        watch = {read} if attempt.transfer.done() else {read, attempt.transfer}
-        done = await self._wait_while_healthy(watch, decode, budget)
-        if read not in done:
+        while True:
+            watch = {read} if attempt.transfer.done() else {read, attempt.transfer}
+            done = await self._wait_while_healthy(watch, decode, budget)
+            if read in done:
+                break
             if attempt.transfer in done:
                 failed = attempt.transfer.result()
                 if failed is not None:
                     raise _Retry(failed)
-                return await self._next_event(attempt, budget)  # the KV arrived: wait on for the token
+                continue  # the KV arrived: `budget` again for the token
+            if not attempt.transfer.done() and decode.healthy and attempt.prefill.healthy and self._remaining() > 0:
+                # The KV is still moving: however long a large transfer takes, both ends bound it
+                # (the prefill node's per-frame budgets, the decode node's KV wait renewed by
+                # progress) and end their calls when it stalls, so the router waits on it.
+                continue
             self.registry.suspect(decode)
             if not decode.healthy:
                 raise _Retry(f"decode node {decode.node_id} stopped answering")

@@ -27,6 +27,13 @@ from router.registry import Node, NodeRegistry
 
 FR = g.FinishReason
 HANG = object()  # a read that never completes (a node waiting for KV that will not come)
+
+
+class Slow:
+    """A scripted item that arrives `seconds` after its read starts (a large KV transfer)."""
+
+    def __init__(self, seconds: float, item):
+        self.seconds, self.item = seconds, item
 PROMPT = [1, 2, 3, 4, 5]
 
 
@@ -90,6 +97,9 @@ class FakeCall:
         if item is HANG:
             await self._wake.wait()
             raise asyncio.CancelledError()
+        if isinstance(item, Slow):
+            await asyncio.sleep(item.seconds)
+            item = item.item
         if isinstance(item, BaseException):
             raise item
         await asyncio.sleep(0)

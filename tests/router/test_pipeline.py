@@ -11,8 +11,8 @@ import pytest
 from engine.rpc.errors import RpcError
 from engine.sampling_params import SamplingParams
 from router.policy import Placement
-from tests.router.fakes import (FR, HANG, PROMPT, Cluster, collect, first_token, make_registry, pipeline, rpc_error,
-                                tokens, transfer_done)
+from tests.router.fakes import (FR, HANG, PROMPT, Cluster, Slow, collect, first_token, make_registry, pipeline,
+                                rpc_error, tokens, transfer_done)
 
 pytestmark = pytest.mark.timeout(30)
 S = grpc.StatusCode
@@ -96,6 +96,33 @@ def test_reserve_failing_on_a_dead_node_frees_it_and_falls_back(default_tokenize
         assert [c.token_ids for c in chunks] == [[7], [8]]
         assert cluster.called("Reserve") == ["decode-0", "decode-1"]
         assert cluster.aborts == ["decode-0"]  # a late Reserve may still have landed there
+    run(main())
+
+
+def test_a_kv_transfer_longer_than_the_first_token_budget_is_waited_for(default_tokenizer):
+    """Issue 11 item 5: the router does not time out a decode stream whose KV is still moving (its
+    nodes bound a stalled transfer); the budget for the first decode event starts once it landed."""
+    async def main():
+        cluster = Cluster(tokenizer=default_tokenizer,
+                          prefill_scripts=[[first_token(), Slow(1.5, transfer_done())]],
+                          decode_scripts=[[Slow(1.7, tokens(8)), tokens(9, finish=FR.FINISH_REASON_LENGTH)]])
+        pipe = pipeline(make_registry(cluster), max_tokens=3, kv_wait_ms=200, token_gap_s=0.3)  # 0.5 s budget
+        chunks = await collect(pipe)
+        assert [c.token_ids for c in chunks] == [[7], [8], [9]]
+        assert cluster.called("Prefill") == ["prefill-0"] and cluster.called("Decode") == ["decode-0"]  # no retry
+    run(main())
+
+
+def test_a_silent_decode_node_after_the_kv_landed_is_retried(default_tokenizer):
+    async def main():
+        cluster = Cluster(tokenizer=default_tokenizer,
+                          prefill_scripts=[[first_token(), transfer_done()], [first_token(), transfer_done()]],
+                          decode_scripts=[[HANG], [tokens(8), tokens(9, finish=FR.FINISH_REASON_LENGTH)]])
+        pipe = pipeline(make_registry(cluster, decodes=("decode-0", "decode-1")), max_tokens=3, kv_wait_ms=200,
+                        token_gap_s=0.3)
+        chunks = await collect(pipe)
+        assert [c.token_ids for c in chunks] == [[7], [8], [9]]
+        assert len(cluster.called("Decode")) == 2  # the first decode node sent nothing within its budget
     run(main())
 
 
