@@ -11,7 +11,7 @@ import torch
 from engine.rpc.convert import TRANSPORT_NAMES, TRANSPORTS, T, transport_name  # noqa: F401  (re-exported)
 from protos.pdserve.v1 import node_pb2
 
-MAX_FRAME_BYTES = 4 * 2**20  # payload per PushKV frame (grpcio streams near its ceiling from 4 MiB)
+MAX_FRAME_BYTES = 8 * 2**20  # payload per PushKV frame (H200, 7k-token 8B KV: 8 MiB 1.71 GB/s, 4 MiB 1.46)
 K, V = 0, 1
 
 # KV dtypes by their name on the wire (`KVLayout.dtype`, `TensorHeader.dtype`).

@@ -27,7 +27,7 @@ from engine.rpc.reflection import HealthServicer, enable_reflection
 
 logger = logging.getLogger("pdserve.rpc")
 
-MAX_MESSAGE_BYTES = 16 * 2**20  # a KV frame is <= 1 MiB of payload; prompts of 100k tokens fit
+MAX_MESSAGE_BYTES = 16 * 2**20  # a KV frame is <= 8 MiB of payload (MAX_FRAME_BYTES); prompts of 100k tokens fit
 _MAX_MESSAGE_CHARS = 400
 RETRY_AFTER_S = 1  # sent as `retry-after` trailing metadata with the statuses a client may retry
 RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)

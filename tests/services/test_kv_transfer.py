@@ -49,17 +49,17 @@ def test_grpc_framing_round_trip_is_byte_exact(dtype, max_frame_bytes):
 
 
 def test_frames_are_at_most_max_frame_bytes():
-    assert MAX_FRAME_BYTES == 4 * 2**20
+    assert MAX_FRAME_BYTES == 8 * 2**20
     spec = KVSpec(2, 16, 8, 128, torch.float32)  # 64 KiB per block and layer
-    plan = plan_frames(spec, 100)  # 6.25 MiB per layer: split along blocks
-    assert {n for *_, n in plan} == {64, 36}  # 64 blocks = 4 MiB, then the rest
+    plan = plan_frames(spec, 200)  # 12.5 MiB per layer: split along blocks
+    assert {n for *_, n in plan} == {128, 72}  # 128 blocks = 8 MiB, then the rest
     assert len(plan) == 2 * 2 * 2 and all(p.layers == 1 for p in plan)
-    assert plan_frames(spec, 40) == [FramePlan(kind, layer, 0, 40) for kind in (0, 1) for layer in (0, 1)]
-    # small layers travel several to a frame: 10 blocks = 640 KiB, 6 layers per 4 MiB frame
+    assert plan_frames(spec, 100) == [FramePlan(kind, layer, 0, 100) for kind in (0, 1) for layer in (0, 1)]
+    # small layers travel several to a frame: 10 blocks = 640 KiB, 12 layers per 8 MiB frame
     deep = KVSpec(16, 16, 8, 128, torch.float32)
     plan = plan_frames(deep, 10)
-    assert [(p.kind, p.layer, p.layers) for p in plan] == [(k, first, min(6, 16 - first)) for k in (0, 1)
-                                                           for first in (0, 6, 12)]
+    assert [(p.kind, p.layer, p.layers) for p in plan] == [(k, first, min(12, 16 - first)) for k in (0, 1)
+                                                           for first in (0, 12)]
     assert all(p.layers * p.n * deep.block_bytes <= MAX_FRAME_BYTES for p in plan)
 
 
