@@ -86,7 +86,7 @@ class GGUFFile:
         final.parent.mkdir(parents=True, exist_ok=True)
         print(f"pdserve: reading config and tokenizer from {self.path.name} (first use only; "
               f"cached in {final}) ...", file=sys.stderr, flush=True)
-        if sys.modules.get("torch", False) is None:  # this process forbids torch (the router's)
+        if not transformers.utils.is_torch_available():  # the router's process hides torch from transformers
             return self._sidecar_in_child(final)
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
         try:
@@ -107,8 +107,8 @@ class GGUFFile:
         return final
 
     def _sidecar_in_child(self, final: pathlib.Path) -> pathlib.Path:
-        """transformers reads a gguf tokenizer only with torch: a process without torch builds
-        the sidecar once in a child (`python -m engine.gguf_loader sidecar FILE`)."""
+        """transformers reads a gguf tokenizer only with torch: a process whose transformers runs
+        without it builds the sidecar once in a child (`python -m engine.gguf_loader sidecar FILE`)."""
         import subprocess
 
         proc = subprocess.run([sys.executable, "-m", "engine.gguf_loader", "sidecar", str(self.path)],
@@ -228,7 +228,7 @@ class GGUFFile:
 
 def _torch():
     """torch, imported only when weights are read: config, tokenizer and sidecar need none of it
-    (the router's process, which has no torch, opens gguf files too)."""
+    (the router's process, which loads no torch, opens gguf files too)."""
     import torch
 
     return torch

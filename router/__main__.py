@@ -13,10 +13,10 @@ import asyncio
 import logging
 import os
 
-from engine.rpc.process import forbid_torch
+from engine.rpc.process import hide_torch_from_transformers
 
-if __name__ == "__main__":  # `python -m router`: no torch in this process (before transformers is imported)
-    forbid_torch()
+if __name__ == "__main__":  # `python -m router`: transformers without torch (before anything imports it)
+    hide_torch_from_transformers()
 
 from engine.cli_args import add_flag, add_server_args, env_name
 from engine.args import DTYPE_CHOICES, EngineArgs

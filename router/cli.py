@@ -324,9 +324,9 @@ def main(argv=None) -> int:
         print(f"pdserve: unknown command {command!r}; choose one of {', '.join(commands)}", file=sys.stderr)
         return 2
     if command == "router":
-        from engine.rpc.process import forbid_torch
+        from engine.rpc.process import hide_torch_from_transformers
 
-        forbid_torch()  # as `python -m router` does
+        hide_torch_from_transformers()  # as `python -m router` does
     module = importlib.import_module(f"{DELEGATES[command]}.__main__")
     return module.main(rest) or 0
 

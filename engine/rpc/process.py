@@ -50,18 +50,23 @@ def announce_ready(address: str) -> None:
     print(f"READY {address}", flush=True)
 
 
-def forbid_torch() -> bool:
-    """Makes this process torch-free for good (the router's: it reads a config and a tokenizer,
-    never weights). transformers imports torch whenever it is installed (its config module does);
-    with `sys.modules["torch"] = None` it finds no torch and takes its torch-free paths, and any
-    `import torch` fails at once. A gguf file's first use builds its sidecar in a child process
-    (`engine.gguf_loader.GGUFFile.ensure_sidecar`). Must run before transformers is imported (it
-    decides once whether torch exists); returns False, changing nothing, when torch or
+def hide_torch_from_transformers() -> bool:
+    """Imports transformers as if torch were not installed, so it takes its torch-free paths for
+    good (the router's process: it reads a config and a tokenizer, never weights). transformers
+    decides once, at import, whether torch exists, and imports it from its config module when it
+    does. torch stays importable for whoever needs it later (xgrammar, to check a structured-output
+    constraint). A gguf file's first use then builds its sidecar in a child process
+    (`engine.gguf_loader.GGUFFile.ensure_sidecar`). Returns False, changing nothing, when torch or
     transformers is already loaded."""
-    if sys.modules.get("torch", False) is None:
-        return True
     if "torch" in sys.modules or "transformers" in sys.modules:
         return False
-    sys.modules["torch"] = None
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # no "PyTorch was not found" notice
+    sys.modules["torch"] = None  # find_spec and import both report it missing
+    try:
+        import transformers  # noqa: F401
+        from transformers.utils import is_torch_available
+
+        is_torch_available()  # cached from here on
+    finally:
+        del sys.modules["torch"]
     return True

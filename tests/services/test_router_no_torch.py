@@ -1,6 +1,8 @@
-"""The router process runs without torch (engine.rpc.process.forbid_torch): `python -m router`
-never maps libtorch, and its tokenizer and chat template give what the engine's (torch-loaded)
-tokenizer gives. A .gguf whose sidecar is not built yet gets it from a child process."""
+"""The router process loads no torch for its model (engine.rpc.process.hide_torch_from_transformers):
+`python -m router` starts and tokenizes without mapping libtorch, and its tokenizer and chat
+template give what the engine's (torch-loaded) tokenizer gives. torch stays importable: a
+structured-output constraint is still checked (xgrammar needs torch). A .gguf whose sidecar is not
+built yet gets it from a child process."""
 from __future__ import annotations
 
 import os
@@ -57,6 +59,16 @@ def test_router_process_loads_no_torch(make_tiny_model):
         assert not _torch_mapped(proc.pid)
         _check_tokenizer(port, transformers.AutoTokenizer.from_pretrained(model))
         assert not _torch_mapped(proc.pid)  # tokenizing and templating loaded none either
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = gg.GenerationStub(channel)
+            bad = g.GenerateRequest(text="hi", structured=g.StructuredOutput(grammar="root ::= nope"))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(bad, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            good = g.GenerateRequest(text="hi", structured=g.StructuredOutput(json_schema='{"type": "object"}'))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(good, timeout=60)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()  # checked; no node is up
     finally:
         proc.terminate()
         assert proc.wait(15) == 0
