@@ -3,8 +3,9 @@
 Two wire forms carry a request's sampling and stopping parameters:
 - the public request, `generation_pb2.GenerateRequest` (its `sampling` and `stopping` messages plus
   `n`, `logprobs`, `prompt_logprobs`, `skip_special_tokens` and `structured` on the request itself):
-  a field the client leaves unset takes the model's default at the router (`from_request`); the
-  gateway writes only what its client gave (`to_request`);
+  a field the client leaves unset takes the model's default at the router (`from_request`, which
+  is the validation); the gateway writes only what its client gave (`write_given`), checking no
+  more than that each value fits its proto field;
 - the resolved form between the router and the nodes, `node_pb2.ResolvedParams`: every value
   final, one sequence (n == 1), plus the completion's `sample_index` (`to_resolved`, `from_resolved`).
 
@@ -13,8 +14,12 @@ No torch here: the router and the gateway import this module.
 """
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Mapping
+
+from google.protobuf.descriptor import FieldDescriptor
 
 from engine.sampling_params import SamplingParams
 from engine.structured.spec import spec_from_proto, spec_to_proto
@@ -111,6 +116,8 @@ FIELDS = (
 
 # The `SamplingParameters` fields a client may leave unset (the OpenAI body's names are the same).
 SAMPLING_FIELDS = tuple(f.attr for f in FIELDS if f.part == "sampling" and f.kind is OPTIONAL)
+# Every parameter `write_given` takes; a refusal's message starts with one (SamplingParams' messages do).
+PARAM_NAMES = frozenset(f.attr for f in FIELDS) | {"n"}
 MODEL_DEFAULT_FIELDS = tuple(f.attr for f in FIELDS if f.model_default)
 
 
@@ -132,15 +139,86 @@ def from_request(request: generation_pb2.GenerateRequest, defaults: Mapping[str,
     return SamplingParams(n=request.n or 1, **kwargs)
 
 
-def to_request(params: SamplingParams, request: generation_pb2.GenerateRequest,
-               unset: Collection[str] = ()) -> generation_pb2.GenerateRequest:
-    """Writes `params` into `request`, but not the fields named in `unset` (the client did not
-    give them: the router applies the model's defaults) nor the ones that are None."""
+def write_given(values: Mapping[str, Any],
+                request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateRequest:
+    """Writes what a client gave (SamplingParams attribute names, plus `n`) into `request`; a None
+    value is not written, so the router applies the model's default. Normalised as SamplingParams
+    does where the wire would differ (a stop string -> [it], top_k -1 -> 0). The only check is the
+    wire's: a value its proto field cannot hold raises ValueError naming the field and the range
+    the field holds. Every other rule is the router's (`from_request`)."""
     for f in FIELDS:
-        if f.attr not in unset:
-            f.kind.write(_part(request, f.part), f.name, getattr(params, f.attr))
-    request.n = params.n
+        value = values.get(f.attr)
+        if value is not None:
+            msg = _part(request, f.part)
+            wire = _on_wire(f.attr, msg.DESCRIPTOR.fields_by_name[f.name], _normalised(f.attr, value))
+            f.kind.write(msg, f.name, wire)
+    if values.get("n") is not None:  # 0 on the wire is "unset" (1), so it cannot be sent
+        request.n = _wire_int("n must be", values["n"], FieldDescriptor.TYPE_UINT32, lo=1)
     return request
+
+
+def _normalised(attr: str, value):
+    if attr == "stop" and isinstance(value, str):
+        return [value]
+    if attr == "top_k" and value == -1:
+        return 0
+    return value
+
+
+_INT_RANGES = {FieldDescriptor.TYPE_INT32: ("int32", -2**31, 2**31 - 1),
+               FieldDescriptor.TYPE_UINT32: ("uint32", 0, 2**32 - 1),
+               FieldDescriptor.TYPE_INT64: ("int64", -2**63, 2**63 - 1),
+               FieldDescriptor.TYPE_UINT64: ("uint64", 0, 2**64 - 1)}
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _on_wire(attr: str, fd, value):
+    """`value` as field `fd` holds it, or a ValueError naming `attr` and the range that fits."""
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        key, val = fd.message_type.fields_by_name["key"], fd.message_type.fields_by_name["value"]
+        return {_scalar(f"{attr} keys must be", key, k): _scalar(f"{attr} values must be", val, v)
+                for k, v in value.items()}
+    if fd.is_repeated:
+        return [_scalar(f"{attr} must hold values", fd, v) for v in value]
+    return _scalar(f"{attr} must be", fd, value)
+
+
+def _scalar(subject: str, fd, value):
+    if fd.type in _INT_RANGES:
+        return _wire_int(subject, value, fd.type)
+    if fd.type == FieldDescriptor.TYPE_FLOAT:
+        return _float32(subject, value)
+    return value
+
+
+def _wire_int(subject: str, value: int, proto_type: int, lo: int | None = None) -> int:
+    name, type_lo, hi = _INT_RANGES[proto_type]
+    lo = type_lo if lo is None else lo
+    if not lo <= value <= hi:
+        raise ValueError(f"{subject} in [{lo}, {hi}] ({name}), got {value}")
+    return value
+
+
+def _float32(subject: str, x: float) -> float:
+    """The float32 nearest `x`, but never a nonzero integer that `x` is not, nor 0 from below: the
+    router's bounds (temperature >= 0, top_p <= 1, penalties within +-2, logit_bias within +-100)
+    are integers, and rounding must not move a refused value onto one (top_p 1.0000000001 stays
+    refused). A positive value too small for a float32 still becomes 0, as it always has."""
+    try:
+        y = _f32(x)
+    except OverflowError:
+        raise ValueError(f"{subject} in [-{FLOAT32_MAX:.8g}, {FLOAT32_MAX:.8g}] (float32), got {x}") from None
+    if math.isfinite(y) and y != x and y.is_integer() and (y != 0 or x < 0):
+        if y == 0:
+            return -_f32(1e-45)  # the negative float32 nearest 0
+        bits = struct.unpack("<I", struct.pack("<f", y))[0]
+        bits += 1 if (x > y) == (y > 0) else -1  # one float32 step from y toward x
+        y = struct.unpack("<f", struct.pack("<I", bits))[0]
+    return y
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
 # ---- between nodes ---------------------------------------------------------------------------------

@@ -218,12 +218,11 @@ class Gateway:
         echo = P.echo_plan(req, max_tokens)
         if echo is not None and echo.prompt_only:
             max_tokens = 1  # as vLLM: one token is generated and dropped
-        params = P.check_sampling(req, max_tokens, req.logprobs, self.info.vocab_size,
-                                  prompt_logprobs=P.prompt_logprobs_count(req, echo))
+        P.check_body(req)
         constraint = P.structured_output(req)
         inputs = P.completion_inputs(req.prompt, self.info.vocab_size)
-        grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs,
-                                    constraint[1] if constraint else None)
+        grpc_req = P.sampling_proto(req, max_tokens, req.logprobs, inputs, constraint[1] if constraint else None,
+                                    prompt_logprobs=P.prompt_logprobs_count(req, echo))
         self.label(request, grpc_req)
         return await self.generate(request, grpc_req, req, chat=False, num_prompts=len(inputs), echo=echo)
 
@@ -244,7 +243,7 @@ class Gateway:
         if req.stream and req.prompt_logprobs is not None:
             raise APIError(400, "prompt_logprobs is not supported with stream: true", param="prompt_logprobs",
                            code="unsupported_field")
-        params = P.check_sampling(req, max_tokens, logprobs, self.info.vocab_size, prompt_logprobs=req.prompt_logprobs)
+        P.check_body(req)
         plan = P.tool_plan(req, self.settings.tool_call_parser)
         constraint = P.structured_output(req)
         if constraint and plan.structured is not None:
@@ -253,11 +252,16 @@ class Gateway:
         chat = pb.ChatInput(messages=P.chat_messages(req.messages), tools=plan.tools,
                             add_generation_prompt=req.add_generation_prompt)
         structured = plan.structured or (constraint[1] if constraint else None)
-        grpc_req = P.sampling_proto(req, params, max_tokens, logprobs, [pb.Input(chat=chat)], structured)
+        grpc_req = P.sampling_proto(req, max_tokens, logprobs, [pb.Input(chat=chat)], structured,
+                                    prompt_logprobs=req.prompt_logprobs)
         if plan.parser is not None and plan.parser.needs_special_tokens:
             grpc_req.skip_special_tokens = False  # the parser's markers are special tokens
         self.label(request, grpc_req)
-        return await self.generate(request, grpc_req, req, chat=True, num_prompts=1, plan=plan)
+        try:
+            return await self.generate(request, grpc_req, req, chat=True, num_prompts=1, plan=plan)
+        except APIError as exc:  # the router names the engine's parameter; the chat body's may differ
+            exc.param = P.renamed_params(req).get(exc.param, exc.param)
+            raise
 
     async def legacy_generate(self, request: Request):
         req = P.parse(P.LegacyGenerateRequest, await read_json(request, self.settings))
@@ -266,9 +270,9 @@ class Gateway:
             raise APIError(400, "stream is not supported on /generate; use /v1/completions",
                            param="stream")
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        params = P.check_sampling(req, max_tokens, req.logprobs, self.info.vocab_size)
+        P.check_body(req)
         inputs = P.completion_inputs(req.prompt, self.info.vocab_size)
-        grpc_req = P.sampling_proto(req, params, max_tokens, req.logprobs, inputs)
+        grpc_req = P.sampling_proto(req, max_tokens, req.logprobs, inputs)
         reply = await self.unary(request, grpc_req)
         return {"text": [c.text for c in reply.completions],
                 "usage": R.usage(reply.usage.prompt_tokens, reply.usage.completion_tokens, details=False),

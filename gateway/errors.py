@@ -1,7 +1,8 @@
 """OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}`, and the one mapping of
 router gRPC status codes to HTTP statuses.
 
-    INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE -> 400 (the router's message, verbatim)
+    INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE -> 400 (the router's message, verbatim; `param`
+                                                            is the sampling field it starts with)
     NOT_FOUND                                        -> 404 (unknown model)
     RESOURCE_EXHAUSTED                               -> 429 (overload: retry later)
     UNAVAILABLE                                      -> 503 (no healthy node, router draining or down)
@@ -14,7 +15,11 @@ router gRPC status codes to HTTP statuses.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import grpc
+
+from engine.sampling_proto import PARAM_NAMES
 
 _MAX_MESSAGE_CHARS = 500
 
@@ -57,6 +62,16 @@ def _short(message: str) -> str:
     return message if len(message) <= _MAX_MESSAGE_CHARS else message[:_MAX_MESSAGE_CHARS - 3] + "..."
 
 
+def sampling_param(message: str, renamed: Mapping[str, str] | None = None) -> str | None:
+    """The OpenAI parameter a sampling refusal names: its message starts with the SamplingParams
+    field ("temperature must be >= 0, got -1.0"), which is the OpenAI name unless `renamed` maps it
+    (chat's `top_logprobs` is the engine's logprobs)."""
+    word = message.split(" ", 1)[0]
+    if word not in PARAM_NAMES:
+        return None
+    return (renamed or {}).get(word, word)
+
+
 def from_grpc(err: grpc.aio.AioRpcError) -> APIError:
     code = err.code()
     status = _FROM_GRPC.get(code, 500)
@@ -69,4 +84,5 @@ def from_grpc(err: grpc.aio.AioRpcError) -> APIError:
     if status == 500:
         # the router's interceptor already strips tracebacks; keep its short message and ref
         details = details if details.startswith("internal error") else "internal error"
-    return APIError(status, details, code=code.name.lower())
+    param = sampling_param(details) if status == 400 else None
+    return APIError(status, details, param=param, code=code.name.lower())

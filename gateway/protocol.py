@@ -1,8 +1,13 @@
 """HTTP request bodies (OpenAI + vLLM extra fields) and their conversion to `GenerateRequest`.
 
-Bodies are parsed by pydantic (types) and then checked by the engine's own `SamplingParams`
-(ranges and caps, with messages that name the limit), so the gateway refuses exactly what the
-engine would, before any gRPC call. Every error here is an `APIError(400, ...)` naming the field.
+Bodies are parsed by pydantic (types); the client-given sampling values go into the
+`GenerateRequest` as they are (`engine/sampling_proto.py` `write_given`, which refuses only a value
+its proto field cannot hold). Their ranges and caps are checked once, by the router
+(`router/prompts.py`): its INVALID_ARGUMENT comes back as a 400 with its message and the field as
+`param` (`gateway/errors.py` `from_grpc`). What is checked here is what only an HTTP body has:
+unknown fields, best_of, stream_options without stream, logit_bias keys that are not integers,
+priority, echo, prompt and message shapes, and output constraints. Every error here is an
+`APIError(400, ...)` naming the field.
 
 A field we do not implement is refused with 400 naming it, never ignored; the only fields
 accepted and ignored are `IGNORED_FIELDS` (they change nothing about the output):
@@ -17,11 +22,10 @@ from typing import Annotated, Literal
 from pydantic import (BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr,
                       ValidationError)
 
-from engine.sampling_params import SamplingParams
-from engine.sampling_proto import SAMPLING_FIELDS, to_request
+from engine.sampling_proto import SAMPLING_FIELDS, write_given
 from engine.structured.spec import spec_from_proto
 from engine.tool_parsers import NamedFunctionOutput, RequiredOutput, ToolParser, get_parser
-from gateway.errors import APIError
+from gateway.errors import APIError, sampling_param
 from protos.pdserve.v1 import generation_pb2 as pb
 
 Float = Annotated[float, Strict()]  # JSON numbers only (ints allowed), never "0.5" strings
@@ -224,37 +228,25 @@ def refuse_unknown(body: BaseModel, path: str = "") -> None:
 
 # -- sampling ------------------------------------------------------------------------------------
 
-def check_sampling(req: _Sampling, max_tokens: int | None, logprobs: int | None,
-                   vocab_size: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-    """Validates every sampling / stopping field with the engine's rules (ValueError -> 400)."""
+def check_body(req: _Sampling) -> None:
+    """The rules only an HTTP body has; the sampling values themselves are the router's to check."""
     if req.best_of is not None and req.best_of not in (1, req.n):
         raise APIError(400, f"best_of must equal n ({req.n}) or 1: candidates are not ranked, got {req.best_of}",
                        param="best_of")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
-    given = {f: getattr(req, f) for f in SAMPLING_FIELDS if getattr(req, f) is not None}
-    bias = None
-    if req.logit_bias:
-        try:
-            bias = {int(k): v for k, v in req.logit_bias.items()}
-        except ValueError:
-            raise APIError(400, "logit_bias keys must be token ids (integers as strings)",
-                           param="logit_bias") from None
+    logit_bias(req)
     if not -INT32_MAX - 1 <= req.priority <= INT32_MAX:
         raise APIError(400, f"priority must be in [{-INT32_MAX - 1}, {INT32_MAX}], got {req.priority}",
                        param="priority")
+
+
+def logit_bias(req: _Sampling) -> dict[int, float] | None:
+    """The body's logit_bias with token-id keys (JSON object keys are strings)."""
     try:
-        params = SamplingParams(
-            n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
-            stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
-            ignore_eos=req.ignore_eos, logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-            logit_bias=bias, prompt_logprobs=prompt_logprobs, **given)
-    except ValueError as exc:
-        message = str(exc)
-        raise APIError(400, message, param=message.split(" ", 1)[0]) from None
-    for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", bias or ())):
-        check_token_ids(name, ids, vocab_size)
-    return params
+        return {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
+    except ValueError:
+        raise APIError(400, "logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
 
 
 def check_token_ids(name: str, ids, vocab_size: int | None = None) -> None:
@@ -264,19 +256,30 @@ def check_token_ids(name: str, ids, vocab_size: int | None = None) -> None:
             raise APIError(400, f"{name} must hold token ids in [0, {limit}), got {t}", param=name)
 
 
-def sampling_proto(req: _Sampling, params: SamplingParams, max_tokens: int | None,
-                   logprobs: int | None, inputs: list[pb.Input],
-                   structured: pb.StructuredOutput | None = None) -> pb.GenerateRequest:
+def renamed_params(req: _Sampling) -> dict[str, str]:
+    """The OpenAI names of the engine's parameters where this body's differ (for an error's `param`)."""
+    if not isinstance(req, ChatCompletionRequest):
+        return {}
+    return {"logprobs": "top_logprobs",
+            "max_tokens": "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"}
+
+
+def sampling_proto(req: _Sampling, max_tokens: int | None, logprobs: int | None, inputs: list[pb.Input],
+                   structured: pb.StructuredOutput | None = None,
+                   prompt_logprobs: int | None = None) -> pb.GenerateRequest:
     """The GenerateRequest: client-given fields only, so the router applies model defaults."""
     request = pb.GenerateRequest(model=req.model or "", sampling=pb.SamplingParameters(),
                                  stopping=pb.StoppingCriteria(), priority=req.priority,
                                  client_request_id=(req.request_id or "")[:256])
-    unset = [f for f in SAMPLING_FIELDS if getattr(req, f) is None]
-    if max_tokens is None:
-        unset.append("max_tokens")
-    if logprobs is None:
-        unset.append("logprobs")
-    to_request(params, request, unset)
+    given = {f: getattr(req, f) for f in SAMPLING_FIELDS}
+    given.update(n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+                 stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
+                 ignore_eos=req.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                 skip_special_tokens=req.skip_special_tokens, logit_bias=logit_bias(req))
+    try:
+        write_given(given, request)
+    except ValueError as exc:  # a value no proto field can hold; the rest is the router's to refuse
+        raise APIError(400, str(exc), param=sampling_param(str(exc), renamed_params(req))) from None
     if structured is not None:
         request.structured.CopyFrom(structured)
     if len(inputs) == 1:

@@ -52,8 +52,8 @@ def test_resolved_wire_meanings():
 
 
 def test_request_round_trip_keeps_every_value():
-    request = sp.to_request(dataclasses.replace(FULL, n=3), pb.GenerateRequest())
-    back = sp.from_request(request, DEFAULTS)
+    given = {**_fields(FULL), "n": 3}
+    back = sp.from_request(sp.write_given(given, pb.GenerateRequest()), DEFAULTS)
     assert _fields(back) == _fields(dataclasses.replace(FULL, n=3))
 
 
@@ -66,13 +66,56 @@ def test_unset_request_fields_take_the_model_defaults():
     assert params.logprobs is None and params.prompt_logprobs is None and params.structured is None
 
 
-def test_to_request_leaves_out_what_the_client_did_not_give():
-    request = sp.to_request(SamplingParams(temperature=0.3, max_tokens=None), pb.GenerateRequest(),
-                            unset=[f for f in sp.SAMPLING_FIELDS if f != "temperature"])
+def test_write_given_leaves_out_what_the_client_did_not_give():
+    request = sp.write_given({"temperature": 0.3, "top_p": None, "max_tokens": None, "skip_special_tokens": True},
+                             pb.GenerateRequest())
     assert [f.name for f, _ in request.sampling.ListFields()] == ["temperature"]
     assert not request.stopping.HasField("max_new_tokens") and not request.HasField("logprobs")
-    assert request.skip_special_tokens and request.n == 1
+    assert request.skip_special_tokens and request.n == 0  # n unset: 1 at the router
     assert sp.from_request(request, DEFAULTS).top_p == pytest.approx(DEFAULTS["top_p"])
+
+
+def test_write_given_normalises_as_sampling_params_does():
+    request = sp.write_given({"stop": "ab", "top_k": -1}, pb.GenerateRequest())
+    assert list(request.stopping.stop) == ["ab"]
+    assert request.sampling.HasField("top_k") and request.sampling.top_k == 0  # given: off, not the default
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"max_tokens": -1}, "max_tokens must be in [0, 4294967295] (uint32), got -1"),
+    ({"max_tokens": 2**63}, "max_tokens must be in [0, 4294967295] (uint32)"),
+    ({"n": 0}, "n must be in [1, 4294967295] (uint32), got 0"),  # 0 on the wire is "unset"
+    ({"top_k": 2**31}, "top_k must be in [-2147483648, 2147483647] (int32)"),
+    ({"seed": -1}, "seed must be in [0, 18446744073709551615] (uint64)"),
+    ({"stop_token_ids": [3, -1]}, "stop_token_ids must hold values in [0, 4294967295] (uint32), got -1"),
+    ({"logit_bias": {-5: 1.0}}, "logit_bias keys must be in [0, 4294967295] (uint32), got -5"),
+    ({"logit_bias": {5: 1e300}}, "logit_bias values must be in [-3.4028235e+38, 3.4028235e+38] (float32)"),
+    ({"temperature": 1e39}, "temperature must be in [-3.4028235e+38, 3.4028235e+38] (float32), got 1e+39"),
+])
+def test_write_given_refuses_what_the_wire_cannot_hold(given, message):
+    with pytest.raises(ValueError) as err:
+        sp.write_given(given, pb.GenerateRequest())
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("given, refused", [
+    ({"top_p": 1.0000000001}, "top_p"), ({"min_p": 1.0000000001}, "min_p"),
+    ({"temperature": -1e-50}, "temperature"), ({"presence_penalty": 2.0000000001}, "presence_penalty"),
+    ({"frequency_penalty": -2.0000000001}, "frequency_penalty"), ({"logit_bias": {5: 100.0000000001}}, "logit_bias"),
+    ({"top_p": 1e-50}, "top_p"), ({"repetition_penalty": 1e-50}, "repetition_penalty"),  # 0 on the wire, as before
+])
+def test_float32_rounding_never_makes_a_bad_value_good(given, refused):
+    request = sp.write_given(given, pb.GenerateRequest())
+    with pytest.raises(ValueError, match=refused):
+        sp.from_request(request, DEFAULTS)
+
+
+def test_float32_rounding_keeps_good_values():
+    request = sp.write_given({"top_p": 0.9999999999, "temperature": 1e-50, "presence_penalty": 2.0,
+                              "logit_bias": {5: 99.99999999}}, pb.GenerateRequest())
+    params = sp.from_request(request, DEFAULTS)  # each stays on its side of the nearest integer
+    assert params.top_p == pytest.approx(1.0) and params.top_p < 1.0 and params.logit_bias[5] < 100.0
+    assert params.temperature == 0.0 and params.presence_penalty == 2.0  # underflow to 0; exact
 
 
 def test_bad_values_and_specs_are_value_errors():

@@ -321,38 +321,61 @@ def test_metrics_move_by_request_count(http, model, sdk):
 # -- bad inputs (RELIABILITY.md) -------------------------------------------------------------------
 
 C, CH = "/v1/completions", "/v1/chat/completions"
-BAD = [
-    (C, {"prompt": ""}, 400, "prompt must not be empty"),
-    (C, {"prompt": []}, 400, "prompt must not be empty"),
-    (CH, {"messages": []}, 400, "messages must not be empty"),
-    (C, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be in [1, 2147483647]"),
-    (C, {"prompt": "x", "max_tokens": -1}, 400, "max_tokens must be in [1, 2147483647]"),
-    (C, {"prompt": "x", "max_tokens": 2**31}, 400, "max_tokens must be in [1, 2147483647]"),
-    (C, {"prompt": "x", "max_tokens": 2**63}, 400, "max_tokens must be in [1, 2147483647]"),
-    (C, {"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens: Input should be a valid integer"),
-    (C, {"prompt": "x", "max_tokens": "16"}, 400, "max_tokens: Input should be a valid integer"),
-    (C, {"prompt": "x", "max_tokens": 300}, 400, "exceeds the max model length 256"),
-    (C, {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens must be <= max_tokens (4)"),
-    (C, {"prompt": "x", "n": 0}, 400, "n must be in [1, 128]"),
-    (C, {"prompt": "x", "n": 10**9}, 400, "n must be in [1, 128]"),
-    (C, {"prompt": "x", "temperature": -0.5}, 400, "temperature must be >= 0"),
-    (C, {"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]"),
-    (C, {"prompt": "x", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
-    (C, {"prompt": "x", "top_k": -2}, 400, "top_k must be in [-1,"),
-    (C, {"prompt": "x", "logprobs": 10**6}, 400, "logprobs must be in [0, 20]"),
-    (CH, {"messages": CHAT, "logprobs": True, "top_logprobs": -1}, 400, "logprobs must be in [0, 20]"),
-    (C, {"prompt": "x", "stop": ["s"] * 10**4}, 400, "stop may hold at most 64 strings"),
-    (C, {"prompt": "x", "stop": "y" * 2**20}, 400, "stop strings must be at most 1024 characters"),
-    (C, {"prompt": "x", "stop": [""]}, 400, "stop strings must not be empty"),
-    (C, {"prompt": "x", "stop_token_ids": [49152]}, 400, "stop_token_ids must hold token ids in [0, 49152)"),
-    (C, {"prompt": [1, 2, 10**6]}, 400, "prompt must hold token ids in [0, 49152)"),
-    (C, {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias keys must be token ids"),
-    (C, {"prompt": "x", "model": "no-such-model"}, 404, "does not exist"),
-    (CH, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role must be one of"),
-    (C, {"prompt": "x", "echo": True, "stream": True}, 400, "echo is not supported with stream"),
-    (C, {}, 400, "prompt: Field required"),
-    ("/generate", {"prompt": "x", "stream": True}, 400, "stream is not supported on /generate"),
-    ("/detokenize", {"tokens": [-1]}, 400, "tokens must hold token ids"),
+BAD = [  # route, body, status, message, param
+    (C, {"prompt": ""}, 400, "prompt must not be empty", "prompt"),
+    (C, {"prompt": []}, 400, "prompt must not be empty", "prompt"),
+    (CH, {"messages": []}, 400, "messages must not be empty", "messages"),
+    (C, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens must be in [1, 2147483647]", "max_tokens"),
+    (C, {"prompt": "x", "max_tokens": -1}, 400, "max_tokens must be in [0, 4294967295] (uint32)", "max_tokens"),
+    (C, {"prompt": "x", "max_tokens": 2**31}, 400, "max_tokens must be in [1, 2147483647]", "max_tokens"),
+    (C, {"prompt": "x", "max_tokens": 2**63}, 400, "max_tokens must be in [0, 4294967295] (uint32)", "max_tokens"),
+    (C, {"prompt": "x", "max_tokens": 1.5}, 400, "max_tokens: Input should be a valid integer", "max_tokens"),
+    (C, {"prompt": "x", "max_tokens": "16"}, 400, "max_tokens: Input should be a valid integer", "max_tokens"),
+    (C, {"prompt": "x", "max_tokens": 300}, 400, "exceeds the max model length 256", None),
+    (C, {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens must be <= max_tokens (4)", "min_tokens"),
+    (C, {"prompt": "x", "min_tokens": -1}, 400, "min_tokens must be in [0, 4294967295] (uint32)", "min_tokens"),
+    (C, {"prompt": "x", "n": 0}, 400, "n must be in [1, 4294967295] (uint32)", "n"),
+    (C, {"prompt": "x", "n": 10**9}, 400, "n must be in [1, 128]", "n"),
+    (C, {"prompt": "x", "temperature": -0.5}, 400, "temperature must be >= 0", "temperature"),
+    (C, {"prompt": "x", "temperature": -1e-50}, 400, "temperature must be >= 0", "temperature"),
+    (C, {"prompt": "x", "temperature": 1e300}, 400, "temperature must be in [-3.4028235e+38", "temperature"),
+    (C, {"prompt": "x", "top_p": 0}, 400, "top_p must be in (0, 1]", "top_p"),
+    (C, {"prompt": "x", "top_p": 1.5}, 400, "top_p must be in (0, 1]", "top_p"),
+    (C, {"prompt": "x", "top_p": 1.0000000001}, 400, "top_p must be in (0, 1]", "top_p"),
+    (C, {"prompt": "x", "top_k": -2}, 400, "top_k must be in [-1,", "top_k"),
+    (C, {"prompt": "x", "top_k": 2**31}, 400, "top_k must be in [-2147483648, 2147483647] (int32)", "top_k"),
+    (C, {"prompt": "x", "seed": -1}, 400, "seed must be in [0, 18446744073709551615] (uint64)", "seed"),
+    (C, {"prompt": "x", "seed": 2**63}, 400, "seed must be in [0, 9223372036854775807]", "seed"),
+    (C, {"prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty must be in [-2.0, 2.0]", "presence_penalty"),
+    (C, {"prompt": "x", "logprobs": 10**6}, 400, "logprobs must be in [0, 20]", "logprobs"),
+    (CH, {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "logprobs must be in [0, 20]",
+     "top_logprobs"),
+    (CH, {"messages": CHAT, "logprobs": True, "top_logprobs": -1}, 400, "logprobs must be in [0, 4294967295]",
+     "top_logprobs"),
+    (CH, {"messages": CHAT, "max_completion_tokens": 0}, 400, "max_tokens must be in [1,", "max_completion_tokens"),
+    (C, {"prompt": "x", "stop": ["s"] * 10**4}, 400, "stop may hold at most 64 strings", "stop"),
+    (C, {"prompt": "x", "stop": "y" * 2**20}, 400, "stop strings must be at most 1024 characters", "stop"),
+    (C, {"prompt": "x", "stop": [""]}, 400, "stop strings must not be empty", "stop"),
+    (C, {"prompt": "x", "stop": ""}, 400, "stop strings must not be empty", "stop"),
+    (C, {"prompt": "x", "stop_token_ids": [49152]}, 400, "stop_token_ids must be < vocab size 49152", "stop_token_ids"),
+    (C, {"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids must hold values in [0, 4294967295]",
+     "stop_token_ids"),
+    (C, {"prompt": [1, 2, 10**6]}, 400, "prompt must hold token ids in [0, 49152)", "prompt"),
+    (C, {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias keys must be token ids", "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"-5": 1}}, 400, "logit_bias keys must be in [0, 4294967295]", "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"49152": 1}}, 400, "logit_bias keys must be < vocab size 49152", "logit_bias"),
+    (C, {"prompt": "x", "logit_bias": {"5": 100.5}}, 400, "logit_bias values must be in [-100, 100]", "logit_bias"),
+    (C, {"prompt": "x", "best_of": 3}, 400, "best_of must equal n (1) or 1", "best_of"),
+    (C, {"prompt": "x", "priority": 2**31}, 400, "priority must be in [", "priority"),
+    (C, {"prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options is only allowed",
+     "stream_options"),
+    (C, {"prompt": "x", "model": "no-such-model"}, 404, "does not exist", "model"),
+    (CH, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role must be one of",
+     "messages.0.role"),
+    (C, {"prompt": "x", "echo": True, "stream": True}, 400, "echo is not supported with stream", "echo"),
+    (C, {}, 400, "prompt: Field required", "prompt"),
+    ("/generate", {"prompt": "x", "stream": True}, 400, "stream is not supported on /generate", "stream"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens must hold token ids", "tokens"),
 ]
 RAW_BAD = [
     (C, b'{"prompt": "x", "temperature": NaN}', 400, "temperature must be finite"),
@@ -384,15 +407,15 @@ def test_bad_inputs_clear_errors_bystander_unharmed(http, sdk, model):
     bystander = threading.Thread(target=_bystander, args=(sdk, model, expected, results))
     bystander.start()
     failures = []
-    for route, body, status, message in BAD:
+    for route, body, status, message, param in BAD:
         r = http.post(route, json={"model": model, **body} if "model" not in body else body)
         try:
             err = r.json()["error"]
         except Exception:
             failures.append((route, body, r.status_code, r.text[:200]))
             continue
-        if r.status_code != status or message not in err["message"]:
-            failures.append((route, str(body)[:80], r.status_code, err["message"][:200]))
+        if r.status_code != status or message not in err["message"] or err["param"] != param:
+            failures.append((route, str(body)[:80], r.status_code, err["message"][:200], err["param"]))
         assert set(err) == {"message", "type", "param", "code"}
         assert not re.search(r"Traceback|File \"|0x[0-9a-f]{6,}|/work/", err["message"])
     for route, raw, status, message in RAW_BAD:
