@@ -52,6 +52,8 @@ def _decode_kernel(
     FP8: tl.constexpr,  # the cache is float8 e4m3: converted to COMPUTE as loaded, scaled
     COMPUTE: tl.constexpr,  # the dots' input dtype: q's, or fp16 for an fp8 cache (e4m3 -> f16 is one
     # cvt per two elements on sm89+; -> bf16 goes through f32)
+    Q_RESCALE: tl.constexpr,  # q narrows to fp16 (max 65504): rows past 2^15 are scaled down by a
+    # power of two, undone on their scores (exact), so no query overflows to inf
 ):
     # kv head fastest: the programs of one sequence run together and read whole token rows
     # (all kv heads of a token are adjacent in the cache).
@@ -74,7 +76,15 @@ def _decode_kernel(
     heads = kv_head * GROUP + g
     head_ok = g < GROUP
     q = tl.load(q_ptr + seq * stride_q_s + heads[:, None] * stride_q_h + d[None, :],
-                mask=head_ok[:, None], other=0.0).to(COMPUTE)
+                mask=head_ok[:, None], other=0.0)
+    if Q_RESCALE:
+        qf = q.to(tl.float32)
+        q_max = tl.max(tl.abs(qf), 1)  # [GROUP_PAD]
+        q_mul = tl.exp2(tl.ceil(tl.log2(tl.maximum(q_max, 32768.0) / 32768.0)))  # 1 up to 2^15
+        q = (qf / q_mul[:, None]).to(COMPUTE)
+        row_scale = q_mul * qk_scale  # [GROUP_PAD]
+    else:
+        q = q.to(COMPUTE)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -87,7 +97,11 @@ def _decode_kernel(
         block = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         tok = block * stride_c_block + (n % BLOCK_SIZE) * stride_c_offset + head_off  # [BLOCK_N]
         k = tl.load(k_cache_ptr + tok[:, None] + d[None, :], mask=n_ok[:, None], other=0.0).to(COMPUTE)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N]
+        if Q_RESCALE:
+            s = s * row_scale[:, None]
+        else:
+            s = s * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -237,6 +251,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=block_n, SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8, COMPUTE=_TL[compute],
+        Q_RESCALE=compute == torch.float16 and q.dtype != torch.float16,
         num_warps=num_warps, num_stages=num_stages,
     )
     if split:

@@ -115,6 +115,27 @@ def test_fp8_prefill_matches_ref(dtype, k_scale, v_scale, num_heads, num_kv_head
     assert_within_budget(out[:n], ref32[:n], ref_dt[:n], "fp8 prefill")
 
 
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32] if CUDA else [torch.bfloat16])
+def test_fp8_decode_with_fp16_dots_takes_queries_past_fp16s_range(q_dtype):
+    # An fp8 cache's dots run in fp16, whose largest value is 65504: rows of q far past it (a
+    # bf16 / fp32 query can hold them) must give the reference's output, not inf / NaN.
+    lens = [37, 1, 130]
+    case = _to_fp8(make_case([1] * len(lens), lens, 8, 2, 64, dtype=torch.float32, seed=31), 0.37, 0.0213)
+    q = case.q.clone()
+    q[0, :4] *= 3e5  # kv head 0's group: up to about 1e6
+    q[2, 5] *= 1e4  # one head of kv head 1's group
+    q = q.to(q_dtype)
+    scale = 64**-0.5 / 3e5  # keeps the softmax well spread for the big rows
+    out = torch.empty_like(q)
+    paged_decode_attention(q, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, scale, out,
+                           k_scale=0.37, v_scale=0.0213, fp8_compute=torch.float16)
+    k32, v32 = _dequantized(case, torch.float32, 0.37, 0.0213)
+    ref = paged_decode_attention_ref(q.float(), k32, v32, case.block_tables, case.seq_lens, scale)
+    assert torch.isfinite(out.float()).all()
+    cos = torch.nn.functional.cosine_similarity(out.float().flatten(1), ref.flatten(1), dim=1)
+    assert cos.min() > 0.999, cos
+
+
 def test_fp8_attention_close_to_unquantized():
     # The quantization error itself: decode over an fp8 cache vs the fp32 cache it came from.
     lens = [200, 77, 1]
