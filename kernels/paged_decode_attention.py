@@ -238,8 +238,8 @@ def paged_decode_attention(
         block_n = 128 if fp8 and long_walk else 64
     if num_stages is None:
         # 3 for every tile: since the fp8 path rescales large query rows (Q_RESCALE), 128-token fp8
-        # tiles run best with 3 stages too (H200, 2026-12-03: 238 / 234 / 240 us at 256 x 1k,
-        # 64 x 4k, 8 x 32k, vs 249 / 248 / 240 with 2)
+        # tiles run best with 3 stages too (H200, 2026-12-03: 69 / 238 / 234 / 240 us at 64 x 1k,
+        # 256 x 1k, 64 x 4k, 8 x 32k, vs 75 / 249 / 248 / 240 with 2)
         num_stages = 3
     if split:
         part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
