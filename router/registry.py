@@ -74,6 +74,7 @@ class Node:
     misses: int = 0  # consecutive poll timeouts
     latency_s: float = 0.0  # smoothed GetLoad round trip
     draining: bool = False  # said so in a heartbeat: no new work until it re-registers
+    poll_failed: bool = False  # its last poll failed (a node not polled yet counts as up)
     pending_blocks: int = 0  # reserved by the router since the last poll
     pending_prompt_tokens: int = 0  # sent for prefill since the last poll
     active: int = 0  # pipelines currently using this node
@@ -136,7 +137,13 @@ class NodeRegistry:
             if node.address != address or node.role != role:
                 raise FailedPrecondition(f"node {node.node_id!r} is registered as a {node.role} node at another "
                                          "address or role; a node's address and role never change")
-        self._check_config(request)
+        try:
+            self._check_config(request)
+        except FailedPrecondition:
+            if not self._pool_is_down({known, at_address}):
+                raise
+            self._forget_pool(request)  # every node of the old config is gone: this one starts the new pool
+            self._check_config(request)  # the router's own flags still apply
         node = known or at_address
         if node is None:
             node = self._new(address, role, request.node_id or None)
@@ -174,6 +181,32 @@ class NodeRegistry:
         if layout != pool.layout:
             raise FailedPrecondition(f"the node's KV layout ({_layout_text(layout)}) differs from {learned} "
                                      f"({_layout_text(pool.layout)}): every node of a pool serves the same model")
+
+    def _pool_is_down(self, exclude: set) -> bool:
+        """No node of the learned pool config is serving any more: every other node is down, its
+        last poll failed (a node not polled yet counts as up)."""
+        others = [n for n in self.nodes.values() if n not in exclude]
+        return self.pool is not None and all(not n.healthy and n.poll_failed for n in others)
+
+    def _forget_pool(self, request) -> None:
+        """A whole pool restarted with another config (a rolling change of --max-model-len, say):
+        the learned config goes, and so do the registered nodes that are down, so each must
+        register again and be checked against the new pool before it is placed on (command-line
+        nodes stay: they are trusted, as always)."""
+        gone = [n for n in self.nodes.values()
+                if n.expected_model and not n.healthy and n.poll_failed and n.address != request.address]
+        logger.warning("no node of the pool is up: forgetting the pool config learned from %s; node %s at %s "
+                       "starts the new pool (%d down nodes must register again)", self.pool.node_id,
+                       request.node_id or "(new)", request.address[:64], len(gone))
+        self.pool = None
+        for node in gone:
+            del self.nodes[node.node_id]
+            loop = self._loops.pop(node.node_id, None)
+            if loop is not None:
+                loop.cancel()
+            closing = asyncio.ensure_future(node.channel.close())
+            self._checks.add(closing)
+            closing.add_done_callback(self._checks.discard)
 
     def _learn(self, node_id: str, request) -> None:
         """The pool's config: the first registered node's, completed by later ones (that agree)."""
@@ -229,18 +262,20 @@ class NodeRegistry:
             self._missed(node, exc)
             return False
         if node.expected_model and load.model != node.expected_model:
+            node.poll_failed = True
             node.mark_down(f"serves model {load.model[:100]!r}, registered for {node.expected_model[:100]!r}")
             return False
         if not node.healthy:
             logger.info("node %s (%s) is up", node.node_id, node.address)
         rtt = time.monotonic() - start
         node.latency_s = rtt if not node.last_ok else 0.7 * node.latency_s + 0.3 * rtt
-        node.load, node.healthy, node.last_ok, node.misses = load, True, time.monotonic(), 0
+        node.load, node.healthy, node.last_ok, node.misses, node.poll_failed = load, True, time.monotonic(), 0, False
         node.pending_blocks = node.pending_prompt_tokens = 0
         self._notify()
         return True
 
     def _missed(self, node: Node, exc: grpc.aio.AioRpcError) -> None:
+        node.poll_failed = True
         code = exc.code()
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             node.misses += 1

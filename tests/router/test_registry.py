@@ -1,0 +1,101 @@
+"""router/registry.py in process: the pool config learned from the nodes' registration, refusals of
+a node that disagrees, and a whole pool that restarts with another config (it is re-learned once
+every node of the old config is down, and the down nodes must register again)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.rpc.errors import FailedPrecondition
+from protos.pdserve.v1 import node_pb2, router_pb2
+from router.registry import NodeRegistry
+
+LAYOUT = node_pb2.KVLayout(num_layers=2, block_size=16, num_kv_heads=2, head_dim=8, dtype="float32")
+
+
+def register_request(node_id: str, port: int, role: str = "decode", max_model_len: int = 2048):
+    return router_pb2.RegisterNodeRequest(node_id=node_id, address=f"127.0.0.1:{port}", role=role, layout=LAYOUT,
+                                          model="m", max_model_len=max_model_len, dtype="float32")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_the_first_node_sets_the_pool_and_a_disagreeing_node_is_refused():
+    async def main():
+        registry = NodeRegistry()
+        seen = []
+        registry.on_pool = seen.append
+        a = registry.register(register_request("a", 1, "prefill"))
+        assert registry.pool.max_model_len == 2048 and registry.pool.node_id == "a" and len(seen) == 1
+        with pytest.raises(FailedPrecondition, match="max_model_len is 4096, node a's is 2048"):
+            registry.register(register_request("b", 2, max_model_len=4096))  # a is registered, not polled yet
+        a.healthy = True
+        with pytest.raises(FailedPrecondition, match="max_model_len"):
+            registry.register(register_request("b", 2, max_model_len=4096))
+        a.healthy, a.misses = False, 1  # one slow poll: not down
+        with pytest.raises(FailedPrecondition, match="max_model_len"):
+            registry.register(register_request("b", 2, max_model_len=4096))
+        assert set(registry.nodes) == {"a"}
+        await registry.close()
+    run(main())
+
+
+def test_a_pool_that_restarted_with_another_config_is_relearned():
+    async def main():
+        registry = NodeRegistry()
+        seen = []
+        registry.on_pool = seen.append
+        old_p = registry.register(register_request("p-old", 1, "prefill"))
+        old_d = registry.register(register_request("d-old", 2))
+        for node in (old_p, old_d):  # both were up, then every poll failed: the old pool is gone
+            node.healthy, node.poll_failed = False, True
+        new_d = registry.register(register_request("d-new", 3, max_model_len=4096))
+        assert registry.pool.max_model_len == 4096 and registry.pool.node_id == "d-new"
+        assert seen[-1].max_model_len == 4096  # the router's card follows (Router.adopt)
+        assert set(registry.nodes) == {"d-new"}  # the down nodes must register again ...
+        with pytest.raises(FailedPrecondition, match="max_model_len is 2048, node d-new's is 4096"):
+            registry.register(register_request("p-old", 1, "prefill"))  # ... and are checked against the new pool
+        new_d.healthy = True
+        assert registry.register(register_request("p-new", 4, "prefill", max_model_len=4096)).node_id == "p-new"
+        await registry.close()
+    run(main())
+
+
+def test_the_routers_own_flags_still_bind_a_relearned_pool():
+    async def main():
+        registry = NodeRegistry(max_model_len=2048)
+        old = registry.register(register_request("a", 1))
+        old.healthy, old.poll_failed = False, True
+        with pytest.raises(FailedPrecondition, match="this router's --max-model-len is 2048"):
+            registry.register(register_request("b", 2, max_model_len=4096))
+        await registry.close()
+    run(main())
+
+
+def test_a_node_re_registering_alone_keeps_its_pool():
+    async def main():
+        registry = NodeRegistry()
+        a = registry.register(register_request("a", 1))
+        a.healthy, a.poll_failed = False, True  # it restarted on the same address with the same config
+        again = registry.register(register_request("a", 1))
+        assert again is a and registry.pool.node_id == "a" and set(registry.nodes) == {"a"}
+        await registry.close()
+    run(main())
+
+
+def test_a_command_line_node_that_is_up_keeps_the_pool():
+    async def main():
+        registry = NodeRegistry()
+        static = registry.add("127.0.0.1:1", "decode")  # from --decode; it registers too (pdserve serve)
+        registry.register(register_request(static.node_id, 1))
+        static.healthy = True
+        with pytest.raises(FailedPrecondition, match="max_model_len"):
+            registry.register(register_request("b", 2, max_model_len=4096))
+        static.healthy, static.poll_failed = False, True
+        registry.register(register_request("b", 2, max_model_len=4096))
+        assert registry.pool.max_model_len == 4096 and static.node_id in registry.nodes  # trusted: kept
+        await registry.close()
+    run(main())
