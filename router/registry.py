@@ -81,6 +81,11 @@ class Node:
     _prefix_of: object = field(default=None, repr=False)
     _prefix: frozenset = field(default=frozenset(), repr=False)
 
+    @property
+    def gone(self) -> bool:
+        """Down after a failed poll (a node not polled yet is not gone)."""
+        return not self.healthy and self.poll_failed
+
     def mark_down(self, why: str) -> None:
         if self.healthy:
             logger.warning("node %s (%s) marked down: %s", self.node_id, self.address, why)
@@ -186,15 +191,14 @@ class NodeRegistry:
         """No node of the learned pool config is serving any more: every other node is down, its
         last poll failed (a node not polled yet counts as up)."""
         others = [n for n in self.nodes.values() if n not in exclude]
-        return self.pool is not None and all(not n.healthy and n.poll_failed for n in others)
+        return self.pool is not None and all(n.gone for n in others)
 
     def _forget_pool(self, request) -> None:
         """A whole pool restarted with another config (a rolling change of --max-model-len, say):
         the learned config goes, and so do the registered nodes that are down, so each must
         register again and be checked against the new pool before it is placed on (command-line
         nodes stay: they are trusted, as always)."""
-        gone = [n for n in self.nodes.values()
-                if n.expected_model and not n.healthy and n.poll_failed and n.address != request.address]
+        gone = [n for n in self.nodes.values() if n.expected_model and n.gone and n.address != request.address]
         logger.warning("no node of the pool is up: forgetting the pool config learned from %s; node %s at %s "
                        "starts the new pool (%d down nodes must register again)", self.pool.node_id,
                        request.node_id or "(new)", request.address[:64], len(gone))

@@ -204,9 +204,7 @@ def decode_frame(raw) -> "WireFrame | node_pb2.KVFrame":
         fields = node_pb2.KVFrame.FromString(b"".join(others))
     except Exception as exc:  # protobuf's DecodeError
         raise TransferError(f"malformed KVFrame: {exc}") from None
-    if fields.data:  # field 5 sent with another wire type
-        raise TransferError("malformed KVFrame: field 5 (data) must be length-delimited")
-    return WireFrame(fields, data)
+    return WireFrame(fields, data)  # a field 5 of another wire type is an unknown field there: no payload
 
 
 async def decoded_frames(requests):

@@ -23,11 +23,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def watched(**kwargs) -> tuple[NodeRegistry, list]:
+    """A registry and the pool configs it reports (`on_pool`, as Router.adopt receives them)."""
+    registry = NodeRegistry(**kwargs)
+    seen: list = []
+    registry.on_pool = seen.append
+    return registry, seen
+
+
 def test_the_first_node_sets_the_pool_and_a_disagreeing_node_is_refused():
     async def main():
-        registry = NodeRegistry()
-        seen = []
-        registry.on_pool = seen.append
+        registry, seen = watched()
         a = registry.register(register_request("a", 1, "prefill"))
         assert registry.pool.max_model_len == 2048 and registry.pool.node_id == "a" and len(seen) == 1
         with pytest.raises(FailedPrecondition, match="max_model_len is 4096, node a's is 2048"):
@@ -45,9 +51,7 @@ def test_the_first_node_sets_the_pool_and_a_disagreeing_node_is_refused():
 
 def test_a_pool_that_restarted_with_another_config_is_relearned():
     async def main():
-        registry = NodeRegistry()
-        seen = []
-        registry.on_pool = seen.append
+        registry, seen = watched()
         old_p = registry.register(register_request("p-old", 1, "prefill"))
         old_d = registry.register(register_request("d-old", 2))
         for node in (old_p, old_d):  # both were up, then every poll failed: the old pool is gone
