@@ -5,7 +5,9 @@ loop reading its load (GetLoad, answered from the node's published snapshot) a f
 Health tells the truth:
 - a broken connection (UNAVAILABLE) marks a node down at once; a poll that only times out is a
   miss, and MISSES_DOWN consecutive misses mark it down (a frozen node: within ~3 s);
-- a slow answer only lowers the node's placement score (`latency_s`);
+- a slow answer only lowers the node's placement score (`latency_s`: smoothed while answers are
+  slow, back to the latest round trip as soon as one comes promptly, so a node that was slow once,
+  on its first poll or in a burst, is not passed over for seconds after it recovered);
 - a call that failed during a request does not mark anyone down: it makes the router poll that
   node now (`suspect`), so a healthy peer of a dead node is never blamed;
 - a registered node is placed on only once a poll on its claimed role's service answered and
@@ -72,7 +74,7 @@ class Node:
     expected_model: str = ""  # set for registered nodes: polls must name this model
     last_ok: float = 0.0
     misses: int = 0  # consecutive poll timeouts
-    latency_s: float = 0.0  # smoothed GetLoad round trip
+    latency_s: float = 0.0  # GetLoad round trip: smoothed upward, the latest when it fell
     draining: bool = False  # said so in a heartbeat: no new work until it re-registers
     poll_failed: bool = False  # its last poll failed (a node not polled yet counts as up)
     pending_blocks: int = 0  # reserved by the router since the last poll
@@ -272,7 +274,7 @@ class NodeRegistry:
         if not node.healthy:
             logger.info("node %s (%s) is up", node.node_id, node.address)
         rtt = time.monotonic() - start
-        node.latency_s = rtt if not node.last_ok else 0.7 * node.latency_s + 0.3 * rtt
+        node.latency_s = rtt if not node.last_ok or rtt <= node.latency_s else 0.7 * node.latency_s + 0.3 * rtt
         node.load, node.healthy, node.last_ok, node.misses, node.poll_failed = load, True, time.monotonic(), 0, False
         node.pending_blocks = node.pending_prompt_tokens = 0
         self._notify()

@@ -59,9 +59,9 @@ def test_greedy_matches_offline_engine(stack, reference):
         assert c.timings.prefill_node.startswith("prefill-") and c.timings.ttft_ms > 0
         if c.completion_tokens > 1:
             assert c.timings.decode_node.startswith("decode-") and c.timings.kv_transfer_bytes > 0
-    used = {r.completions[0].timings.decode_node for r in unary} | {r.completions[0].timings.prefill_node
-                                                                   for r in unary}
-    assert {"prefill-0", "prefill-1", "decode-0", "decode-1"} <= used  # the load was spread
+    timings = [r.completions[0].timings for r in unary] + [last.timings for _, _, last in streamed]
+    used = {t.decode_node for t in timings} | {t.prefill_node for t in timings}
+    assert {"prefill-0", "prefill-1", "decode-0", "decode-1"} <= used  # the load was spread (over two bursts)
     assert_idle(stub)
 
 
