@@ -59,6 +59,7 @@ class LLM:
                 if not isinstance(text, str) or not text:
                     raise ValueError("the prompt is empty")
                 token_ids = self.engine.tokenize(text)
+            p.verify(self.engine.shape.vocab_size, self.engine.max_model_len, len(token_ids))
             self.engine.add_request(request_id, text, p, prompt_token_ids=token_ids,
                                     priority=priority[i] if priority else 0)
             results[request_id] = RequestOutput(

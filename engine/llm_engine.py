@@ -222,7 +222,7 @@ class LLMEngine:
                 raise ValueError("the prompt is empty")
             prompt_token_ids = self.tokenize(prompt)
         prompt_token_ids = self._check_prompt(prompt_token_ids)
-        max_tokens = params.verify(self.shape.vocab_size, self.max_model_len, len(prompt_token_ids))
+        max_tokens = self._max_new_tokens(params, len(prompt_token_ids))
         grammars = [self.grammar_state(params) for _ in range(params.n)]  # a bad spec raises before any state
         parent = None
         group = []
@@ -279,6 +279,14 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len} "
                              f"(prompt plus at least one new token must fit)")
         return list(ids)
+
+    def _max_new_tokens(self, params: SamplingParams, prompt_len: int) -> int:
+        """The request's max_tokens within the context left after its prompt (`_check_prompt` leaves
+        room for one). The engine does not validate parameters: its callers did (the offline `LLM`
+        and the router call `SamplingParams.verify`), and any value a field can hold is harmless to
+        the other requests of a batch (tests/engine/test_resolved_params.py)."""
+        room = self.max_model_len - prompt_len
+        return room if params.max_tokens is None else max(1, min(params.max_tokens, room))
 
     def abort_request(self, request_id: str) -> bool:
         """Aborts every sequence of a request; returns False if it is unknown or finished."""
@@ -455,7 +463,7 @@ class LLMEngine:
         if params.n != 1:
             raise ValueError("imported requests carry one sequence (n == 1)")
         prompt_token_ids = self._check_prompt(prompt_token_ids)
-        max_tokens = params.verify(self.shape.vocab_size, self.max_model_len, len(prompt_token_ids))
+        max_tokens = self._max_new_tokens(params, len(prompt_token_ids))
         grammar = self.grammar_state(params)  # the prefill node sampled the first token under it
         if grammar is not None and not grammar.accept(first_token_id):
             raise ValueError(f"the first token {first_token_id} is outside the request's grammar")

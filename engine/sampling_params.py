@@ -2,11 +2,14 @@
 
 Everything a client can send is checked here, at construction, so that a bad value becomes a
 `ValueError` naming the field and its limit and never reaches the sampler. Checks that need the
-model (vocabulary size, context length) are in `verify()`, called once the request is admitted.
+model (vocabulary size, context length) are in `verify()`, called where a request enters (the
+router, the offline `LLM`). A node rebuilds the router's resolved parameters with `resolved()`,
+which checks nothing: the engine is total over every value the fields can hold.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -94,6 +97,24 @@ class SamplingParams:
         self._check_token_maps()
         if self.structured is not None and not isinstance(self.structured, StructuredSpec):
             raise ValueError(f"structured must be a StructuredSpec, got {type(self.structured).__name__}")
+
+    @classmethod
+    def resolved(cls, **values) -> SamplingParams:
+        """Parameters another process already validated (the router: `from_request` + `verify`),
+        rebuilt without checking them again. A value the router would have refused (only a client
+        reaching a node port directly can send one) changes that request's own output and nothing
+        else: out-of-vocabulary ids are ignored, NaN logits count as -inf, max_tokens is capped by
+        the context (tests/engine/test_resolved_params.py runs such values beside a bystander)."""
+        params = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            setattr(params, f.name, values.pop(f.name, f.default))
+        if values:
+            raise TypeError(f"unknown sampling parameters: {', '.join(sorted(values))}")
+        params.stop = list(params.stop or ())
+        params.stop_token_ids = list(params.stop_token_ids or ())
+        params.logit_bias = dict(params.logit_bias) if params.logit_bias else None
+        params.top_k = max(params.top_k, 0)
+        return params
 
     # -- validation ------------------------------------------------------------------------
 

@@ -232,10 +232,11 @@ def to_resolved(params: SamplingParams, sample_index: int = 0) -> node_pb2.Resol
 
 
 def from_resolved(msg: node_pb2.ResolvedParams) -> tuple[SamplingParams, int]:
-    """-> (SamplingParams, sample_index). Raises ValueError on invalid values."""
+    """-> (SamplingParams, sample_index), trusted as the router resolved them (not validated again:
+    `SamplingParams.resolved`)."""
     kwargs = {}
     for f in FIELDS:
         value = f.resolved_kind.read(msg, f.resolved)
         if value is not _UNSET:
             kwargs[f.attr] = value
-    return SamplingParams(n=1, **kwargs), msg.sample_index
+    return SamplingParams.resolved(n=1, **kwargs), msg.sample_index

@@ -132,15 +132,27 @@ def test_logprobs_match_hf_log_softmax(llm, model_dir):
     ({"prompt_token_ids": [49152]}, "49152"),
     ({"prompt_token_ids": [-1]}, "token ids"),
     ({"prompt_token_ids": [5] * 600}, "max_model_len"),
-    ({"prompt_token_ids": [5] * 500, "params": SamplingParams(max_tokens=100)}, "512"),
-    ({"prompt_token_ids": [5], "params": SamplingParams(stop_token_ids=[60000])}, "60000"),
 ])
-def test_bad_requests_rejected_and_engine_unharmed(llm, kwargs, match):
+def test_bad_prompts_rejected_and_engine_unharmed(llm, kwargs, match):
+    """The engine refuses a prompt it cannot hold (its own memory safety); parameters it takes as
+    given (the router and the offline LLM verify them; tests/engine/test_resolved_params.py)."""
     eng = llm.engine
-    params = kwargs.pop("params", SamplingParams())
     with pytest.raises(ValueError, match=match):
-        eng.add_request("bad", params=params, **kwargs)
+        eng.add_request("bad", params=SamplingParams(), **kwargs)
     assert not eng.has_unfinished_requests() and "bad" not in eng.request_ids()
+    ok = llm.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(3), use_tqdm=False)[0]
+    assert len(ok.outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ([5] * 500, SamplingParams(max_tokens=100), "512"),
+    ([5], SamplingParams(stop_token_ids=[60000]), "60000"),
+])
+def test_bad_params_rejected_by_the_offline_api_and_engine_unharmed(llm, prompt, params, match):
+    eng = llm.engine
+    with pytest.raises(ValueError, match=match):
+        llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+    assert not eng.has_unfinished_requests() and not eng.request_ids()
     ok = llm.generate([{"prompt_token_ids": [5, 6, 7]}], greedy(3), use_tqdm=False)[0]
     assert len(ok.outputs[0].token_ids) == 3
 
