@@ -139,6 +139,10 @@ class NodeArgs:
         "node's blocks), nccl (torch.distributed point-to-point: NCCL on CUDA, gloo on CPU), grpc (chunked "
         "frames, works everywhere) or auto (ipc when both share a host and GPU set, else nccl when both are on "
         "CUDA, else grpc)", choices=KV_TRANSPORT_NAMES))
+    kv_stream_chunks: bool = field(default=False, metadata=flag(
+        "prefill nodes, grpc transport: send each prefill chunk's KV while the next chunk computes (off by "
+        "default: on an H200 it cut the 7k-token KV tail 950 -> 610 ms but slowed the prefill itself 3-4x, "
+        "see docs/PERFORMANCE.md); decode nodes ignore it", negatable=True))
 
 
 @dataclass(frozen=True)

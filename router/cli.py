@@ -154,7 +154,6 @@ def plan(ns) -> list[Child]:
     register = ["--router", router_address] if ns.port else []
     nodes = [(role, i) for role, count in (("prefill", ns.num_prefill), ("decode", ns.num_decode)) for i in range(count)]
     children = [Child(f"{role}-{i}", [f"{role}_node", *engine, *_role_tp_argv(ns, role), *_metrics_argv(ns, 1 + j),
-                                      *(["--kv-stream-chunks"] if role == "prefill" and ns.kv_stream_chunks else []),
                                       *register, "--node-id", f"{role}-{i}",
                                       "--host", local, "--port", str(free_port())])
                 for j, (role, i) in enumerate(nodes)]
@@ -200,9 +199,6 @@ def build_serve_parser() -> argparse.ArgumentParser:
              help="prefill nodes to start; 0 = colocated serving: each decode node prefills its own "
                   "prompts in its batch (chunked prefill), no KV transfer")
     add_flag(g, "--num-decode", type=int, default=1, help="decode nodes to start")
-    add_flag(g, "--kv-stream-chunks", action=argparse.BooleanOptionalAction, default=False,
-             help="prefill nodes send each prefill chunk's KV over grpc while the next chunk computes "
-                  "(off by default; see the prefill node's flag)")
     for role in ("prefill", "decode"):
         add_flag(g, f"--{role}-tensor-parallel-size", type=int, default=None,
                  help=f"tensor-parallel ranks of each {role} node (default: --tensor-parallel-size)")

@@ -39,10 +39,6 @@ def node_parser(role: str, default_port: int) -> argparse.ArgumentParser:
              help="seconds in-flight requests get to finish on SIGTERM")
     add_metrics_flags(g)
     add_flag(g, "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level")
-    add_flag(g, "--kv-stream-chunks", action=argparse.BooleanOptionalAction, default=False,
-             help="prefill node, grpc transport: send each prefill chunk's KV while the next chunk computes "
-                  "(off by default: on an H200 it cut the 7k-token KV tail 950 -> 610 ms but slowed the "
-                  "prefill itself 3-4x, see docs/PERFORMANCE.md)")
     add_security_args(parser)
     return parser
 

@@ -7,12 +7,14 @@ def _argv(flags: list[str]) -> dict[str, list[str]]:
     return {c.name: c.argv for c in plan(ns)}
 
 
-def test_kv_stream_chunks_reaches_the_prefill_nodes_only():
-    on = _argv(["--num-prefill", "2", "--kv-stream-chunks"])
-    assert all(("--kv-stream-chunks" in argv) == name.startswith("prefill") for name, argv in on.items())
-    assert sum(name.startswith("prefill") for name in on) == 2
-    off = _argv([])
-    assert not any("--kv-stream-chunks" in argv for argv in off.values())
+def test_kv_stream_chunks_reaches_every_node_as_a_value():
+    from engine.node.main import node_parser
+    for flags, want in ((["--num-prefill", "2", "--kv-stream-chunks"], True), ([], False)):
+        nodes = {name: argv for name, argv in _argv(flags).items() if name != "router" and name != "gateway"}
+        assert sum(name.startswith("prefill") for name in nodes) == (2 if want else 1)
+        for name, argv in nodes.items():
+            role = name.split("-")[0]
+            assert node_parser(role, 0).parse_args(argv[1:]).kv_stream_chunks is want, name
 
 
 def test_the_prefill_node_takes_the_flag_and_its_env_twin(monkeypatch):
