@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 from google.protobuf.descriptor import FieldDescriptor
 
 from engine.sampling_params import SamplingParams
-from engine.structured.spec import spec_from_proto, spec_to_proto
+from engine.structured.spec import StructuredSpec, spec_from_proto, spec_to_proto
 from protos.pdserve.v1 import generation_pb2, node_pb2
 
 _UNSET = object()  # a proto field that is not set: the parameter keeps its default
@@ -57,15 +57,6 @@ def _message_kind(to_proto, from_proto) -> _Kind:
     return _Kind(read, write)
 
 
-def _checked_spec(msg):
-    """The request's output constraint, its schema / regex / grammar parsed here, so a bad one is
-    refused where the request enters (INVALID_ARGUMENT before any node sees it)."""
-    spec = spec_from_proto(msg)
-    if spec is not None:
-        spec.check()
-    return spec
-
-
 VALUE = _Kind(getattr, setattr)  # a plain proto3 field: always read and written
 OPTIONAL = _Kind(_read_optional, _write_optional)  # `optional`: unset <-> None
 LIST = _Kind(lambda m, n: list(getattr(m, n)) or _UNSET,  # repeated: empty <-> None
@@ -76,7 +67,6 @@ ZERO_IS_NONE = _Kind(lambda m, n: getattr(m, n) or None,  # 0 on the wire = None
                      lambda m, n, v: setattr(m, n, v or 0))
 OFF_IS_ZERO = _Kind(getattr, lambda m, n, v: setattr(m, n, max(v, 0)))  # top_k: -1 and 0 both mean off, 0 on the wire
 STRUCTURED = _message_kind(spec_to_proto, spec_from_proto)
-CHECKED_STRUCTURED = _message_kind(spec_to_proto, _checked_spec)
 
 
 @dataclass(frozen=True)
@@ -111,7 +101,7 @@ FIELDS = (
     Field("logprobs", "", "logprobs", OPTIONAL, "logprobs", OPTIONAL),
     Field("prompt_logprobs", "", "prompt_logprobs", OPTIONAL, "prompt_logprobs", OPTIONAL),
     Field("skip_special_tokens", "", "skip_special_tokens", OPTIONAL, "skip_special_tokens", VALUE),
-    Field("structured", "", "structured", CHECKED_STRUCTURED, "structured", STRUCTURED),
+    Field("structured", "", "structured", STRUCTURED, "structured", STRUCTURED),
 )
 
 # The `SamplingParameters` fields a client may leave unset (the OpenAI body's names are the same).
@@ -126,9 +116,13 @@ def _part(msg, part: str):
 
 
 # ---- the public request ----------------------------------------------------------------------------
-def from_request(request: generation_pb2.GenerateRequest, defaults: Mapping[str, Any]) -> SamplingParams:
+def from_request(request: generation_pb2.GenerateRequest, defaults: Mapping[str, Any],
+                 check_spec: Callable[[StructuredSpec], None] = StructuredSpec.check) -> SamplingParams:
     """The request's parameters; an unset field takes `defaults` (the model's generation defaults,
-    for MODEL_DEFAULT_FIELDS). Raises ValueError naming a bad field."""
+    for MODEL_DEFAULT_FIELDS). Raises ValueError naming a bad field. The output constraint's
+    schema / regex / grammar is parsed here by `check_spec`, so a bad one is refused where the
+    request enters (the router passes a checker that parses in a child process: xgrammar loads
+    torch)."""
     kwargs = {}
     for f in FIELDS:
         value = f.kind.read(_part(request, f.part), f.name)
@@ -136,7 +130,10 @@ def from_request(request: generation_pb2.GenerateRequest, defaults: Mapping[str,
             value = defaults.get(f.attr, f.unset) if f.model_default else f.unset
         if value is not _UNSET:
             kwargs[f.attr] = value
-    return SamplingParams(n=request.n or 1, **kwargs)
+    params = SamplingParams(n=request.n or 1, **kwargs)
+    if params.structured is not None:
+        check_spec(params.structured)
+    return params
 
 
 def write_given(values: Mapping[str, Any],

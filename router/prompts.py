@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 from engine.block_manager import block_hashes
 from engine.chat import render_chat
 from engine import sampling_proto
 from engine.sampling_params import SamplingParams
+from engine.structured.spec import StructuredSpec
 from protos.pdserve.v1 import generation_pb2
 
 MAX_PROMPTS = 64  # prompts in one Generate call
@@ -47,8 +49,10 @@ class Prompt:
 class PromptBuilder:
     """Tokenizes and validates the prompts of a request for one model."""
 
-    def __init__(self, tokenizer, limits: ModelLimits, generation_defaults: dict | None = None):
+    def __init__(self, tokenizer, limits: ModelLimits, generation_defaults: dict | None = None,
+                 check_spec: Callable[[StructuredSpec], None] = StructuredSpec.check):
         self.tokenizer = tokenizer
+        self.check_spec = check_spec  # parses an output constraint (the router: in a child process)
         self.defaults = {**OPENAI_DEFAULTS, **(generation_defaults or {})}
         self.set_limits(limits)
 
@@ -120,7 +124,7 @@ class PromptBuilder:
     def params(self, request: generation_pb2.GenerateRequest) -> SamplingParams:
         """The request's parameters, the model's defaults where it left them unset (the output
         constraint is parsed here, so a bad one is INVALID_ARGUMENT before any node sees it)."""
-        return sampling_proto.from_request(request, self.defaults)
+        return sampling_proto.from_request(request, self.defaults, self.check_spec)
 
     def build(self, request: generation_pb2.GenerateRequest) -> list[Prompt]:
         """Validates and tokenizes (slow for long text: the router runs it on a worker thread)."""

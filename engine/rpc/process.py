@@ -54,8 +54,8 @@ def hide_torch_from_transformers() -> bool:
     """Imports transformers as if torch were not installed, so it takes its torch-free paths for
     good (the router's process: it reads a config and a tokenizer, never weights). transformers
     decides once, at import, whether torch exists, and imports it from its config module when it
-    does. torch stays importable for whoever needs it later (xgrammar, to check a structured-output
-    constraint). A gguf file's first use then builds its sidecar in a child process
+    does. torch stays importable, but the router parses structured-output constraints in a child
+    (engine/structured/checker.py: xgrammar imports torch). A gguf file's first use then builds its sidecar in a child process
     (`engine.gguf_loader.GGUFFile.ensure_sidecar`). Returns False, changing nothing, when torch or
     transformers is already loaded."""
     if "torch" in sys.modules or "transformers" in sys.modules:

@@ -1,8 +1,8 @@
 """The router process loads no torch for its model (engine.rpc.process.hide_torch_from_transformers):
 `python -m router` starts and tokenizes without mapping libtorch, and its tokenizer and chat
-template give what the engine's (torch-loaded) tokenizer gives. torch stays importable: a
-structured-output constraint is still checked (xgrammar needs torch). A .gguf whose sidecar is not
-built yet gets it from a child process."""
+template give what the engine's (torch-loaded) tokenizer gives. A structured-output constraint is
+still checked where the request enters, by a child process (xgrammar loads torch). A .gguf whose
+sidecar is not built yet gets it from a child process."""
 from __future__ import annotations
 
 import os
@@ -69,6 +69,7 @@ def test_router_process_loads_no_torch(make_tiny_model):
             with pytest.raises(grpc.RpcError) as err:
                 stub.Generate(good, timeout=60)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()  # checked; no node is up
+        assert not _torch_mapped(proc.pid)  # the constraints were parsed in a child (engine/structured/checker.py)
     finally:
         proc.terminate()
         assert proc.wait(15) == 0

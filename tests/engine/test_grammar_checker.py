@@ -1,0 +1,59 @@
+"""engine/structured/checker.py: the router's output constraints parsed in a child process give the
+in-process answers; a slow parse times out and a dead child is replaced."""
+from __future__ import annotations
+
+import pytest
+
+from engine.structured.checker import GrammarChecker
+from engine.structured.spec import StructuredSpec
+
+GOOD = [StructuredSpec("json_schema", '{"type": "object", "properties": {"a": {"type": "integer"}}}'),
+        StructuredSpec("regex", "[ab]+"), StructuredSpec("choice", choices=("yes", "no")),
+        StructuredSpec("grammar", 'root ::= "a" | "b"'), StructuredSpec("json_object")]
+BAD = [StructuredSpec("grammar", "root ::= nope"), StructuredSpec("json_schema", "{not json"),
+       StructuredSpec("json_schema", "[1, 2]"), StructuredSpec("regex", "(")]
+
+
+def _in_process(spec: StructuredSpec) -> str:
+    try:
+        spec.check()
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+@pytest.fixture(scope="module")
+def checker():
+    c = GrammarChecker()
+    yield c
+    c.close()
+
+
+def test_the_child_answers_like_the_process_itself(checker):
+    for spec in GOOD:
+        checker.check(spec)
+    for spec in BAD:
+        want = _in_process(spec)
+        assert want
+        with pytest.raises(ValueError) as err:
+            checker.check(spec)
+        assert str(err.value) == want
+
+
+def test_a_dead_child_is_replaced(checker):
+    checker.check(GOOD[0])
+    checker._proc.kill()
+    checker._proc.wait()
+    checker.check(GOOD[1])  # a new child
+    with pytest.raises(ValueError, match="invalid structured grammar"):
+        checker.check(BAD[0])
+
+
+def test_a_parse_that_takes_too_long_is_refused_and_the_child_replaced():
+    slow = GrammarChecker(timeout_s=0.001, start_timeout_s=0.0)  # the child cannot even start in time
+    try:
+        with pytest.raises(ValueError, match="took more than 0.001 s to parse"):
+            slow.check(GOOD[0])
+        assert slow._proc is None
+    finally:
+        slow.close()
