@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+from engine.rpc.errors import Unavailable
 from engine.structured.spec import StructuredSpec, spec_from_proto, spec_to_proto
 
 START_TIMEOUT_S = 120.0  # the first answer includes importing xgrammar (and torch) on a busy machine
@@ -26,8 +27,8 @@ MAX_FRAME = 1 << 24
 _LEN = struct.Struct(">I")
 
 
-class CheckerError(RuntimeError):
-    """The checker process failed (not the constraint): it is restarted on the next call."""
+class CheckerError(Unavailable):
+    """The checker process failed (not the constraint): UNAVAILABLE; the next call starts another."""
 
 
 class GrammarChecker:

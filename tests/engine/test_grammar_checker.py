@@ -57,3 +57,22 @@ def test_a_parse_that_takes_too_long_is_refused_and_the_child_replaced():
         assert slow._proc is None
     finally:
         slow.close()
+
+
+def test_a_child_that_dies_mid_check_is_unavailable_not_an_internal_error(monkeypatch):
+    import grpc
+
+    from engine.structured import checker as mod
+
+    c = GrammarChecker()
+    try:
+        c.check(GOOD[0])
+        monkeypatch.setattr(mod, "_read_frame", lambda stream, deadline: (c._proc.kill(), c._proc.wait(),
+                                                                           mod._read_exact(stream, 4, deadline)))
+        with pytest.raises(mod.CheckerError, match="grammar checker process failed") as err:
+            c.check(GOOD[1])
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and c._proc is None
+        monkeypatch.undo()
+        c.check(GOOD[1])
+    finally:
+        c.close()
