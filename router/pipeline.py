@@ -234,12 +234,15 @@ class Pipeline:
         nodes while none did)."""
         tried: set[str] = set()
         while True:
+            if not [n for n in self.registry.healthy("prefill") if n.node_id not in tried]:
+                raise Unavailable("no prefill node is available")  # before reserving blocks for nothing
             decode, reservation = await self._reserve(set())
             choice = self.placement.prefill.pick(self.registry.healthy("prefill"), self.hashes,
                                                  len(self.prompt.token_ids), tried)
             prefill = choice.node if choice is not None else None
-            if prefill is None:
+            if prefill is None:  # the last one went down while the reservation was made
                 await self._abort(decode)
+                self.holders.discard(decode)  # aborted once, not again with the holders
                 raise Unavailable("no prefill node is available")
             self.holders.add(prefill)
             target = node_pb2.KVTarget(

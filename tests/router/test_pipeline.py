@@ -64,7 +64,21 @@ def test_every_prefill_node_failing_is_unavailable(default_tokenizer):
         assert (err.value.code, err.value.message) == (S.UNAVAILABLE, "no prefill node is available")
         assert cluster.called("Prefill") == ["prefill-0", "prefill-1"]
         assert set(cluster.aborts) == {"decode-0", "prefill-0", "prefill-1"}
-        assert cluster.aborts.count("decode-0") >= len(cluster.called("Reserve")) == 3  # every reservation freed
+        # every reservation freed, once; no third one once no prefill node is left to try
+        assert cluster.aborts.count("decode-0") == len(cluster.called("Reserve")) == 2
+    run(main())
+
+
+def test_no_healthy_prefill_node_reserves_nothing(default_tokenizer):
+    async def main():
+        cluster = Cluster(tokenizer=default_tokenizer, prefill_scripts=[], decode_scripts=[])
+        registry = make_registry(cluster)
+        for node in registry.by_role("prefill"):
+            node.healthy = False
+        with pytest.raises(RpcError) as err:
+            await collect(pipeline(registry))
+        assert (err.value.code, err.value.message) == (S.UNAVAILABLE, "no prefill node is available")
+        assert cluster.called("Reserve") == [] and cluster.aborts == []
     run(main())
 
 
