@@ -292,8 +292,11 @@ class Pipeline:
         else:  # prompt logprobs need the whole prompt computed: the prefill pool does that
             choice = self._decode_first() if self.params.prompt_logprobs is None else None
             chunks = self._run_local(first=choice) if choice is not None else self._run_disaggregated()
-        async for chunk in chunks:
-            yield chunk
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:  # aclose() / an early exit runs the inner generator's cleanup (aborts, holders) now
+            await chunks.aclose()
 
     def _decode_first(self) -> Choice | None:
         """Decode node first, then decide: it prefills the prompt itself when the part it has not

@@ -460,3 +460,17 @@ def test_a_cancelled_local_completion_aborts_its_decode_node(default_tokenizer):
         assert cluster.aborts == ["decode-0"] and cluster.calls[0].cancelled
         assert pipe.registry.nodes["decode-0"].active == 0
     run(main())
+
+
+def test_closing_the_stream_early_frees_both_nodes_at_once(default_tokenizer):
+    """A consumer that stops reading and closes the stream (aclose) runs the pipeline's cleanup
+    there and then, not when the generator is collected."""
+    async def main():
+        cluster = Cluster(tokenizer=default_tokenizer, prefill_scripts=[[first_token(), transfer_done()]],
+                          decode_scripts=[[tokens(8), HANG]])
+        stream = pipeline(make_registry(cluster), max_tokens=8).run()
+        first = await asyncio.wait_for(anext(stream), 5)
+        assert first.token_ids
+        await asyncio.wait_for(stream.aclose(), 5)
+        assert "decode-0" in cluster.aborts and all(call.cancelled for call in cluster.calls)
+    run(main())
