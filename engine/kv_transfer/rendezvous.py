@@ -9,7 +9,8 @@ configured), so the KV path opens no store port of its own:
 Each pair key (`<instance>/<generation>/<secret>`, drawn by the prefill node for every pair group
 and sent in the PushKV metadata) names one namespace; a store of either side sees only its pair's
 namespace, so every key c10d writes (gloo's rank addresses, NCCL's unique id and its dump-signal
-keys) lands there and is freed with the pair. Sizes are bounded (keys, values, keys per namespace
+keys) lands there and is freed with the pair. (No PrefixStore in between: ProcessGroupNCCL also
+writes to the store beneath one, outside the prefix.) Sizes are bounded (keys, values, keys per namespace
 and per node); namespaces no group holds are swept after `stale_s` without a write.
 """
 from __future__ import annotations

@@ -88,7 +88,7 @@ def _short(exc: BaseException) -> str:
 class _Pair:
     key: str
     group: object
-    store: object  # the Python store must outlive the group: c10d calls it through a weak binding
+    store: object  # the Python store must outlive the group: c10d's C++ side does not keep it alive
 
 
 def _payload(t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -255,7 +255,8 @@ class TorchDistHost:
             self.stores.hold(key)
             store = LocalPairStore(self.stores, key, timeout)
             loop = asyncio.get_running_loop()
-            building = loop.run_in_executor(None, make_pair_group, store, RECEIVER_RANK, timeout, self.device, self.host)
+            building = loop.run_in_executor(None, make_pair_group, store, RECEIVER_RANK, timeout, self.device,
+                                            self.host)
             self._building[key] = asyncio.ensure_future(_paired(building, key, store))
         try:
             pair = await self._building[key]

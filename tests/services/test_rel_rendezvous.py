@@ -24,7 +24,7 @@ from engine.kv_transfer import rendezvous as rdv
 from engine.kv_transfer.grpc_transport import Channels
 from engine.kv_transfer.rendezvous import GrpcPairStore, PairStores, rendezvous_call
 from engine.kv_transfer.torch_dist import (PAIR_SECRET_BYTES, RECEIVER_RANK, SENDER_RANK, TorchDistHost,
-                                           make_pair_group, new_pair_key, pair_instance)
+                                           TorchDistKVSender, make_pair_group, new_pair_key, pair_instance)
 from engine.parallel import group as tp_group
 from engine.rpc.channel import sync_channel
 from engine.rpc.errors import InvalidArgument
@@ -230,7 +230,8 @@ def test_oversize_keys_values_and_bad_calls_are_invalid_argument(server):
     server.call(_request(OP.KV_STORE_OP_SET, key, "n", value=b"not a number"))
     code, details = _code(lambda: server.call(_request(OP.KV_STORE_OP_ADD, key, "n", amount=1)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "number" in details
-    server.call(_request(OP.KV_STORE_OP_SET, key, "k" * rdv.MAX_KEY_BYTES, value=b"x" * rdv.MAX_VALUE_BYTES))  # at the limits
+    at_the_limits = _request(OP.KV_STORE_OP_SET, key, "k" * rdv.MAX_KEY_BYTES, value=b"x" * rdv.MAX_VALUE_BYTES)
+    server.call(at_the_limits)
     server.host.drop(key)
     assert server.host.stores.num_keys_total == 0
 
@@ -348,6 +349,18 @@ def test_the_decode_host_opens_no_store_port():
     assert host.rendezvous == rdv.RENDEZVOUS_GRPC == "grpc"
     assert not hasattr(host, "_store") and not hasattr(host, "_port")
     host.close()
+
+
+def test_a_sender_refuses_a_tcpstore_rendezvous_clearly():
+    """An older decode node hands out "host:port" (its TCPStore): refused before any frame."""
+    sender = TorchDistKVSender("prefill-0")
+    k = v = torch.zeros(1, 1, 16, 1, 4)
+    target = node_pb2.KVTarget(decode_address="127.0.0.1:1", reservation_id="r", rendezvous="127.0.0.1:29500",
+                               layout=node_pb2.KVLayout(num_layers=1, block_size=16, num_kv_heads=1, head_dim=4,
+                                                        dtype="float32"))
+    with pytest.raises(ValueError, match="'127.0.0.1:29500', not 'grpc'.*same pdserve version"):
+        asyncio.run(sender.send(target, k, v, 5.0))
+    asyncio.run(sender.close())
 
 
 def test_tp_group_store_binds_loopback_only():
