@@ -266,6 +266,12 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
             except asyncio.TimeoutError:
                 pass
 
+    async def KVRendezvous(self, request: node_pb2.KVStoreRequest, context):
+        """The NCCL pair's store (the prefill rank's calls), in the pair key's namespace."""
+        if self.dist is None:
+            raise Unavailable("the decode node is not ready")
+        return await self.dist.serve_store(request, context)
+
     # ---- decoding ------------------------------------------------------------------------------
     async def Decode(self, request: node_pb2.DecodeRequest, context):
         if request.local_prefill:

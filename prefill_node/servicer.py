@@ -53,7 +53,8 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
 
     async def choose_sender(self, target: node_pb2.KVTarget) -> KVSender:
         """The target's transport; `auto`: ipc when the decode node shares our host and GPU set, else
-        nccl when it handed out a rendezvous, else grpc."""
+        nccl when it handed out a rendezvous (its KVRendezvous store, offered when its cache is on
+        CUDA), else grpc."""
         transport = target.transport or self.default_transport
         if transport == T.KV_TRANSPORT_AUTO:
             if await self.senders[T.KV_TRANSPORT_IPC].usable(target.decode_address):

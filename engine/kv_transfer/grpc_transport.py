@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import threading
 import zlib
 
 import grpc
@@ -26,7 +27,7 @@ import torch
 from engine.kv_transfer.base import (K, MAX_FRAME_BYTES, T, V, KVLanding, KVReceiver, KVSender, KVSpec, Received,
                                      make_header, plan_frames, plan_frames_streamed)
 from engine.kv_transfer.staging import KVStaging, TransferError
-from engine.rpc.channel import NODE_KEEPALIVE, aio_channel
+from engine.rpc.channel import NODE_KEEPALIVE, aio_channel, sync_channel
 from engine.rpc.security import ClientSecurity
 from engine.rpc.errors import Unavailable
 from protos.pdserve.v1 import node_pb2, node_pb2_grpc
@@ -224,10 +225,13 @@ def grpc_frames(reservation_id: str, spec: KVSpec, k: torch.Tensor, v: torch.Ten
 
 
 class Channels:
-    """One aio channel per decode address, kept open."""
+    """One aio channel per decode address, kept open; and, for worker threads, one blocking channel
+    per address (the NCCL transport's rendezvous store calls)."""
 
     def __init__(self, security: ClientSecurity | None = None):
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._sync: dict[str, grpc.Channel] = {}
+        self._sync_lock = threading.Lock()
         self.security = security  # the node key and TLS this node calls its peers with
 
     def channel(self, address: str) -> grpc.aio.Channel:
@@ -238,6 +242,17 @@ class Channels:
     def stub(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
         return node_pb2_grpc.DecodeNodeStub(self.channel(address))
 
+    def sync_channel(self, address: str) -> grpc.Channel:
+        """A blocking channel to `address` with this node's TLS (any thread); calls add `metadata()`."""
+        with self._sync_lock:
+            if address not in self._sync:
+                self._sync[address] = sync_channel(address, options=NODE_KEEPALIVE, security=self.security)
+            return self._sync[address]
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The node key as call metadata (the aio channels add it themselves)."""
+        return self.security.metadata() if self.security is not None else ()
+
     def push_kv_raw(self, address: str):
         """PushKV taking frames already serialized (bytes), so no payload is encoded on the loop."""
         return self.channel(address).stream_unary(PUSH_KV, request_serializer=None,
@@ -247,6 +262,10 @@ class Channels:
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
+        with self._sync_lock:
+            sync, self._sync = self._sync, {}
+        for ch in sync.values():
+            ch.close()
 
 
 async def call_failure(call, exc: BaseException) -> str:

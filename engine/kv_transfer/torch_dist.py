@@ -1,7 +1,8 @@
 """KV over torch.distributed point-to-point between one prefill/decode pair.
 
-No `init_process_group`: each pair is its own 2-rank group built on demand from the decode
-node's TCPStore (`rendezvous` in ReserveResponse), under a `PrefixStore` naming the pair:
+No `init_process_group`: each pair is its own 2-rank group built on demand on a store the decode
+node serves through its gRPC server (`rendezvous` "grpc" in ReserveResponse; engine.kv_transfer.
+rendezvous), in the namespace of the pair's key:
 
     prefill (rank 0)                                   decode (rank 1)
     PushKV header-only frame (dtype, shape, crc)  ──►  validate header, allocate the declared size
@@ -10,33 +11,28 @@ node's TCPStore (`rendezvous` in ReserveResponse), under a `PrefixStore` naming 
     done_writing                                  ──►  PushKVResponse once every block is staged
 
 ProcessGroupGloo on CPU, ProcessGroupNCCL on CUDA (same code path). Every operation has a timeout;
-a pair group that failed once is dropped on both sides and rebuilt under a new generation.
-Transfers on one pair are serialized (the sender holds the pair until PushKV answers), so
-send/recv order always matches, also for NCCL which ignores tags.
+a pair group that failed once is dropped on both sides (its store keys with it) and rebuilt under a
+new generation. Transfers on one pair are serialized (the sender holds the pair until PushKV
+answers), so send/recv order always matches, also for NCCL which ignores tags.
 
-Rendezvous security. A TCPStore has no authentication, and a peer on the KV network may connect
-to the decode node's store port. What protects a pair is its key, `<instance>/<generation>/<secret>`
-with a 128-bit secret the prefill node draws for every pair group and hands over only in the
-PushKV call's metadata, i.e. on the node port, which checks the node key (and runs TLS when
-configured). Every store key of the pair lives under that key, and a TCPStore lets a client read,
-write or wait on a key only by its name (no listing), so a client without the secret can neither
-read the ranks' addresses nor plant its own nor join the group. The decode side refuses pair keys
-without a well-formed secret. The store is bound to --kv-host only (loopback by default). Not
-covered: NCCL / gloo data connections themselves are unauthenticated by those libraries (every
-frame's dtype, shape and CRC32 still come over the authenticated gRPC call and are checked before
-anything is staged); run cross-host KV on a trusted network or use the gRPC transport there.
-(Chosen over a torch `Store` subclass backed by gRPC on the node port: the same guarantee for the
-rendezvous without a Python store on NCCL's bootstrap path.)
+Rendezvous security. The pair's store is the decode node's `DecodeNode.KVRendezvous` RPC on the
+node port: every store call carries the node key (checked like every other pdserve RPC) and runs
+over TLS when configured, so only holders of the node key read or write store keys, and the KV path
+has no listener of its own beside the data connections. Store keys live in the namespace of the
+pair key `<instance>/<generation>/<secret>` (a 128-bit secret the prefill node draws for every pair
+group and sends in the PushKV call's metadata): the decode side refuses pair keys without a
+well-formed secret, and one pair cannot read or plant another's keys without its secret. Keys,
+values and the number of keys are bounded, and a pair's keys are freed when its group is dropped.
+Not covered: the NCCL / gloo data connections themselves are unauthenticated by those libraries
+(every frame's dtype, shape and CRC32 still come over the authenticated gRPC call and are checked
+before anything is staged; gloo's data sockets bind --kv-host); run cross-host KV on a trusted
+network or use the gRPC transport there.
 """
 from __future__ import annotations
 
 import asyncio
 import datetime
 import logging
-import re
-import secrets
-import socket
-import threading
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -47,30 +43,16 @@ import torch.distributed as dist
 
 from engine.kv_transfer.base import K, T, V, KVLanding, KVReceiver, KVSender, KVSpec, Received, crc32, make_header
 from engine.kv_transfer.grpc_transport import Channels, call_failure
+from engine.kv_transfer.rendezvous import (PAIR_METADATA_KEY, PAIR_SECRET_BYTES, RENDEZVOUS_GRPC,  # noqa: F401
+                                           GrpcPairStore, LocalPairStore, PairStores, new_pair_key, pair_instance,
+                                           rendezvous_call, serve)
 from engine.kv_transfer.staging import KVStaging, TransferError
 from engine.rpc.errors import InvalidArgument, Unavailable
 from protos.pdserve.v1 import node_pb2
 
 logger = logging.getLogger("pdserve.kv_transfer")
 
-PAIR_METADATA_KEY = "x-pdserve-kv-pair"  # "<prefill instance>/<generation>/<secret>"
 SENDER_RANK, RECEIVER_RANK = 0, 1
-PAIR_SECRET_BYTES = 16
-_PAIR_TAIL = re.compile(r"[0-9]{1,12}/[0-9a-f]{%d}" % (2 * PAIR_SECRET_BYTES))
-
-
-def new_pair_key(instance: str, generation: int) -> str:
-    """A pair group's store namespace: unguessable (the rendezvous store itself is open)."""
-    return f"{instance}/{generation}/{secrets.token_hex(PAIR_SECRET_BYTES)}"
-
-
-def pair_instance(key: str) -> str:
-    """The sender instance of a well-formed pair key; InvalidArgument otherwise."""
-    parts = key.rsplit("/", 2)
-    if len(parts) != 3 or not parts[0] or len(key) > 512 or not _PAIR_TAIL.fullmatch(f"{parts[1]}/{parts[2]}"):
-        raise InvalidArgument(f"the {PAIR_METADATA_KEY} metadata must be <instance>/<generation>/<secret of "
-                              f"{2 * PAIR_SECRET_BYTES} hex digits>")
-    return parts[0]
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -106,8 +88,7 @@ def _short(exc: BaseException) -> str:
 class _Pair:
     key: str
     group: object
-    store: object
-    lock: asyncio.Lock
+    store: object  # the Python store must outlive the group: c10d's C++ side does not keep it alive
 
 
 def _payload(t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -123,7 +104,7 @@ class TorchDistKVSender(KVSender):
 
     def __init__(self, node_id: str, device: torch.device | str = "cpu", host: str = "127.0.0.1",
                  channels: Channels | None = None):
-        self.instance = f"{node_id}-{uuid.uuid4().hex[:8]}"  # a restarted node never reuses old store keys
+        self.instance = f"{node_id}-{uuid.uuid4().hex[:8]}"  # a restarted node never reuses old pair keys
         self.device = torch.device(device)
         self.host = host
         self.channels = channels or Channels()
@@ -135,18 +116,20 @@ class TorchDistKVSender(KVSender):
         return self._locks.setdefault(decode_id, asyncio.Lock())
 
     async def _build(self, target: node_pb2.KVTarget, key: str, timeout: float) -> _Pair:
-        host, _, port = target.rendezvous.rpartition(":")
-
-        def build():
-            store = dist.TCPStore(host, int(port), None, False, _timedelta(timeout))
-            prefixed = dist.PrefixStore(f"pdserve/kv/{key}", store)
-            return store, make_pair_group(prefixed, SENDER_RANK, timeout, self.device, self.host)
-        store, group = await asyncio.get_running_loop().run_in_executor(None, build)
-        return _Pair(key, group, store, asyncio.Lock())
+        """Rank 0 of the pair group, on the pair's namespace of the decode node's store (blocking
+        KVRendezvous calls with this node's key and TLS, from a worker thread)."""
+        call = rendezvous_call(self.channels.sync_channel(target.decode_address), self.channels.metadata())
+        store = GrpcPairStore(call, key, timeout)
+        group = await asyncio.get_running_loop().run_in_executor(
+            None, make_pair_group, store, SENDER_RANK, timeout, self.device, self.host)
+        return _Pair(key, group, store)
 
     async def send(self, target: node_pb2.KVTarget, k: torch.Tensor, v: torch.Tensor, timeout: float) -> int:
-        if not target.rendezvous or ":" not in target.rendezvous:
+        if not target.rendezvous:
             raise ValueError("the KV target has no torch.distributed rendezvous")
+        if target.rendezvous != RENDEZVOUS_GRPC:
+            raise ValueError(f"the decode node offers the torch.distributed rendezvous {target.rendezvous[:64]!r}, "
+                             f"not {RENDEZVOUS_GRPC!r} (its KVRendezvous RPC): run the same pdserve version on both")
         spec = KVSpec.from_proto(target.layout)
         num_blocks = spec.check_tensors(k, v)
         decode_id = target.decode_node_id or target.decode_address
@@ -245,55 +228,42 @@ def _abort(group) -> None:
 
 
 class TorchDistHost:
-    """Decode side (rank 1 of every pair): hosts the TCPStore and receives into staging buffers."""
+    """Decode side (rank 1 of every pair): serves the pairs' store (KVRendezvous) and receives into
+    staging buffers."""
 
-    def __init__(self, host: str = "127.0.0.1", device: torch.device | str = "cpu", store_timeout: float = 60.0):
-        self.host = host
+    rendezvous = RENDEZVOUS_GRPC  # what Reserve hands out: the store is this node's KVRendezvous RPC
+
+    def __init__(self, host: str = "127.0.0.1", device: torch.device | str = "cpu", stores: PairStores | None = None):
+        self.host = host  # gloo binds its data sockets here (--kv-host)
         self.device = torch.device(device)
-        self.store_timeout = store_timeout
-        self._store = None
-        self._port = 0
-        self._groups: dict[str, object] = {}  # pair key -> group
+        self.stores = stores or PairStores()
+        self._groups: dict[str, _Pair] = {}  # pair key -> group
         self._building: dict[str, asyncio.Future] = {}
-        self._mutex = threading.Lock()
 
-    @property
-    def rendezvous(self) -> str:
-        """host:port of the TCPStore (started on first use, bound to `host` only)."""
-        with self._mutex:
-            if self._store is None:
-                family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                sock.bind((self.host, 0))
-                sock.listen(128)
-                self._port = sock.getsockname()[1]
-                self._store = dist.TCPStore(self.host, self._port, None, True, _timedelta(self.store_timeout),
-                                            wait_for_workers=False, master_listen_fd=sock.fileno())
-                sock.detach()  # the store owns the listening socket now
-            return f"{self.host}:{self._port}"
+    async def serve_store(self, request: node_pb2.KVStoreRequest, context) -> node_pb2.KVStoreResponse:
+        """One KVRendezvous call (on the event loop; a GET or WAIT waits without blocking it)."""
+        return await serve(self.stores, request, context)
 
     async def _group(self, key: str, timeout: float):
         if key in self._groups:
-            return self._groups[key]
+            return self._groups[key].group
         if key not in self._building:
             instance = pair_instance(key)
             for old in [k for k in self._groups if pair_instance(k) == instance]:
                 self.drop(old)  # the sender moved to a new generation: the old group is broken
-            store = dist.PrefixStore(f"pdserve/kv/{key}", self._store_or_fail())
+            self.stores.drop_others(key)  # with the keys of generations that never got a group
+            self.stores.hold(key)
+            store = LocalPairStore(self.stores, key, timeout)
             loop = asyncio.get_running_loop()
-            self._building[key] = loop.run_in_executor(
-                None, make_pair_group, store, RECEIVER_RANK, timeout, self.device, self.host)
+            building = loop.run_in_executor(None, make_pair_group, store, RECEIVER_RANK, timeout, self.device,
+                                            self.host)
+            self._building[key] = asyncio.ensure_future(_paired(building, key, store))
         try:
-            group = await self._building[key]
+            pair = await self._building[key]
         finally:
             self._building.pop(key, None)
-        self._groups[key] = group
-        return group
-
-    def _store_or_fail(self):
-        if self._store is None:
-            raise Unavailable("no torch.distributed rendezvous was handed out by this node")
-        return self._store
+        self._groups[key] = pair
+        return pair.group
 
     async def receive(self, staging: KVStaging, frame: node_pb2.KVFrame, key: str, timeout: float) -> int:
         """Validates a header-only frame, receives its payload over the pair group, stages it."""
@@ -312,15 +282,22 @@ class TorchDistHost:
         return buf.numel()
 
     def drop(self, key: str) -> None:
-        group = self._groups.pop(key, None)
-        if group is not None:
+        """Drops the pair's group (if built) and frees its store keys."""
+        pair = self._groups.pop(key, None)
+        self.stores.drop(key)
+        if pair is not None:
             logger.warning("dropping the KV pair group %s", key)
-            _abort(group)
+            _abort(pair.group)
 
     def close(self) -> None:
         for key in list(self._groups):
             self.drop(key)
-        self._store = None  # closes the listening socket
+        for key in self.stores.pairs():
+            self.stores.drop(key)
+
+
+async def _paired(building: asyncio.Future, key: str, store) -> _Pair:
+    return _Pair(key, await building, store)
 
 
 class TorchDistKVReceiver(KVReceiver):

@@ -75,3 +75,24 @@ def test_clients_without_a_certificate_are_refused(stack, pki):  # noqa: F811
             with pytest.raises(grpc.RpcError) as err:
                 generation_pb2_grpc.GenerationStub(channel).Generate(greedy_request("hi", 2), metadata=USER, timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.timeout(300)
+def test_nccl_kv_pairs_rendezvous_over_tls_with_the_node_key(stack, make_tiny_model, pki):  # noqa: F811
+    """--kv-transport nccl (gloo on CPU) under mTLS and the node key `pdserve serve` gives its nodes:
+    the pair's store calls (KVRendezvous on the decode node's port) pass both, and the KV moves over
+    the pair group: the same greedy text as the gRPC-transport stack."""
+    args = ("--api-key", KEY, "--tls-cert", pki["server"], "--tls-key", pki["server_key"], "--tls-ca", pki["ca"],
+            "--tls-client-ca", pki["ca"])
+    security = ClientSecurity(tls_ca=pki["ca"], tls_cert=pki["client"], tls_key=pki["client_key"])
+
+    def generate(address: str):
+        with sync_channel(address.replace("0.0.0.0", "127.0.0.1"), security=security) as channel:
+            return generation_pb2_grpc.GenerationStub(channel).Generate(greedy_request("one two three", 8),
+                                                                        metadata=USER, timeout=60).completions[0]
+    want = generate(stack.router_address)
+    with start_stack(make_tiny_model("llama"), kv_transport="nccl", extra_args=args) as nccl_stack:
+        got = generate(nccl_stack.router_address)
+    assert got.timings.kv_transport == "nccl" and got.timings.kv_transfer_bytes > 0, got.timings
+    assert want.timings.kv_transport == "grpc"
+    assert got.text == want.text and list(got.token_ids) == list(want.token_ids)

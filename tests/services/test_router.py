@@ -40,6 +40,7 @@ def reference(tiny):
 @pytest.fixture(scope="module", params=["grpc", "nccl"])
 def stack(request, tiny):
     with start_stack(tiny, num_prefill=2, num_decode=2, kv_transport=request.param) as s:
+        s.kv_transport = request.param
         yield s
 
 
@@ -60,6 +61,7 @@ def test_greedy_matches_offline_engine(stack, reference):
         if c.completion_tokens > 1:
             assert c.timings.decode_node.startswith("decode-") and c.timings.kv_transfer_bytes > 0
     timings = [r.completions[0].timings for r in unary] + [last.timings for _, _, last in streamed]
+    assert {t.kv_transport for t in timings if t.kv_transfer_bytes} == {stack.kv_transport}
     used = {t.decode_node for t in timings} | {t.prefill_node for t in timings}
     assert {"prefill-0", "prefill-1", "decode-0", "decode-1"} <= used  # the load was spread (over two bursts)
     assert_idle(stub)

@@ -15,11 +15,32 @@ class KVTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_TRANSPORT_NCCL: _ClassVar[KVTransport]
     KV_TRANSPORT_IPC: _ClassVar[KVTransport]
     KV_TRANSPORT_AUTO: _ClassVar[KVTransport]
+
+class KVStoreOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_STORE_OP_UNSPECIFIED: _ClassVar[KVStoreOp]
+    KV_STORE_OP_SET: _ClassVar[KVStoreOp]
+    KV_STORE_OP_GET: _ClassVar[KVStoreOp]
+    KV_STORE_OP_ADD: _ClassVar[KVStoreOp]
+    KV_STORE_OP_CHECK: _ClassVar[KVStoreOp]
+    KV_STORE_OP_WAIT: _ClassVar[KVStoreOp]
+    KV_STORE_OP_DELETE: _ClassVar[KVStoreOp]
+    KV_STORE_OP_COMPARE_SET: _ClassVar[KVStoreOp]
+    KV_STORE_OP_NUM_KEYS: _ClassVar[KVStoreOp]
 KV_TRANSPORT_UNSPECIFIED: KVTransport
 KV_TRANSPORT_GRPC: KVTransport
 KV_TRANSPORT_NCCL: KVTransport
 KV_TRANSPORT_IPC: KVTransport
 KV_TRANSPORT_AUTO: KVTransport
+KV_STORE_OP_UNSPECIFIED: KVStoreOp
+KV_STORE_OP_SET: KVStoreOp
+KV_STORE_OP_GET: KVStoreOp
+KV_STORE_OP_ADD: KVStoreOp
+KV_STORE_OP_CHECK: KVStoreOp
+KV_STORE_OP_WAIT: KVStoreOp
+KV_STORE_OP_DELETE: KVStoreOp
+KV_STORE_OP_COMPARE_SET: KVStoreOp
+KV_STORE_OP_NUM_KEYS: KVStoreOp
 
 class ResolvedParams(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "max_tokens", "min_tokens", "stop", "stop_token_ids", "include_stop_str", "ignore_eos", "logprobs", "skip_special_tokens", "sample_index", "structured", "prompt_logprobs")
@@ -353,6 +374,34 @@ class NodeAbortResponse(_message.Message):
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class KVStoreRequest(_message.Message):
+    __slots__ = ("op", "pair", "keys", "value", "expected", "amount", "timeout_ms")
+    OP_FIELD_NUMBER: _ClassVar[int]
+    PAIR_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    op: KVStoreOp
+    pair: str
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    value: bytes
+    expected: bytes
+    amount: int
+    timeout_ms: int
+    def __init__(self, op: _Optional[_Union[KVStoreOp, str]] = ..., pair: _Optional[str] = ..., keys: _Optional[_Iterable[str]] = ..., value: _Optional[bytes] = ..., expected: _Optional[bytes] = ..., amount: _Optional[int] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class KVStoreResponse(_message.Message):
+    __slots__ = ("value", "number", "found")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    value: bytes
+    number: int
+    found: bool
+    def __init__(self, value: _Optional[bytes] = ..., number: _Optional[int] = ..., found: _Optional[bool] = ...) -> None: ...
 
 class NodeLoadRequest(_message.Message):
     __slots__ = ()

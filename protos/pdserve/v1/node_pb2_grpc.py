@@ -290,6 +290,11 @@ class DecodeNodeStub:
                 request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.SerializeToString,
                 response_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.FromString,
                 _registered_method=True)
+        self.KVRendezvous = channel.unary_unary(
+                '/pdserve.v1.DecodeNode/KVRendezvous',
+                request_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVStoreRequest.SerializeToString,
+                response_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVStoreResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeNodeServicer:
@@ -361,6 +366,15 @@ class DecodeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVRendezvous(self, request, context):
+        """/ NCCL transport: the key-value store a prefill/decode pair builds its torch.distributed group
+        / on (the prefill rank's store calls), served here so that it carries the node key and TLS.
+        / Every key lives in the namespace of one pair key; the namespace is freed with the pair group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -408,6 +422,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.FromString,
                     response_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.SerializeToString,
+            ),
+            'KVRendezvous': grpc.unary_unary_rpc_method_handler(
+                    servicer.KVRendezvous,
+                    request_deserializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVStoreRequest.FromString,
+                    response_serializer=protos_dot_pdserve_dot_v1_dot_node__pb2.KVStoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -654,6 +673,33 @@ class DecodeNode:
             '/pdserve.v1.DecodeNode/Drain',
             protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainRequest.SerializeToString,
             protos_dot_pdserve_dot_v1_dot_node__pb2.NodeDrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KVRendezvous(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.DecodeNode/KVRendezvous',
+            protos_dot_pdserve_dot_v1_dot_node__pb2.KVStoreRequest.SerializeToString,
+            protos_dot_pdserve_dot_v1_dot_node__pb2.KVStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
