@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -63,6 +64,12 @@ def make_pair_group(store, rank: int, timeout: float, device: torch.device, host
     """A 2-rank group on `store` without init_process_group: NCCL on CUDA, gloo otherwise."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # ProcessGroupNCCL's heartbeat monitor would poll the store (dump-signal keys) from a C++
+        # thread about once a second: a blocking gRPC call into Python that could also meet the
+        # interpreter's shutdown. Our own stage deadlines bound a stuck transfer instead. Read when
+        # the group is built; a value the user set wins.
+        os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
+        os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "0")
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = _timedelta(timeout)
         return dist.ProcessGroupNCCL(store, rank, 2, opts)
