@@ -24,8 +24,8 @@ from engine.attention import AttentionMetadata, get_backend_class
 from engine.config import ModelShape
 from engine.request import PLACEHOLDER  # an input token read from the step before's device output
 from engine.sampler import PromptLogprobsOutput, RowSpec, Sampler, SamplerOutput, SamplingMetadata, prompt_logprobs
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledChunk, SchedulerOutput
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.scheduler import PROMPT_LOGITS_PER_STEP, ScheduledChunk, SchedulerOutput
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -356,7 +356,9 @@ class ModelRunner:
     def profile_peak_memory(self, num_tokens: int, num_seqs: int, max_model_len: int) -> int:
         """Bytes of activation memory the largest step needs beyond the weights: one forward of
         `num_tokens` tokens in `num_seqs` rows (each at most max_model_len), all rows sampled with
-        top-p (the sampler's heaviest path). Runs on a scratch KV cache, freed afterwards."""
+        top-p (the sampler's heaviest path) and as many prompt-logprob positions as a step may
+        compute (`PROMPT_LOGITS_PER_STEP`, with the most top candidates). Runs on a scratch KV
+        cache, freed afterwards."""
         bs = self.block_size
         num_seqs = max(1, min(num_seqs, num_tokens))
         per_row = [num_tokens // num_seqs + (1 if i < num_tokens % num_seqs else 0) for i in range(num_seqs)]
@@ -369,10 +371,13 @@ class ModelRunner:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             before = torch.cuda.memory_allocated(self.device)
-            chunks, next_block = [], 1
+            chunks, next_block, logit_room = [], 1, PROMPT_LOGITS_PER_STEP
             for n in per_row:
                 k = -(-n // bs)
-                chunks.append(ScheduledChunk(None, tuple([1] * n), 0, tuple(range(next_block, next_block + k)), True))
+                count = min(n - 1, logit_room)  # position i predicts token i + 1: n - 1 per row at most
+                logit_room -= count
+                chunks.append(ScheduledChunk(None, tuple([1] * n), 0, tuple(range(next_block, next_block + k)), True,
+                                             (0, count), (1,) * count, MAX_LOGPROBS if count else 0))
                 next_block += k
             params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, logprobs=5)
             rows = [RowSpec(params, (1,), ()) for _ in chunks]

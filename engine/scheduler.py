@@ -5,6 +5,9 @@ unfinished prefill costs the rest of its prompt up to the budget), then waiting 
 admitted in (priority, arrival) order while the budget, `max_num_seqs` and free blocks allow.
 When a running request needs a block and none is free, the lowest-priority, latest request is
 preempted: its blocks are freed and it recomputes from scratch later (its output is kept).
+Prompt logprobs need the full logits of every prompt position; a step computes at most
+PROMPT_LOGITS_PER_STEP of them (a request asking for them prefills in chunks of at most that), so
+their memory is bounded and measured by the KV sizing profile whatever the token budget.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ class SchedulerOutput:
 
 
 _order = itertools.count()
+PROMPT_LOGITS_PER_STEP = 512  # prompt positions whose full logits one step computes (prompt logprobs)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Scheduler:
     running: list[Request] = field(default_factory=list)  # sorted likewise: victims come from the tail
     num_preemptions: int = 0
     _seq: dict[str, int] = field(default_factory=dict)
+    _logit_room: int = PROMPT_LOGITS_PER_STEP  # of the step being scheduled
 
     # ---- queue management -----------------------------------------------------------------
     def _key(self, req: Request) -> tuple:
@@ -96,15 +101,16 @@ class Scheduler:
     # ---- scheduling -----------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        self._logit_room = PROMPT_LOGITS_PER_STEP
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.num_output_tokens >= req.max_tokens or req.num_tokens == req.num_computed_tokens:
-                i += 1  # its last token is in flight (async scheduling): nothing to compute
+            n = self._capped(req, min(req.num_tokens - req.num_computed_tokens, budget))
+            if req.num_output_tokens >= req.max_tokens or n == 0:
+                i += 1  # its last token is in flight (async scheduling), or no prompt-logits room left
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
             if self._make_room(req, n, preempted):
                 chunks.append(self._chunk(req, n))
                 budget -= n
@@ -113,6 +119,15 @@ class Scheduler:
         if not preempted:
             self._admit_waiting(chunks, budget)
         return SchedulerOutput(tuple(chunks), tuple(r.request_id for r in preempted))
+
+    def _capped(self, req: Request, n: int) -> int:
+        """`n` tokens of `req`, at most the step's prompt-logits room left if it needs prompt
+        logits (taken from that room). Without chunked prefill a prompt runs whole."""
+        if not req.needs_prompt_logits or not self.config.enable_chunked_prefill:
+            return n
+        n = min(n, self._logit_room)
+        self._logit_room -= n
+        return n
 
     def _make_room(self, req: Request, n: int, preempted: list[Request]) -> bool:
         while not self._allocate(req, n):
@@ -139,7 +154,10 @@ class Scheduler:
             if not self.config.enable_chunked_prefill and n > budget:
                 bm.free(shared)
                 break
-            n = min(n, budget)
+            n = self._capped(req, min(n, budget))
+            if n == 0:  # prompt logits: this step has no room left for them
+                bm.free(shared)
+                continue
             need = bm.blocks_needed(num_computed + n) - len(req.block_table) - len(shared)
             if not bm.can_allocate(need):
                 bm.free(shared)

@@ -128,3 +128,36 @@ def test_tensor_parallel_ranks_compute_the_same_rows(tiny, hf):
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy(3, prompt_logprobs=2), use_tqdm=False)
     for ids, out in zip(prompts, outs):
         check_prompt_logprobs(entries(out, 2), ids, hf_prompt_logprobs(hf, ids), 2)
+
+
+def test_a_step_computes_at_most_its_prompt_logits_room(tiny, hf, monkeypatch):
+    """Full logits of prompt positions are bounded per step (scheduler.PROMPT_LOGITS_PER_STEP, which
+    the KV sizing profile measures), whatever the token budget: requests asking for prompt logprobs
+    share that room and prefill in chunks of it; a request without them is not held back."""
+    from engine import scheduler as sched
+
+    room = 16
+    monkeypatch.setattr(sched, "PROMPT_LOGITS_PER_STEP", room)
+    llm = LLM(str(tiny), num_gpu_blocks=128, max_num_seqs=8, max_num_batched_tokens=256)
+    engine = llm.engine
+    schedule, steps = engine.scheduler.schedule, []
+
+    def recording():
+        out = schedule()
+        steps.append([(c.request.client_id, len(c.token_ids), c.prompt_logits[1]) for c in out.chunks])
+        return out
+
+    monkeypatch.setattr(engine.scheduler, "schedule", recording)
+    asking = random_prompts(2, 49152, lo=40, hi=60, seed=17)
+    plain = random_prompts(1, 49152, lo=70, hi=70, seed=18)[0]
+    outs = llm.generate([{"prompt_token_ids": p} for p in asking] + [{"prompt_token_ids": plain}],
+                        [greedy(3, prompt_logprobs=2)] * 2 + [greedy(3)], use_tqdm=False)
+    ids = [o.request_id for o in outs]
+    for step in steps:
+        assert sum(n for rid, n, _ in step if rid in ids[:2] and n > 1) <= room  # prompt chunks of the askers
+        assert sum(count for *_, count in step) <= room
+    assert any((ids[2], 70, 0) in step for step in steps)  # the plain prompt in one chunk
+    assert max(n for step in steps for rid, n, _ in step if rid == ids[0]) <= room
+    for p, out in zip(asking, outs):
+        check_prompt_logprobs(entries(out, 2), p, hf_prompt_logprobs(hf, p), 2)
+    engine.check_invariants()
