@@ -28,6 +28,7 @@ from typing import Callable
 
 import grpc
 
+from engine.rpc import convert
 from engine.rpc.channel import NODE_KEEPALIVE, aio_channel
 from engine.rpc.errors import FailedPrecondition, InvalidArgument
 from engine.rpc.security import ClientSecurity
@@ -266,6 +267,11 @@ class NodeRegistry:
             load = await node.stub.GetLoad(node_pb2.NodeLoadRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             self._missed(node, exc)
+            return False
+        refusal = convert.protocol_refusal(load.protocol)
+        if refusal is not None:
+            node.poll_failed = True
+            node.mark_down(refusal)
             return False
         if node.expected_model and load.model != node.expected_model:
             node.poll_failed = True

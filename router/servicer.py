@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 import grpc
 
 from engine.metrics import COUNTED_BY_KEY
-from engine.rpc.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from engine.rpc import convert
+from engine.rpc.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from protos.pdserve.v1 import generation_pb2, generation_pb2_grpc, node_pb2, router_pb2, router_pb2_grpc
 from router.auth import ADMIN, Scopes
 from router.ledger import Ledger, RequestRun
@@ -314,6 +315,9 @@ class RouterControlServicer(router_pb2_grpc.RouterControlServicer):
         it, on the claimed role's service, answered with the router's model."""
         if request.model != self.router.card.name:
             raise InvalidArgument(f"node serves {request.model[:200]!r}, the router {self.router.card.name!r}")
+        refusal = convert.protocol_refusal(request.load.protocol)
+        if refusal is not None:
+            raise FailedPrecondition(refusal)
         node = self.router.registry.register(request)
         self.router.registry.suspect(node)
         return router_pb2.RegisterNodeResponse(accepted=True, heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from engine.async_engine import AsyncEngine
 from engine.config import ResolvedConfig
 from engine.kv_transfer.base import KVSpec
+from engine.rpc import convert
 from engine.rpc.errors import InvalidArgument, Unavailable
 from protos.pdserve.v1 import generation_pb2, node_pb2
 
@@ -136,7 +137,7 @@ class NodeServicerBase:
             free_blocks=load.get("free_blocks", 0), total_blocks=load.get("total_blocks", 0),
             active_leases=leases, queued_prompt_tokens=load.get("queued_prompt_tokens", 0),
             request_ids=sorted(ids), prefix_hashes=load.get("prefix_hashes", ()), draining=self.draining,
-            model=self.model_name)
+            model=self.model_name, protocol=convert.NODE_PROTOCOL)
 
     async def Drain(self, request, context):
         """RouterControl.Drain reaches the node here: the same path as SIGTERM (stop taking work,

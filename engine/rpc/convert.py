@@ -26,6 +26,25 @@ _FINISH_TO_PROTO = {
 }
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items() if k != "prefilled"}
 
+# The router <-> node protocol: what the node RPCs' fields mean (NodeLoad.protocol). Raise
+# NODE_PROTOCOL when a change would make a router and a node of different versions misread each
+# other (a field whose absence changes what happens, a new required call), and MIN_NODE_PROTOCOL
+# with it unless the router still serves older nodes correctly. 1: nodes send the text deltas and
+# stop results (the router no longer detokenizes), NCCL pairs rendezvous on KVRendezvous.
+NODE_PROTOCOL = 1
+MIN_NODE_PROTOCOL = 1
+
+
+def protocol_refusal(protocol: int) -> str | None:
+    """Why a router of this version cannot use a node speaking `protocol`; None when it can."""
+    if MIN_NODE_PROTOCOL <= protocol <= NODE_PROTOCOL:
+        return None
+    speaks = f"protocol {protocol}" if protocol else "a protocol from before versions (0)"
+    return (f"the node speaks pdserve node {speaks}; this router speaks {MIN_NODE_PROTOCOL}"
+            f"{'' if MIN_NODE_PROTOCOL == NODE_PROTOCOL else f'-{NODE_PROTOCOL}'}: run the same pdserve version "
+            "on the router and its nodes")
+
+
 T = node_pb2.KVTransport
 # One name per transport everywhere: CLI `--kv-transport`, the proto enum, timings, docs.
 TRANSPORTS = {"auto": T.KV_TRANSPORT_AUTO, "ipc": T.KV_TRANSPORT_IPC, "nccl": T.KV_TRANSPORT_NCCL,

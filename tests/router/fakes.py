@@ -152,7 +152,7 @@ class Cluster:
             async def GetLoad(self, request, timeout=None):
                 if poll is not None:
                     return await poll()
-                return g.NodeLoad(free_blocks=60, total_blocks=64, model=model)
+                return g.NodeLoad(free_blocks=60, total_blocks=64, model=model, protocol=convert.NODE_PROTOCOL)
 
             async def Reserve(self, request, timeout=None):
                 cluster.log.append(("Reserve", node_id, request))

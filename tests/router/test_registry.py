@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from engine.rpc.convert import NODE_PROTOCOL
 from engine.rpc.errors import FailedPrecondition
 from protos.pdserve.v1 import generation_pb2, node_pb2, router_pb2
 from router.placement import SLOW_POLL_S, slow
@@ -115,7 +116,7 @@ def test_a_slow_first_poll_does_not_mark_a_node_slow_once_it_answers_promptly():
 
     async def answer():
         await asyncio.sleep(delays.pop(0))
-        return generation_pb2.NodeLoad(free_blocks=60, total_blocks=64, model="m")
+        return generation_pb2.NodeLoad(free_blocks=60, total_blocks=64, model="m", protocol=NODE_PROTOCOL)
 
     async def main():
         registry = NodeRegistry()
@@ -131,3 +132,28 @@ def test_a_slow_first_poll_does_not_mark_a_node_slow_once_it_answers_promptly():
     # slow on its first answers, placeable as soon as one comes promptly, slow again only when the
     # answers are slow again (smoothed upward: 0.7 * 0 + 0.3 * 0.5 = 0.15, then 0.255)
     assert seen == [True, True, False, False, True] and latency > SLOW_POLL_S
+
+
+def test_a_node_of_another_protocol_is_never_placed_on():
+    """A node from another pdserve version (NodeLoad.protocol) would misread the router's requests or
+    be misread (an older node sends no text): its polls mark it down, with the reason."""
+    from engine.rpc.convert import protocol_refusal
+
+    loads = [generation_pb2.NodeLoad(model="m"), generation_pb2.NodeLoad(model="m", protocol=NODE_PROTOCOL + 1),
+             generation_pb2.NodeLoad(model="m", protocol=NODE_PROTOCOL, free_blocks=5, total_blocks=8)]
+
+    async def answer():
+        return loads.pop(0)
+
+    async def main():
+        registry = NodeRegistry()
+        node = Node("decode-0", "127.0.0.1:1", "decode", channel=None,
+                    stub=Cluster([], []).stub("decode-0", poll=answer))
+        seen = []
+        for _ in range(3):
+            seen.append((await registry.poll(node), node.healthy))
+        return seen
+
+    assert run(main()) == [(False, False), (False, False), (True, True)]
+    assert "from before versions (0)" in protocol_refusal(0) and "same pdserve version" in protocol_refusal(0)
+    assert protocol_refusal(NODE_PROTOCOL) is None

@@ -7,6 +7,7 @@ import time
 import grpc
 import pytest
 
+from engine.rpc.convert import NODE_PROTOCOL
 from protos.pdserve.v1 import generation_pb2 as g
 from protos.pdserve.v1 import generation_pb2_grpc as gg
 from protos.pdserve.v1 import router_pb2, router_pb2_grpc
@@ -30,8 +31,14 @@ def test_the_router_reports_the_registered_nodes_dtype_and_refuses_another(make_
         control = router_pb2_grpc.RouterControlStub(stack.channel())
         other = router_pb2.RegisterNodeRequest(
             node_id="decode-fp32", address="127.0.0.1:9", role="decode", model=info.model, dtype="float32",
-            max_model_len=256)
+            max_model_len=256, load=g.NodeLoad(protocol=NODE_PROTOCOL))
         with pytest.raises(grpc.RpcError) as err:
             control.Register(other, metadata=NODE, timeout=5)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "dtype is float32" in err.value.details() and "is bfloat16" in err.value.details()
+        older = router_pb2.RegisterNodeRequest(node_id="decode-old", address="127.0.0.1:9", role="decode",
+                                               model=info.model, dtype="bfloat16", max_model_len=256)
+        with pytest.raises(grpc.RpcError) as err:  # NodeLoad.protocol unset: a node from an older pdserve
+            control.Register(older, metadata=NODE, timeout=5)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "same pdserve version" in err.value.details()

@@ -15,6 +15,7 @@ import time
 import grpc
 import pytest
 
+from engine.rpc import convert
 from engine.rpc.errors import FailedPrecondition, RpcError
 from protos.pdserve.v1 import generation_pb2 as g
 from protos.pdserve.v1 import node_pb2, router_pb2
@@ -106,7 +107,7 @@ def test_poll_misses_and_broken_connections():
         registry = make_registry(cluster, prefills=(), decodes=("decode-0",))
         node = registry.nodes["decode-0"]
         late = rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED)
-        ok = g.NodeLoad(free_blocks=60, total_blocks=64)
+        ok = g.NodeLoad(free_blocks=60, total_blocks=64, protocol=convert.NODE_PROTOCOL)
         node.stub = cluster.stub("decode-0", poll=_scripted_poll(
             [late, ok] + [late] * MISSES_DOWN + [ok, rpc_error(grpc.StatusCode.UNAVAILABLE), ok,
                                                  rpc_error(grpc.StatusCode.UNIMPLEMENTED)]))

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from engine.rpc.convert import NODE_PROTOCOL
 from protos.pdserve.v1 import generation_pb2 as g
 from protos.pdserve.v1 import generation_pb2_grpc as gg
 from protos.pdserve.v1 import node_pb2, node_pb2_grpc, router_pb2, router_pb2_grpc
@@ -87,14 +88,16 @@ def test_f1_control_plane_and_node_ports_need_the_node_key(stack, stub, expected
         assert _code(lambda: control.Heartbeat(router_pb2.HeartbeatRequest(node_id="decode-0", serving=False),
                                                metadata=metadata, timeout=5)) == grpc.StatusCode.UNAUTHENTICATED
     model = stub.ModelInfo(g.ModelInfoRequest(), metadata=USER1, timeout=5).model
-    flip = router_pb2.RegisterNodeRequest(node_id="decode-0", address=decode0, role="prefill", model=model)
-    move = router_pb2.RegisterNodeRequest(node_id="decode-0", address="127.0.0.1:9", role="decode", model=model)
+    flip = router_pb2.RegisterNodeRequest(node_id="decode-0", address=decode0, role="prefill", model=model,
+                                          load=g.NodeLoad(protocol=NODE_PROTOCOL))
+    move = router_pb2.RegisterNodeRequest(node_id="decode-0", address="127.0.0.1:9", role="decode", model=model,
+                                          load=g.NodeLoad(protocol=NODE_PROTOCOL))
     for request in (flip, move):  # even with the node key, a node never changes address or role
         assert _code(lambda: control.Register(request, metadata=NODE, timeout=5)) == \
             grpc.StatusCode.FAILED_PRECONDITION
     # a "decode node" that does not serve DecodeNode (the router's own port): registered, never placed on
     fake = router_pb2.RegisterNodeRequest(node_id="fake-decode", address=stack.router_address, role="decode",
-                                          model=model)
+                                          model=model, load=g.NodeLoad(protocol=NODE_PROTOCOL))
     assert control.Register(fake, metadata=NODE, timeout=5).accepted
     time.sleep(1.0)
     nodes = {n.node_id: n for n in stub.GetLoads(g.GetLoadsRequest(), metadata=ADMIN, timeout=10).nodes}

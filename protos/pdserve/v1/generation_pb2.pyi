@@ -398,7 +398,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("num_waiting", "num_running", "free_blocks", "total_blocks", "active_leases", "queued_prompt_tokens", "request_ids", "prefix_hashes", "model", "draining")
+    __slots__ = ("num_waiting", "num_running", "free_blocks", "total_blocks", "active_leases", "queued_prompt_tokens", "request_ids", "prefix_hashes", "model", "draining", "protocol")
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
@@ -409,6 +409,7 @@ class NodeLoad(_message.Message):
     PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     num_waiting: int
     num_running: int
     free_blocks: int
@@ -419,7 +420,8 @@ class NodeLoad(_message.Message):
     prefix_hashes: _containers.RepeatedScalarFieldContainer[int]
     model: str
     draining: bool
-    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., active_leases: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., draining: _Optional[bool] = ...) -> None: ...
+    protocol: int
+    def __init__(self, num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., active_leases: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., model: _Optional[str] = ..., draining: _Optional[bool] = ..., protocol: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "address", "role", "healthy", "load")
