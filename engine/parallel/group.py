@@ -105,7 +105,11 @@ class HostedStore:
 
     def close(self) -> None:
         """Removes the store's directory; a store object still held (the group's) sees no file
-        and its destructor does nothing then."""
+        and its destructor does nothing then. A store call made after this (NCCL's heartbeat
+        monitor polls the store about once a second while the group lives) fails within about a
+        second instead of retrying the open of the missing file for the whole rendezvous timeout
+        (0 would mean no timeout at all)."""
+        self.store.set_timeout(_timedelta(0.001))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

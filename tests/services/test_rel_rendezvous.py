@@ -399,6 +399,10 @@ def test_tp_group_store_is_a_private_file_and_opens_no_port():
         hosted.close()
     assert not os.path.exists(hosted.dir)
     hosted.close()  # idempotent
+    started = time.monotonic()
+    with pytest.raises(dist.DistStoreError):  # a late store call: no file is recreated, no long wait
+        hosted.store.set("late", b"x")
+    assert time.monotonic() - started < 10 and not os.path.exists(hosted.dir)
 
 
 def _own_listening_sockets() -> set[int]:
