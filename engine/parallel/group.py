@@ -9,9 +9,10 @@ Security: the TP ranks are child processes of one node on one host, so their ren
 in a directory of mode 0700 (`host_store`, tested in tests/services/test_rel_rendezvous.py): no
 port is opened for it, and only the node's own user account can open the store to read or write
 its keys; that account is the trust boundary. Rank 0 removes the directory when the group closes.
-Gloo's data sockets (made from the store's addresses) still bind loopback only, so no other host
-can reach them; NCCL on one host connects its ranks over its own transports (P2P / shared memory,
-or loopback sockets). Run a node under an account of its own on shared machines.
+Gloo's data sockets (their addresses swapped through the store) still bind loopback only, so no
+other host can reach them. NCCL uses its own transports between the GPUs of one host (P2P / shared
+memory); its bootstrap sockets listen on the interface NCCL picks (NCCL_SOCKET_IFNAME=lo keeps them
+on loopback). Run a node under an account of its own on shared machines.
 """
 from __future__ import annotations
 
