@@ -1,20 +1,25 @@
 """One tensor-parallel group: its rank, size and the few collectives TP needs.
 
 No `init_process_group` (the node may also hold torch.distributed KV pair groups): the group is
-a ProcessGroupNCCL (CUDA) or ProcessGroupGloo (CPU) built on a TCPStore that rank 0 hosts on
-loopback. Every collective is issued on the group object itself, so it is also capturable in a
-CUDA graph once the group exists (NCCL).
+a ProcessGroupNCCL (CUDA) or ProcessGroupGloo (CPU) built on a FileStore that rank 0 creates in a
+fresh private directory. Every collective is issued on the group object itself, so it is also
+capturable in a CUDA graph once the group exists (NCCL).
 
-Security: the TP ranks are child processes of one node on one host, so the store is bound to
-127.0.0.1 only (`host_store`, tested in tests/services/test_rel_rendezvous.py) and no other host
-can reach it or the gloo / NCCL connections made from it (gloo's device is bound to loopback
-too). The trust boundary is the host: local users are not authenticated by a TCPStore; run a
-node's ranks under an account of their own on shared machines.
+Security: the TP ranks are child processes of one node on one host, so their rendezvous is a file
+in a directory of mode 0700 (`host_store`, tested in tests/services/test_rel_rendezvous.py): no
+port is opened for it, and only the node's own user account can open the store to read or write
+its keys; that account is the trust boundary. Rank 0 removes the directory when the group closes.
+Gloo's data sockets (their addresses swapped through the store) still bind loopback only, so no
+other host can reach them. NCCL uses its own transports between the GPUs of one host (P2P / shared
+memory); its bootstrap sockets listen on the interface NCCL picks (NCCL_SOCKET_IFNAME=lo keeps them
+on loopback). Run a node under an account of its own on shared machines.
 """
 from __future__ import annotations
 
 import datetime
-import socket
+import os
+import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -24,7 +29,8 @@ import torch.distributed as dist
 # and rank 0 watches its worker processes (`RankProcesses`) and aborts the group when one exits.
 OP_TIMEOUT_S = 24 * 3600.0
 RENDEZVOUS_TIMEOUT_S = 120.0  # every rank imports torch and connects (not the weight load)
-LOOPBACK = "127.0.0.1"
+LOOPBACK = "127.0.0.1"  # gloo's data sockets
+STORE_DIR_PREFIX = "pdserve-tp-"
 
 
 def _timedelta(seconds: float) -> datetime.timedelta:
@@ -84,19 +90,44 @@ class TPGroup:
             pass
 
 
-def host_store(world_size: int) -> dist.TCPStore:
-    """Rank 0's rendezvous store on a free port bound to loopback only (`.port` tells the others)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind((LOOPBACK, 0))
-    sock.listen(world_size)
-    store = dist.TCPStore(LOOPBACK, sock.getsockname()[1], world_size, True, _timedelta(RENDEZVOUS_TIMEOUT_S),
-                          wait_for_workers=False, master_listen_fd=sock.fileno())
-    sock.detach()  # the store owns the listening socket now
+class HostedStore:
+    """Rank 0's rendezvous: a FileStore at `.path`, in a directory of its own that only this user
+    can open; `close()` removes the directory (idempotent), so nothing is left in the temp dir."""
+
+    def __init__(self, world_size: int):
+        self.dir = tempfile.mkdtemp(prefix=STORE_DIR_PREFIX)  # a fresh name, created 0700
+        try:
+            os.chmod(self.dir, 0o700)  # whatever the umask
+            self.path = os.path.join(self.dir, "store")
+            self.store = _file_store(self.path, world_size)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        """Removes the store's directory; a store object still held (the group's) sees no file
+        and its destructor does nothing then. A store call made after this (NCCL's heartbeat
+        monitor polls the store about once a second while the group lives) fails within about a
+        second instead of retrying the open of the missing file for the whole rendezvous timeout
+        (0 would mean no timeout at all)."""
+        self.store.set_timeout(_timedelta(0.001))
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def host_store(world_size: int) -> HostedStore:
+    """Rank 0's rendezvous store; the other ranks open `.path` with `join_store`."""
+    return HostedStore(world_size)
+
+
+def join_store(path: str) -> dist.FileStore:
+    """A rank > 0's handle on rank 0's store (rank 0 alone removes the file, with its directory)."""
+    return _file_store(path, -1)
+
+
+def _file_store(path: str, world_size: int) -> dist.FileStore:
+    store = dist.FileStore(path, world_size)
+    store.set_timeout(_timedelta(RENDEZVOUS_TIMEOUT_S))
     return store
-
-
-def join_store(port: int) -> dist.TCPStore:
-    return dist.TCPStore(LOOPBACK, port, None, False, _timedelta(RENDEZVOUS_TIMEOUT_S))
 
 
 def make_group(store, rank: int, size: int, device: torch.device) -> TPGroup:

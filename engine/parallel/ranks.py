@@ -1,13 +1,14 @@
 """Ranks 1..N-1 of a tensor-parallel group, as child processes of rank 0 (the engine's process).
 
-    rank 0 (LLMEngine)                       rank r (python -m engine.parallel.worker)
-    TCPStore on 127.0.0.1:<free port>  ◄──   joins the store, builds its group, loads its shard
-    TPLeaderRunner: header + tensors   ──►   TPFollower: same forward on its shard, same collectives
+    rank 0 (LLMEngine)                        rank r (python -m engine.parallel.worker)
+    FileStore in a 0700 pdserve-tp-* dir  ◄──  opens the store file, builds its group, loads its shard
+    TPLeaderRunner: header + tensors      ──►  TPFollower: same forward on its shard, same collectives
 
-Children get only primitive arguments (rank, size, store port, device, the EngineArgs as JSON),
+Children get only primitive arguments (rank, size, store path, device, the EngineArgs as JSON),
 die with their parent (PR_SET_PDEATHSIG plus a parent watcher), and are watched by rank 0: when one
 exits unasked, the group is aborted so that rank 0's next (or current) collective fails at once
 and the engine goes fatal; `on_death` lets an idle engine's owner (AsyncEngine) fail it right away.
+The store's directory is removed with the ranks (`close`, a failed start, or garbage collection).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from typing import Callable
 import torch
 
 from engine.config import EngineArgs
-from engine.parallel.group import TPGroup, host_store, make_group
+from engine.parallel.group import HostedStore, TPGroup, host_store, make_group
 from engine.parallel.sharding import MAX_CPU_TP_SIZE
 
 logger = logging.getLogger("pdserve.engine")
@@ -55,22 +56,28 @@ class RankProcesses:
         size = len(devices)
         store = host_store(size)
         spec = json.dumps(dataclasses.asdict(args))
-        self.procs = [
-            subprocess.Popen([sys.executable, "-m", "engine.parallel.worker", "--rank", str(rank),
-                              "--world-size", str(size), "--store-port", str(store.port),
-                              "--device", str(devices[rank]), "--engine-args", spec],
-                             stdin=subprocess.DEVNULL, stdout=_stderr_fd())
-            for rank in range(1, size)]
-        self._finalizer = weakref.finalize(self, _terminate, list(self.procs))
+        self.procs: list[subprocess.Popen] = []
+        # kills the ranks, then removes the store's directory: on close, or if this is dropped
+        self._finalizer = weakref.finalize(self, _release, self.procs, store)
+        try:
+            for rank in range(1, size):
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "engine.parallel.worker", "--rank", str(rank),
+                     "--world-size", str(size), "--store-path", store.path,
+                     "--device", str(devices[rank]), "--engine-args", spec],
+                    stdin=subprocess.DEVNULL, stdout=_stderr_fd()))
+        except BaseException:
+            self._finalizer()
+            raise
         self.died: str | None = None
         self.on_death: Callable[[str], None] | None = None  # called on the watcher thread, once
         self._closing = threading.Event()
         try:
-            self.group: TPGroup = make_group(store, 0, size, devices[0])
+            self.group: TPGroup = make_group(store.store, 0, size, devices[0])
         except Exception as exc:
             self.close(grace=0)
             raise RuntimeError(f"tensor-parallel ranks did not join: {exc}") from None
-        self._store = store  # keep the rendezvous alive while the group lives
+        self.store_dir = store.dir
         threading.Thread(target=self._watch, name="tp-rank-watch", daemon=True).start()
 
     def _watch(self) -> None:
@@ -91,7 +98,8 @@ class RankProcesses:
             raise RankDied(self.died)
 
     def close(self, grace: float = STOP_GRACE_S) -> None:
-        """Waits up to `grace` seconds for the ranks to exit (after STOP), then kills them."""
+        """Waits up to `grace` seconds for the ranks to exit (after STOP), then kills them and
+        removes the store's directory."""
         self._closing.set()
         for proc in self.procs:
             try:
@@ -107,6 +115,14 @@ def _stderr_fd() -> int:
         return sys.stderr.fileno()
     except (AttributeError, OSError, ValueError):  # a notebook's stderr has no descriptor
         return subprocess.DEVNULL
+
+
+def _release(procs: list[subprocess.Popen], store: HostedStore) -> None:
+    """The ranks first (they may still open the store while they live), then the store's directory."""
+    try:
+        _terminate(procs)
+    finally:
+        store.close()
 
 
 def _terminate(procs: list[subprocess.Popen]) -> None:

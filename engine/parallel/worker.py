@@ -36,7 +36,7 @@ def _parse(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine.parallel.worker")
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world-size", type=int, required=True)
-    parser.add_argument("--store-port", type=int, required=True, help="rank 0's TCPStore on 127.0.0.1")
+    parser.add_argument("--store-path", required=True, help="rank 0's FileStore (in its private directory)")
     parser.add_argument("--device", required=True)
     parser.add_argument("--engine-args", required=True, help="EngineArgs as a JSON object")
     return parser.parse_args(argv)
@@ -50,7 +50,7 @@ def run_rank(ns: argparse.Namespace) -> None:
 
     args = EngineArgs(**json.loads(ns.engine_args))
     device = torch.device(ns.device)
-    group = make_group(join_store(ns.store_port), ns.rank, ns.world_size, device)
+    group = make_group(join_store(ns.store_path), ns.rank, ns.world_size, device)
     source = load_model_source(args.model)
     torch.manual_seed(args.seed)
     runner = build_runner(args, source, device, resolve_max_model_len(source.config, args.max_model_len), group)

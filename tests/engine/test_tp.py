@@ -37,6 +37,7 @@ def _generate(path, prompts, tp: int) -> list[list[int]]:
         ranks = llm.engine.ranks
     if ranks is not None:
         assert all(p.poll() is not None for p in ranks.procs), "a rank outlived close()"
+        assert not os.path.exists(ranks.store_dir), "the TP store's directory outlived close()"
     return out
 
 
@@ -191,7 +192,9 @@ def test_kv_moves_between_tp_sizes(make_tiny_model, prompts):
     colocated = _generate(path, prompts, 1)
     p1, d1 = _engine(path, "prefill", 1), _engine(path, "decode", 1)
     p2, d2 = _engine(path, "prefill", 2), _engine(path, "decode", 2)
+    dirs = [p2.ranks.store_dir, d2.ranks.store_dir]  # two groups in one process: a store each
     try:
+        assert dirs[0] != dirs[1] and all(os.path.isdir(d) for d in dirs)
         assert _disaggregated(p2, d1, prompts) == colocated
         assert _disaggregated(p1, d2, prompts) == colocated
         p2.add_request("x", params=greedy(NEW), prompt_token_ids=prompts[0]["prompt_token_ids"])
@@ -206,6 +209,24 @@ def test_kv_moves_between_tp_sizes(make_tiny_model, prompts):
     finally:
         p2.close()
         d2.close()
+    assert not any(os.path.exists(d) for d in dirs)
+
+
+def test_a_failed_start_removes_the_store_directory(make_tiny_model, monkeypatch):
+    """Rank 0 failing to build the group: the ranks are killed and the store's directory removed."""
+    from engine.parallel import ranks as ranks_mod
+
+    hosted, real = [], ranks_mod.host_store
+
+    def make_group(*args):
+        raise RuntimeError("no group today")
+
+    monkeypatch.setattr(ranks_mod, "host_store", lambda size: hosted.append(real(size)) or hosted[-1])
+    monkeypatch.setattr(ranks_mod, "make_group", make_group)
+    args = EngineArgs(model=str(make_tiny_model("llama")), tensor_parallel_size=2, **ENGINE)
+    with pytest.raises(RuntimeError, match="did not join: no group today"):
+        ranks_mod.RankProcesses(args, [torch.device("cpu")] * 2)
+    assert len(hosted) == 1 and not os.path.exists(hosted[0].dir)
 
 
 # ---- a rank that dies ---------------------------------------------------------------------------------
@@ -217,7 +238,7 @@ def test_a_rank_that_dies_while_idle_fails_the_engine_and_no_rank_survives(make_
     from engine.rpc.errors import Unavailable
 
     llm = LLMEngine(EngineArgs(model=str(make_tiny_model("llama")), tensor_parallel_size=2, **ENGINE))
-    procs = list(llm.ranks.procs)
+    procs, store_dir = list(llm.ranks.procs), llm.ranks.store_dir
 
     async def scenario():
         fatal = asyncio.Event()
@@ -239,3 +260,4 @@ def test_a_rank_that_dies_while_idle_fails_the_engine_and_no_rank_survives(make_
     finally:
         llm.close()
     assert all(p.poll() is not None for p in procs)
+    assert not os.path.exists(store_dir)

@@ -3,13 +3,17 @@ node's `DecodeNode.KVRendezvous` RPC on its node port (node key, TLS), not an op
 in-process DecodeNode server: a gloo pair built over it sends a tensor; calls without the node key
 are refused UNAUTHENTICATED; pairs without a well-formed secret, oversize keys and values and too
 many keys are refused with their codes; a GET of a missing key ends in a clear DEADLINE_EXCEEDED
-without blocking the node's event loop; a dropped pair frees its keys. TP groups' stores (not on
-the KV path) keep binding loopback only."""
+without blocking the node's event loop; a dropped pair frees its keys. A TP group's store (not on
+the KV path) is a file in a fresh directory only the node's user can open, with no listening socket,
+and the directory is gone once the store is closed."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime
+import os
+import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -363,29 +367,57 @@ def test_a_sender_refuses_a_tcpstore_rendezvous_clearly():
     asyncio.run(sender.close())
 
 
-def test_tp_group_store_binds_loopback_only():
-    store = tp_group.host_store(2)
+def test_tp_group_store_is_a_private_file_and_opens_no_port():
+    """host_store: a FileStore in a new mode-0700 directory of this user (no TCP listener of this
+    process appears); a 2-rank gloo group over it all-reduces; close() removes the directory."""
+    before = _own_listening_sockets()
+    with socket.create_server(("127.0.0.1", 0)):  # the check does see a listener of ours
+        assert len(_own_listening_sockets() - before) == 1
+    hosted = tp_group.host_store(2)
     try:
-        assert tp_group.LOOPBACK == "127.0.0.1"
-        listening = _listening_addresses(store.port)
-        assert listening == {"127.0.0.1"}, listening
+        joined = tp_group.join_store(hosted.path)
+        assert _own_listening_sockets() == before
+        assert isinstance(hosted.store, dist.FileStore) and isinstance(joined, dist.FileStore)
+        assert os.path.dirname(hosted.path) == hosted.dir
+        assert os.path.basename(hosted.dir).startswith(tp_group.STORE_DIR_PREFIX)
+        info = os.stat(hosted.dir)
+        assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
+
+        sums = {}
+
+        def rank(r: int, store) -> None:
+            group = tp_group.make_group(store, r, 2, CPU)
+            sums[r] = group.all_reduce(torch.tensor([float(r + 1), 10.0 * r])).tolist()
+
+        other = threading.Thread(target=rank, args=(1, joined))
+        other.start()
+        rank(0, hosted.store)
+        other.join(30)
+        assert sums == {0: [3.0, 10.0], 1: [3.0, 10.0]}
+        assert os.path.isfile(hosted.path)
     finally:
-        del store
+        hosted.close()
+    assert not os.path.exists(hosted.dir)
+    hosted.close()  # idempotent
+    started = time.monotonic()
+    with pytest.raises(dist.DistStoreError):  # a late store call: no file is recreated, no long wait
+        hosted.store.set("late", b"x")
+    assert time.monotonic() - started < 10 and not os.path.exists(hosted.dir)
 
 
-def _listening_addresses(port: int) -> set[str]:
-    """IPv4 / IPv6 addresses listening on `port` (Linux /proc/net/tcp*: state 0A = LISTEN)."""
-    out = set()
-    for path, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
-        try:
-            lines = open(path).read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state = fields[1], fields[3]
-            address, port_hex = local.split(":")
-            if state == "0A" and int(port_hex, 16) == port:
-                out.add("::" if v6 and set(address) == {"0"} else
-                        ".".join(str(b) for b in reversed(bytes.fromhex(address))) if not v6 else address)
-    return out
+def _own_listening_sockets() -> set[int]:
+    """Inodes of this process's TCP sockets in LISTEN (Linux: /proc/self/fd, /proc/net/tcp*)."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                mine.add(int(link[len("socket:["):-1]))
+    listening = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            for line in f.read().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    listening.add(int(fields[9]))
+    return mine & listening
