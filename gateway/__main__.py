@@ -20,7 +20,7 @@ import sys
 import uvicorn
 
 from engine.cli_args import add_flag
-from engine.rpc.process import announce_ready
+from engine.rpc.process import announce_ready, die_with_parent
 from engine.rpc.server import run
 from engine.rpc.security import ClientSecurity
 from engine.metrics import PREFIXES
@@ -123,6 +123,7 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    die_with_parent()  # `pdserve serve` spawns us without a preexec_fn (engine.rpc.process.spawn_env)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(router=args.router, api_keys=api_keys(args), router_api_key=args.router_api_key,
                         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,

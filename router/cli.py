@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from engine.cli_args import add_engine_args, add_flag, engine_argv
 from engine.rpc.channel import sync_channel
+from engine.rpc.process import spawn_env
 from engine.rpc.security import Security, add_security_args
 from engine.metrics import PREFIXES
 from engine.tool_parsers import PARSERS
@@ -40,12 +41,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    from engine.rpc.process import die_with_parent
-
-    die_with_parent(signal.SIGTERM)
 
 
 class _Append(argparse.Action):
@@ -66,8 +61,9 @@ class Child:
     ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self, echo: bool, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", *self.argv], stdout=subprocess.PIPE, text=True, env=env,
-                                     bufsize=1, preexec_fn=_set_pdeathsig)
+        # every child calls die_with_parent() itself: no preexec_fn (engine.rpc.process.spawn_env)
+        self.proc = subprocess.Popen([sys.executable, "-m", *self.argv], stdout=subprocess.PIPE, text=True,
+                                     env=spawn_env(env), bufsize=1)
         threading.Thread(target=self._pump, args=(echo,), daemon=True).start()
 
     def _pump(self, echo: bool) -> None:

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from engine.config import EngineArgs
+from engine.rpc.process import spawn_env
 from engine.parallel.group import HostedStore, TPGroup, host_store, make_group
 from engine.parallel.sharding import MAX_CPU_TP_SIZE
 
@@ -65,7 +66,7 @@ class RankProcesses:
                     [sys.executable, "-m", "engine.parallel.worker", "--rank", str(rank),
                      "--world-size", str(size), "--store-path", store.path,
                      "--device", str(devices[rank]), "--engine-args", spec],
-                    stdin=subprocess.DEVNULL, stdout=_stderr_fd()))
+                    stdin=subprocess.DEVNULL, stdout=_stderr_fd(), env=spawn_env()))
         except BaseException:
             self._finalizer()
             raise

@@ -16,15 +16,31 @@ import sys
 _PR_SET_PDEATHSIG = 1
 
 
+PARENT_PID_ENV = "PDSERVE_PARENT_PID"  # set by a spawner (`spawn_env`): the pid the child must outlive
+
+
+def spawn_env(env: dict | None = None) -> dict:
+    """The environment for a child that calls `die_with_parent()` itself. Spawners use this instead
+    of a `preexec_fn`: one forces a real fork(), and a fork of a process with live gRPC objects runs
+    gRPC's fork handlers, whose restarted poller can crash the child before exec on the epoll fd
+    that close_fds closed ("epoll_wait error: Bad file descriptor"); without it CPython spawns with
+    vfork and no handlers run."""
+    return {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+
+
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Best effort: Linux only, a no-op elsewhere."""
+    """Best effort: Linux only, a no-op elsewhere. When the spawner set PDSERVE_PARENT_PID and the
+    parent is already gone (it died before this call), the signal is sent now."""
     if not sys.platform.startswith("linux"):
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     except (OSError, AttributeError):
-        pass
+        return
+    expected = os.environ.get(PARENT_PID_ENV, "")
+    if expected.isdigit() and os.getppid() != int(expected):
+        os.kill(os.getpid(), sig)
 
 
 def stop_signals(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Event:

@@ -19,6 +19,7 @@ import threading
 import time
 
 from engine.rpc.errors import Unavailable
+from engine.rpc.process import spawn_env
 from engine.structured.spec import StructuredSpec, spec_from_proto, spec_to_proto
 
 START_TIMEOUT_S = 120.0  # the first answer includes importing xgrammar (and torch) on a busy machine
@@ -68,7 +69,7 @@ class GrammarChecker:
     def _child(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             self._proc = subprocess.Popen([sys.executable, "-m", "engine.structured.checker"],
-                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=spawn_env(),
                                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
             self._answered = False
         return self._proc

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine.rpc import convert
 from engine.rpc.channel import sync_channel
+from engine.rpc.process import spawn_env
 from engine.sampling_params import SamplingParams
 from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
 
@@ -78,11 +79,6 @@ class Node:
         return self.proc.returncode
 
 
-def _pdeathsig():
-    from engine.rpc.process import die_with_parent
-    die_with_parent(signal.SIGKILL)
-
-
 def start_node(role: str, model: str, *extra: str, env: dict | None = None, timeout: float = 120.0,
                launcher: list[str] | None = None) -> Node:
     """Starts `python -m <role>_node` (or `python <launcher>`) on a free loopback port; watches
@@ -91,8 +87,8 @@ def start_node(role: str, model: str, *extra: str, env: dict | None = None, time
     proc = subprocess.Popen(
         [sys.executable, *(launcher or ["-m", f"{role}_node"]), "--model", str(model), "--port", str(port),
          *NODE_ARGS, *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_pdeathsig,
-        env={**os.environ, "PYTHONPATH": REPO, **(env or {})})
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,  # the node arms its own pdeathsig
+        env=spawn_env({**os.environ, "PYTHONPATH": REPO, **(env or {})}))
     node = Node(role, proc, f"127.0.0.1:{port}")
     threading.Thread(target=lambda: node.stderr.extend(proc.stderr), daemon=True).start()
     ready = threading.Event()
