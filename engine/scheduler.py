@@ -107,9 +107,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_output_tokens >= req.max_tokens or req.num_tokens == req.num_computed_tokens:
+                i += 1  # its last token is in flight (async scheduling): nothing to compute
+                continue
             n = self._capped(req, min(req.num_tokens - req.num_computed_tokens, budget))
-            if req.num_output_tokens >= req.max_tokens or n == 0:
-                i += 1  # its last token is in flight (async scheduling), or no prompt-logits room left
+            if n == 0:  # prompt logits: this step has no room left for them
+                i += 1
                 continue
             if self._make_room(req, n, preempted):
                 chunks.append(self._chunk(req, n))

@@ -234,7 +234,7 @@ class Pipeline:
         nodes while none did)."""
         tried: set[str] = set()
         while True:
-            if not [n for n in self.registry.healthy("prefill") if n.node_id not in tried]:
+            if not any(n.node_id not in tried for n in self.registry.healthy("prefill")):
                 raise Unavailable("no prefill node is available")  # before reserving blocks for nothing
             decode, reservation = await self._reserve(set())
             choice = self.placement.prefill.pick(self.registry.healthy("prefill"), self.hashes,

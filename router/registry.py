@@ -269,13 +269,11 @@ class NodeRegistry:
             self._missed(node, exc)
             return False
         refusal = convert.protocol_refusal(load.protocol)
+        if refusal is None and node.expected_model and load.model != node.expected_model:
+            refusal = f"serves model {load.model[:100]!r}, registered for {node.expected_model[:100]!r}"
         if refusal is not None:
             node.poll_failed = True
             node.mark_down(refusal)
-            return False
-        if node.expected_model and load.model != node.expected_model:
-            node.poll_failed = True
-            node.mark_down(f"serves model {load.model[:100]!r}, registered for {node.expected_model[:100]!r}")
             return False
         if not node.healthy:
             logger.info("node %s (%s) is up", node.node_id, node.address)

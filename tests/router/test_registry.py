@@ -108,6 +108,17 @@ def test_a_command_line_node_that_is_up_keeps_the_pool():
     run(main())
 
 
+def polled(answer, times: int, record) -> tuple[Node, list]:
+    """A node whose GetLoad is `answer`, polled `times` times by a registry: the node and
+    `record(poll succeeded, node)` after each poll."""
+    async def main():
+        registry = NodeRegistry()
+        node = Node("decode-0", "127.0.0.1:1", "decode", channel=None,
+                    stub=Cluster([], []).stub("decode-0", poll=answer))
+        return node, [record(await registry.poll(node), node) for _ in range(times)]
+    return run(main())
+
+
 def test_a_slow_first_poll_does_not_mark_a_node_slow_once_it_answers_promptly():
     """The first poll of a node carries its connection set-up and start-up work; a burst placed right
     after must not pass the node over because of it (CI saw a whole burst skip one decode node)."""
@@ -118,17 +129,9 @@ def test_a_slow_first_poll_does_not_mark_a_node_slow_once_it_answers_promptly():
         await asyncio.sleep(delays.pop(0))
         return generation_pb2.NodeLoad(free_blocks=60, total_blocks=64, model="m", protocol=NODE_PROTOCOL)
 
-    async def main():
-        registry = NodeRegistry()
-        node = Node("decode-0", "127.0.0.1:1", "decode", channel=None,
-                    stub=Cluster([], []).stub("decode-0", poll=answer))
-        seen = []
-        for _ in range(5):
-            assert await registry.poll(node)
-            seen.append(slow(node))
-        return seen, node.latency_s
-
-    seen, latency = run(main())
+    node, polls = polled(answer, 5, lambda ok, node: (ok, slow(node)))
+    assert all(ok for ok, _ in polls)
+    seen, latency = [s for _, s in polls], node.latency_s
     # slow on its first answers, placeable as soon as one comes promptly, slow again only when the
     # answers are slow again (smoothed upward: 0.7 * 0 + 0.3 * 0.5 = 0.15, then 0.255)
     assert seen == [True, True, False, False, True] and latency > SLOW_POLL_S
@@ -145,15 +148,7 @@ def test_a_node_of_another_protocol_is_never_placed_on():
     async def answer():
         return loads.pop(0)
 
-    async def main():
-        registry = NodeRegistry()
-        node = Node("decode-0", "127.0.0.1:1", "decode", channel=None,
-                    stub=Cluster([], []).stub("decode-0", poll=answer))
-        seen = []
-        for _ in range(3):
-            seen.append((await registry.poll(node), node.healthy))
-        return seen
-
-    assert run(main()) == [(False, False), (False, False), (True, True)]
+    _, seen = polled(answer, 3, lambda ok, node: (ok, node.healthy))
+    assert seen == [(False, False), (False, False), (True, True)]
     assert "from before versions (0)" in protocol_refusal(0) and "same pdserve version" in protocol_refusal(0)
     assert protocol_refusal(NODE_PROTOCOL) is None
