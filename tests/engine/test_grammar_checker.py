@@ -67,8 +67,12 @@ def test_a_child_that_dies_mid_check_is_unavailable_not_an_internal_error(monkey
     c = GrammarChecker()
     try:
         c.check(GOOD[0])
-        monkeypatch.setattr(mod, "_read_frame", lambda stream, deadline: (c._proc.kill(), c._proc.wait(),
-                                                                           mod._read_exact(stream, 4, deadline)))
+        def dies(stream, deadline):  # the child dies before it answers (deterministic: no race with its answer)
+            c._proc.kill()
+            c._proc.wait()
+            raise EOFError("the checker closed its output")
+
+        monkeypatch.setattr(mod, "_read_frame", dies)
         with pytest.raises(mod.CheckerError, match="grammar checker process failed") as err:
             c.check(GOOD[1])
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and c._proc is None
