@@ -2,6 +2,7 @@
 
     python bench/kv_transfer_bench.py --out OUT/kv_transfer.json [--sizes 1024,4096,7168] [--frames-mib 1,4,8]
     python bench/kv_transfer_bench.py --tiny --out /tmp/kv.json     # the same code on CPU (grpc only), ~1 min
+    python bench/kv_transfer_bench.py --cpu-wide --sizes 2048 --sections raw --lanes 1,2,4   # CPU, 64 KiB/token KV
 
 1. equality: a tiny fp32 model and the Llama-3-8B shape in bf16 (random weights, see gpu_speed.py):
    greedy output through the nodes over each transport (ipc, grpc; nccl needs two GPUs) must equal
@@ -10,7 +11,8 @@
    nodes; TransferDone.ms is the prefill node's wall time of the transfer (ipc: RenewLease, the
    device scatter, CommitKV; grpc: D2H, frames, the decode side's CRC + copies + write_blocks).
 3. transport only: the bench process sends random KV of each size to the decode node's reservation
-   with each sender (grpc at 1/4/8 MiB frames, ipc), median of --repeats after one warm-up.
+   with each sender (grpc at 1/4/8 MiB frames over each of --lanes lane counts, ipc), median of
+   --repeats after one warm-up.
 
 Prints a table last; writes {"device", "date", "command", "metrics", "details"} to --out.
 """
@@ -39,6 +41,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_speed import LLAMA3_8B, TINY, build_hf_model, save_model_dir  # noqa: E402
+
+# CPU: a KV as deep and wide as a real model's per layer (16 layers x 8 KV heads x 64, fp32: 64 KiB per token)
+WIDE = dict(TINY, hidden_size=512, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8,
+            head_dim=64, intermediate_size=256)
 
 from engine.kv_transfer import TRANSPORTS, GrpcKVSender, IpcKVSender, KVSpec, transport_name  # noqa: E402
 from engine.kv_transfer.grpc_transport import Channels  # noqa: E402
@@ -100,8 +106,9 @@ def node_args(ns, shape: dict, dtype: str, device: str) -> list[str]:
     budget = ns.chunk_tokens or max_len  # a prompt longer than the budget prefills (and streams its KV) in chunks
     return ["--device", device, "--dtype", dtype, "--max-model-len", str(max_len), "--num-gpu-blocks", str(blocks),
             "--max-num-seqs", "8", "--max-num-batched-tokens", str(budget), "--kv-transport", "auto",
-            "--shutdown-grace", "2", "--no-enable-prefix-caching",
-            *(["--kv-stream-chunks"] if ns.chunk_tokens else [])]  # each transport's run recomputes every prompt
+            "--shutdown-grace", "2", "--no-enable-prefix-caching",  # each transport's run recomputes every prompt
+            *(["--kv-stream-chunks"] if ns.chunk_tokens else []),
+            *(["--kv-grpc-lanes", str(ns.node_lanes)] if ns.node_lanes else [])]
 
 
 # ---- one request through the nodes ----------------------------------------------------------------
@@ -115,7 +122,7 @@ async def generate(prefill, decode, rid: str, ids: list[int], max_tokens: int, t
                                                   transport=transport), timeout=30)
     target = node_pb2.KVTarget(decode_address=decode["address"], reservation_id=res.reservation_id,
                                transport=transport, rendezvous=res.rendezvous, decode_node_id=res.node_id,
-                               layout=res.layout)
+                               layout=res.layout, kv_lanes=res.kv_lanes)
     first, done, t_first = None, None, None
     async for ev in p.Prefill(node_pb2.PrefillRequest(request_id=rid, prompt_token_ids=ids, params=params,
                                                       target=target), timeout=120):
@@ -221,7 +228,8 @@ async def transport_only(ns, decode, spec: KVSpec, device: torch.device, senders
                 res = await d.Reserve(node_pb2.ReserveRequest(request_id=rid, num_prompt_tokens=n, lease_ms=30_000),
                                       timeout=30)
                 target = node_pb2.KVTarget(decode_address=decode["address"], reservation_id=res.reservation_id,
-                                           transport=sender.transport, layout=res.layout, decode_node_id=res.node_id)
+                                           transport=sender.transport, layout=res.layout, decode_node_id=res.node_id,
+                                           kv_lanes=res.kv_lanes)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
@@ -272,7 +280,9 @@ async def run_model(ns, tag: str, shape: dict, dtype: str, device: str, sections
         if "raw" in sections:
             spec = KVSpec(shape["num_hidden_layers"], 16, shape["num_key_value_heads"], shape["head_dim"], torch_dtype)
             channels = Channels()
-            senders = {f"grpc-{mib}MiB": GrpcKVSender(channels, max_frame_bytes=mib * 2**20) for mib in ns.frames_mib}
+            senders = {f"grpc-{mib}MiB" + (f"-x{lanes}" if lanes > 1 else ""):
+                       GrpcKVSender(channels, max_frame_bytes=mib * 2**20, lanes=lanes)
+                       for mib in ns.frames_mib for lanes in ns.lanes}
             if device == "cuda":
                 senders["ipc"] = IpcKVSender(channels, torch.device("cuda", 0))
             out["transport_only"] = await transport_only(ns, decode, spec, torch.device(device), senders)
@@ -372,12 +382,17 @@ def main(argv=None) -> int:
     ap.add_argument("--eq-tokens", type=int, default=16)
     ap.add_argument("--sections", default="node,raw,ceiling")
     ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--lanes", default="1,2", help="transport only: gRPC lane counts to time (PushKV streams)")
+    ap.add_argument("--node-lanes", type=int, default=0, help="the prefill node's --kv-grpc-lanes (default: its own)")
+    ap.add_argument("--cpu-wide", action="store_true",
+                    help="CPU: a 16-layer model with 64 KiB of KV per token (the tiny one's is tiny) at --sizes")
     ap.add_argument("--chunk-tokens", type=int, default=0,
                     help="the nodes' token budget (default: the longest prompt, one chunk); when given, long "
                          "prompts prefill in chunks and, over grpc, stream their KV chunk by chunk (--kv-stream-chunks)")
     ns = ap.parse_args(argv)
     ns.sizes = [int(x) for x in ns.sizes.split(",")] if not ns.tiny else [64, 256]
     ns.frames_mib = [int(x) for x in ns.frames_mib.split(",")]
+    ns.lanes = [int(x) for x in ns.lanes.split(",")]
     ns.reference = {}
     out_path = pathlib.Path(ns.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,6 +403,8 @@ def main(argv=None) -> int:
                "command": " ".join(shlex.quote(a) for a in sys.argv), "models": {}, "errors": []}
     sections = ns.sections.split(",")
     plan = [("tiny", TINY, "float32", ["node"] if device == "cuda" else sections)]
+    if ns.cpu_wide and device == "cpu":
+        plan = [("wide", WIDE, "float32", sections)]
     if device == "cuda" and not ns.skip_8b:
         plan.append(("8b", LLAMA3_8B, "bfloat16", sections))
     for tag, shape, dtype, secs in plan:

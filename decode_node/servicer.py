@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.kv_transfer.grpc_transport import PUSH_KV, decoded_frames
+from engine.kv_transfer.base import MAX_KV_LANES
+from engine.kv_transfer.grpc_transport import PUSH_KV, LaneSet, decoded_frames
 from engine.kv_transfer import (TRANSPORTS, GrpcKVReceiver, IpcKVReceiver, KVLanding, KVReceiver, TorchDistHost,
                                 TorchDistKVReceiver, TransferError)
 from engine.rpc import convert
@@ -42,6 +43,7 @@ class Reservation:
     pushing: bool = False
     decoding: bool = False
     writing: asyncio.Future | None = None  # a write into the blocks in flight (thread or another process)
+    lanes: LaneSet | None = None  # a gRPC transfer over several PushKV calls, while it runs
 
 
 class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
@@ -109,7 +111,8 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
         self.reservations[res.reservation_id] = res
         self._renew(res)
         reply = node_pb2.ReserveResponse(reservation_id=res.reservation_id, num_blocks=len(blocks),
-                                         layout=self.layout_proto(), node_id=self.node_id, lease_ms=lease_ms)
+                                         layout=self.layout_proto(), node_id=self.node_id, lease_ms=lease_ms,
+                                         kv_lanes=min(MAX_KV_LANES, self.spec.num_layers))
         if self._offers_nccl(request.transport or self.default_transport):
             reply.rendezvous = self.dist.rendezvous
         return reply
@@ -185,6 +188,8 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
             raise InvalidArgument("PushKV carried no frame")
         res = self._live(frame.reservation_id)
         nccl = TorchDistKVReceiver.announced(context)
+        if frame.lanes > 1 and not nccl:
+            return await self._receive_lane(res, frame, _chain(frame, frames))
         return await self._receive(res, self.receivers[T.KV_TRANSPORT_NCCL if nccl else T.KV_TRANSPORT_GRPC],
                                    _chain(frame, frames), context)
 
@@ -219,13 +224,56 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
             res.pushing = False
             if write_part is not None and not res.writing.done():
                 res.writing.set_result(None)  # receive() returns only after its last write ended
+        self._transfer_done(res, got.bytes)
+        return node_pb2.PushKVResponse(bytes_received=got.bytes, frames=got.frames)
+
+    async def _receive_lane(self, res: Reservation, first: node_pb2.KVFrame, frames) -> node_pb2.PushKVResponse:
+        """One lane of a gRPC transfer over several PushKV calls (`LaneSet`): the first lane to
+        arrive opens the transfer, the one that completes it makes the KV ready."""
+        if res.kv_ready.is_set():
+            self.stats.rejected_frames += 1
+            raise TransferError("the reservation's KV is already complete (replayed frame)")
+        lanes = res.lanes
+        if lanes is None:
+            if self._in_transfer(res):
+                raise InvalidArgument("a KV transfer for this reservation is already in progress")
+            write_part = self._part_writer(res)
+            landing = KVLanding(res.reservation_id, self.spec, len(res.block_ids),
+                                progress=lambda: self._on_progress(res), write=lambda k, v: self._write(res, k, v),
+                                write_part=write_part)
+            try:
+                lanes = LaneSet(landing, first.lanes, self.receivers[T.KV_TRANSPORT_GRPC].pin_memory)
+            except TransferError:
+                self.stats.rejected_frames += 1
+                raise
+            res.lanes, res.pushing = lanes, True
+        elif first.lanes != lanes.lanes:
+            self.stats.rejected_frames += 1
+            raise TransferError(f"lane {first.lane} says {first.lanes} lanes; the transfer has {lanes.lanes}")
+        if lanes.active == 0 and lanes.landing.write_part is not None:
+            res.writing = asyncio.get_running_loop().create_future()  # blocks out of reuse while lanes write
+        try:
+            got, last = await self.receivers[T.KV_TRANSPORT_GRPC].receive_lane(lanes, first.lane, frames)
+        except TransferError:
+            self.stats.rejected_frames += 1
+            raise
+        finally:
+            if lanes.active == 0 and lanes.landing.write_part is not None and not res.writing.done():
+                res.writing.set_result(None)  # no lane is writing into the blocks now
+            if lanes.ended and res.lanes is lanes:
+                res.lanes, res.pushing = None, False  # failed: a new transfer may start over
+        if last:
+            self._transfer_done(res, lanes.bytes)
+        return node_pb2.PushKVResponse(bytes_received=got.bytes, frames=got.frames)
+
+    def _transfer_done(self, res: Reservation, nbytes: int) -> None:
+        """Every block of the transfer is in: the KV is ready for Decode."""
         if self.reservations.get(res.reservation_id) is not res:
             raise NotFound("the reservation was freed during the transfer")
-        res.bytes_received = got.bytes
+        res.bytes_received = nbytes
         self.stats.kv_transfers += 1
-        self.stats.kv_transfer_bytes += got.bytes
+        self.stats.kv_transfer_bytes += nbytes
         res.kv_ready.set()
-        return node_pb2.PushKVResponse(bytes_received=got.bytes, frames=got.frames)
 
     def _on_progress(self, res: Reservation) -> None:
         if self.reservations.get(res.reservation_id) is not res:

@@ -46,7 +46,7 @@ class PrefillServicer(NodeServicerBase, node_pb2_grpc.PrefillNodeServicer):
         self.stream_chunks = bool(getattr(ns, "kv_stream_chunks", False))
         device = engine.engine.device
         self.senders = {
-            T.KV_TRANSPORT_GRPC: GrpcKVSender(self.channels),
+            T.KV_TRANSPORT_GRPC: GrpcKVSender(self.channels, lanes=getattr(ns, "kv_grpc_lanes", 1)),
             T.KV_TRANSPORT_NCCL: TorchDistKVSender(ns.node_id, device, host=ns.kv_host, channels=self.channels),
             T.KV_TRANSPORT_IPC: IpcKVSender(self.channels, device),
         }

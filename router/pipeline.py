@@ -248,7 +248,8 @@ class Pipeline:
             target = node_pb2.KVTarget(
                 decode_address=decode.address, reservation_id=reservation.reservation_id,
                 transport=self.config.transport, rendezvous=reservation.rendezvous,
-                decode_node_id=reservation.node_id or decode.node_id, layout=reservation.layout)
+                decode_node_id=reservation.node_id or decode.node_id, layout=reservation.layout,
+                kv_lanes=reservation.kv_lanes)
             request = node_pb2.PrefillRequest(request_id=self.node_request_id, prompt_token_ids=self.prompt.token_ids,
                                               params=self.wire_params, priority=self.priority, target=target)
             self.timings.queue_ms = self._ms_since_arrival()

@@ -19,13 +19,13 @@ import asyncio
 import collections
 import functools
 import threading
-import zlib
 
 import grpc
 import torch
 
-from engine.kv_transfer.base import (K, MAX_FRAME_BYTES, T, V, KVLanding, KVReceiver, KVSender, KVSpec, Received,
-                                     make_header, plan_frames, plan_frames_streamed)
+from engine.kv_transfer.base import (K, MAX_FRAME_BYTES, MAX_KV_LANES, T, V, KVLanding, KVReceiver, KVSender,
+                                     KVSpec, Received, crc32, lane_layers, make_header, plan_frames,
+                                     plan_frames_streamed)
 from engine.kv_transfer.staging import KVStaging, TransferError
 from engine.rpc.channel import NODE_KEEPALIVE, aio_channel, sync_channel
 from engine.rpc.security import ClientSecurity
@@ -125,16 +125,18 @@ class HostKV:
         stream.synchronize()
 
 
-def encode_frame(reservation_id: str, spec: KVSpec, host: HostKV, plan: list, seq: int) -> bytes:
-    """The serialized PushKV frame `seq` of `plan` (its blocks in host memory): header fields, then
-    the payload appended as field 5 (one copy of the payload; protobuf accepts fields in any order)."""
+def encode_frame(reservation_id: str, spec: KVSpec, host: HostKV, plan: list, seq: int, lane: int = 0,
+                 lanes: int = 1) -> bytes:
+    """The serialized PushKV frame `seq` of `plan` (its blocks in host memory; `plan` is lane
+    `lane`'s of `lanes`): header fields, then the payload appended as field 5 (one copy of the
+    payload; protobuf accepts fields in any order)."""
     p = plan[seq]
     host.wait(p.kind, p.layer, p.layers)
     src = (host.k if p.kind == K else host.v)[p.layer:p.layer + p.layers, p.start:p.start + p.n]
     payload = memoryview(src.contiguous().view(torch.uint8).reshape(-1).numpy())
-    header = make_header(spec, p.kind, p.layer, p.start, p.n, zlib.crc32(payload) & 0xFFFFFFFF, p.layers)
-    head = node_pb2.KVFrame(reservation_id=reservation_id, seq=seq, total_frames=len(plan),
-                            header=header).SerializeToString()
+    header = make_header(spec, p.kind, p.layer, p.start, p.n, crc32(payload), p.layers)
+    head = node_pb2.KVFrame(reservation_id=reservation_id, seq=seq, total_frames=len(plan), header=header,
+                            lane=lane, lanes=lanes if lanes > 1 else 0).SerializeToString()
     return b"".join((head, _DATA_TAG, _varint(len(payload)), payload))
 
 
@@ -143,11 +145,12 @@ class WireFrame:
     Parsing the message with protobuf would copy the payload (several MiB per frame) on the event
     loop, and every read of `KVFrame.data` copies it again; this reads it in place."""
 
-    __slots__ = ("reservation_id", "seq", "total_frames", "header", "data")
+    __slots__ = ("reservation_id", "seq", "total_frames", "header", "data", "lane", "lanes")
 
     def __init__(self, fields: node_pb2.KVFrame, data: memoryview):
         self.reservation_id, self.seq, self.total_frames = fields.reservation_id, fields.seq, fields.total_frames
         self.header, self.data = fields.header, data
+        self.lane, self.lanes = fields.lane, fields.lanes
 
 
 def _read_varint(buf, pos: int) -> tuple[int, int]:
@@ -234,10 +237,14 @@ class Channels:
         self._sync_lock = threading.Lock()
         self.security = security  # the node key and TLS this node calls its peers with
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = aio_channel(address, options=NODE_KEEPALIVE, security=self.security)
-        return self._channels[address]
+    def channel(self, address: str, lane: int = 0) -> grpc.aio.Channel:
+        """The channel to `address`; lane i > 0 of a KV transfer gets one of its own, on its own
+        connection (a local subchannel pool: channels otherwise share one connection per address)."""
+        key = address if lane == 0 else f"{address}#lane{lane}"
+        if key not in self._channels:
+            options = NODE_KEEPALIVE if lane == 0 else (*NODE_KEEPALIVE, ("grpc.use_local_subchannel_pool", 1))
+            self._channels[key] = aio_channel(address, options=options, security=self.security)
+        return self._channels[key]
 
     def stub(self, address: str) -> node_pb2_grpc.DecodeNodeStub:
         return node_pb2_grpc.DecodeNodeStub(self.channel(address))
@@ -253,9 +260,9 @@ class Channels:
         """The node key as call metadata (the aio channels add it themselves)."""
         return self.security.metadata() if self.security is not None else ()
 
-    def push_kv_raw(self, address: str):
+    def push_kv_raw(self, address: str, lane: int = 0):
         """PushKV taking frames already serialized (bytes), so no payload is encoded on the loop."""
-        return self.channel(address).stream_unary(PUSH_KV, request_serializer=None,
+        return self.channel(address, lane).stream_unary(PUSH_KV, request_serializer=None,
                                                   response_deserializer=node_pb2.PushKVResponse.FromString)
 
     async def close(self) -> None:
@@ -329,19 +336,30 @@ class _Arrived:
 
 
 class GrpcKVSender(KVSender):
+    """Frames over `lanes` concurrent PushKV calls (one connection each; fewer if the decode node
+    takes fewer, `KVTarget.kv_lanes`), lane i carrying a contiguous range of layers."""
+
     transport = T.KV_TRANSPORT_GRPC
 
-    def __init__(self, channels: Channels | None = None, max_frame_bytes: int = MAX_FRAME_BYTES):
+    def __init__(self, channels: Channels | None = None, max_frame_bytes: int = MAX_FRAME_BYTES, lanes: int = 1):
+        if not 1 <= lanes <= MAX_KV_LANES:
+            raise ValueError(f"KV lanes must be 1 to {MAX_KV_LANES}, got {lanes}")
         self.channels = channels or Channels()
         self.max_frame_bytes = max_frame_bytes
+        self.lanes = lanes
+
+    def lanes_for(self, target: node_pb2.KVTarget, spec: KVSpec) -> int:
+        return max(1, min(self.lanes, target.kv_lanes or 1, spec.num_layers))
 
     async def send(self, target: node_pb2.KVTarget, k: torch.Tensor, v: torch.Tensor, timeout: float) -> int:
         spec = KVSpec.from_proto(target.layout)
         num_blocks = spec.check_tensors(k, v)
         loop = asyncio.get_running_loop()
         host = await loop.run_in_executor(None, HostKV.copying, k, v)  # D2H copies queued; frames wait per layer
-        plan = plan_frames(spec, num_blocks, self.max_frame_bytes)
-        return await self._stream(target, spec, plan, _Arrived.whole(host, num_blocks), timeout)
+        lanes = self.lanes_for(target, spec)
+        plans = [plan_frames(spec, num_blocks, self.max_frame_bytes, layers)
+                 for layers in lane_layers(spec.num_layers, lanes)]
+        return await self._lanes(target, spec, plans, _Arrived.whole(host, num_blocks), timeout)
 
     async def send_parts(self, target: node_pb2.KVTarget, parts, num_blocks: int, timeout: float) -> int:
         """Streams a transfer whose KV arrives in parts: `parts` yields `(first_block, k, v)` block
@@ -351,18 +369,39 @@ class GrpcKVSender(KVSender):
         spec = KVSpec.from_proto(target.layout)
         arrived = _Arrived(num_blocks)
         producer = asyncio.get_running_loop().create_task(arrived.take(spec, parts))
+        lanes = self.lanes_for(target, spec)
+        plans = [plan_frames_streamed(spec, num_blocks, self.max_frame_bytes, layers)
+                 for layers in lane_layers(spec.num_layers, lanes)]
         try:
-            return await self._stream(target, spec, plan_frames_streamed(spec, num_blocks, self.max_frame_bytes),
-                                      arrived, timeout, producer)
+            return await self._lanes(target, spec, plans, arrived, timeout, producer)
         finally:
             if not producer.done():
                 producer.cancel()
                 await asyncio.gather(producer, return_exceptions=True)
 
-    async def _stream(self, target, spec: KVSpec, plan: list, arrived: "_Arrived", timeout: float,
-                      producer: asyncio.Task | None = None) -> int:
+    async def _lanes(self, target, spec: KVSpec, plans: list, arrived: "_Arrived", timeout: float,
+                     producer: asyncio.Task | None = None) -> int:
+        """Every lane's stream at once; the first failure cancels the others and is raised."""
+        if len(plans) == 1:
+            return await self._stream(target, spec, plans[0], arrived, timeout, producer)
         loop = asyncio.get_running_loop()
-        call = self.channels.push_kv_raw(target.decode_address)(timeout=timeout)
+        tasks = [loop.create_task(self._stream(target, spec, plan, arrived, timeout, producer, lane, len(plans)))
+                 for lane, plan in enumerate(plans)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            return sum(t.result() for t in tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _stream(self, target, spec: KVSpec, plan: list, arrived: "_Arrived", timeout: float,
+                      producer: asyncio.Task | None = None, lane: int = 0, lanes: int = 1) -> int:
+        loop = asyncio.get_running_loop()
+        call = self.channels.push_kv_raw(target.decode_address, lane)(timeout=timeout)
         ahead: collections.deque = collections.deque()
         try:
             next_build = 0
@@ -375,7 +414,7 @@ class GrpcKVSender(KVSender):
                         await arrived.wait_for(end, producer)
                         continue
                     ahead.append(loop.run_in_executor(None, encode_frame, target.reservation_id, spec, arrived.host,
-                                                      plan, next_build))
+                                                      plan, next_build, lane, lanes))
                     next_build += 1
                 data = await ahead.popleft()
                 await asyncio.wait_for(call.write(data), frame_budget(len(data)))
@@ -384,7 +423,9 @@ class GrpcKVSender(KVSender):
             await call.done_writing()
             reply = await call
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, asyncio.TimeoutError) as exc:
-            raise Unavailable(f"KV transfer to the decode node failed: {await call_failure(call, exc)}") from None
+            where = f" (lane {lane} of {lanes})" if lanes > 1 else ""
+            reason = await call_failure(call, exc)
+            raise Unavailable(f"KV transfer to the decode node failed{where}: {reason}") from None
         except BaseException:
             call.cancel()
             raise
@@ -410,6 +451,28 @@ class GrpcKVReceiver(KVReceiver):
 
     async def receive(self, landing: KVLanding, frames, context) -> Received:
         staging = KVStaging(landing.reservation_id, landing.spec, landing.num_blocks, "cpu", self.pin_memory)
+        got = await self._land(staging, landing, frames, 0, 1)
+        if landing.write_part is None:
+            await landing.write(staging.k, staging.v)
+        return got
+
+    async def receive_lane(self, lanes: "LaneSet", lane: int, frames) -> tuple[Received, bool]:
+        """One lane (a PushKV call) of a transfer over several: its layers into the shared staging
+        (and on into the blocks). Returns what it received and whether it completed the transfer
+        (then the whole staging went into the blocks, where the landing takes whole transfers)."""
+        staging = lanes.join(lane)
+        try:
+            got = await self._land(staging, lanes.landing, frames, lane, lanes.lanes, lanes)
+        except BaseException as exc:
+            lanes.fail(lane, exc)
+            raise
+        finally:
+            lanes.active -= 1
+        lanes.bytes += got.bytes
+        return got, await lanes.finish_lane()
+
+    async def _land(self, staging: KVStaging, landing: KVLanding, frames, lane: int, lanes: int,
+                    lane_set: "LaneSet | None" = None) -> Received:
         loop = asyncio.get_running_loop()
         fills: collections.deque = collections.deque()
         fill = staging.fill if landing.write_part is None else functools.partial(_fill_and_write, staging,
@@ -421,6 +484,11 @@ class GrpcKVReceiver(KVReceiver):
             staging.landed(slot)
         try:
             async for frame in frames:
+                if frame.lane != lane or max(frame.lanes, 1) != lanes:
+                    raise TransferError(f"a frame of lane {frame.lane} of {max(frame.lanes, 1)} in the stream of "
+                                        f"lane {lane} of {lanes}")
+                if lane_set is not None and lane_set.failed:
+                    raise TransferError(f"another lane of this transfer failed: {lane_set.failed}")
                 slot = staging.accept(frame)  # every header check, before anything is copied
                 landing.progress()
                 if len(fills) >= PIPELINE_DEPTH:
@@ -429,13 +497,75 @@ class GrpcKVReceiver(KVReceiver):
             while fills:
                 await land_oldest()
             if not staging.complete:
-                raise TransferError(f"the transfer ended after {staging.frames} of {staging.total_frames} frames")
-            if landing.write_part is None:
-                await landing.write(staging.k, staging.v)
+                raise TransferError(f"the transfer ended after {staging.frames} of {staging.total_frames} frames"
+                                    + (f" (lane {lane} of {lanes})" if lanes > 1 else ""))
             return Received(staging.bytes_received, staging.frames)
         finally:
             if fills:  # let the workers finish with the buffer (and the blocks) before it is dropped
                 await asyncio.wait([fut for _, fut in fills])
+
+
+class LaneSet:
+    """Decode side: the lanes (concurrent PushKV calls, one per connection) of one gRPC transfer
+    into a reservation. Lane i fills layers `lane_layers(num_layers, lanes)[i]` of one shared
+    staging through its own `KVStaging`, so each lane's frames pass every per-frame check on its
+    own; the transfer is complete when every lane is. A lane that fails fails the others at their
+    next frame; none waits for another, so a lane that never comes leaves the reservation to its
+    lease."""
+
+    def __init__(self, landing: KVLanding, lanes: int, pin_memory: bool):
+        if not 2 <= lanes <= min(MAX_KV_LANES, landing.spec.num_layers):
+            raise TransferError(f"{lanes} lanes: this node takes 2 to {min(MAX_KV_LANES, landing.spec.num_layers)} "
+                                f"for a cache of {landing.spec.num_layers} layers")
+        self.landing, self.lanes, self.pin_memory = landing, lanes, pin_memory
+        self.bounds = lane_layers(landing.spec.num_layers, lanes)
+        self.joined: set[int] = set()
+        self.completed = 0
+        self.active = 0
+        self.bytes = 0  # payload landed by the lanes that completed
+        self.failed: str | None = None
+        self.finished = False
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._buffers is None:
+            spec = self.landing.spec
+            shape = (spec.num_layers, self.landing.num_blocks, *spec.block_shape)
+            self._buffers = tuple(torch.empty(shape, dtype=spec.dtype, pin_memory=self.pin_memory) for _ in "kv")
+        return self._buffers
+
+    def join(self, lane: int) -> KVStaging:
+        if self.failed:
+            raise TransferError(f"another lane of this transfer failed: {self.failed}")
+        if lane >= self.lanes:
+            raise TransferError(f"lane {lane} of a transfer over {self.lanes} lanes")
+        if lane in self.joined:
+            raise TransferError(f"lane {lane} of this transfer arrived twice")
+        self.joined.add(lane)
+        self.active += 1
+        return KVStaging(self.landing.reservation_id, self.landing.spec, self.landing.num_blocks, "cpu",
+                         self.pin_memory, layers=self.bounds[lane], buffers=self.buffers)
+
+    def fail(self, lane: int, exc: BaseException) -> None:
+        if self.failed is None:
+            self.failed = f"lane {lane}: {str(exc)[:200] or type(exc).__name__}"
+
+    @property
+    def ended(self) -> bool:
+        """No lane is running and none will complete the transfer (failed or finished)."""
+        return self.active == 0 and (self.finished or self.failed is not None)
+
+    async def finish_lane(self) -> bool:
+        """A lane completed: True if it was the last (the whole staging then went into the blocks)."""
+        self.completed += 1
+        if self.completed < self.lanes:
+            return False
+        if self.failed:
+            raise TransferError(f"another lane of this transfer failed: {self.failed}")
+        if self.landing.write_part is None:
+            await self.landing.write(*self.buffers())
+        self.finished = True
+        return True
 
 
 def _fill_and_write(staging: KVStaging, write_part, frame: node_pb2.KVFrame, slot) -> object:

@@ -17,7 +17,7 @@ overlaps checking and copying with receiving, `accept` (header only, on the even
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -42,13 +42,20 @@ class Slot(NamedTuple):
 
 
 class KVStaging:
+    """One reservation's transfer, or one lane of it: `layers` = the lane's `[lo, hi)` (the other
+    layers count as filled, so every check below holds per lane); `buffers` gives the (k, v)
+    staging the lanes of one transfer share (each fills its own layers), once a first frame is valid."""
+
     def __init__(self, reservation_id: str, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu",
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, layers: tuple[int, int] | None = None,
+                 buffers: "Callable[[], tuple[torch.Tensor, torch.Tensor]] | None" = None):
         self.reservation_id = reservation_id
         self.spec = spec
         self.num_blocks = num_blocks
         self.device = torch.device(device)
         self.pin_memory = pin_memory and self.device.type == "cpu"
+        self.layers = layers or (0, spec.num_layers)
+        self._buffers = buffers
         self.k: torch.Tensor | None = None  # allocated after the first frame is validated
         self.v: torch.Tensor | None = None
         self.reset()
@@ -57,14 +64,16 @@ class KVStaging:
         """Drops whatever arrived; a new transfer starts again from seq 0."""
         self.next_seq = 0
         self.total_frames: int | None = None
-        self.filled = np.zeros((2, self.spec.num_layers, self.num_blocks), dtype=bool)
+        lo, hi = self.layers
+        self.filled = np.ones((2, self.spec.num_layers, self.num_blocks), dtype=bool)
+        self.filled[:, lo:hi] = False
         self.bytes_received = 0
         self.frames = 0
         self.k = self.v = None
 
     @property
     def max_frames(self) -> int:
-        return 2 * self.spec.num_layers * self.num_blocks
+        return 2 * (self.layers[1] - self.layers[0]) * self.num_blocks
 
     @property
     def complete(self) -> bool:
@@ -97,6 +106,9 @@ class KVStaging:
         if h.layer >= spec.num_layers or layers > spec.num_layers - h.layer:
             raise TransferError(f"layers [{h.layer}, {h.layer + layers}) out of range (the cache has "
                                 f"{spec.num_layers} layers)")
+        lo, hi = self.layers
+        if h.layer < lo or h.layer + layers > hi:
+            raise TransferError(f"layers [{h.layer}, {h.layer + layers}) are not this lane's [{lo}, {hi})")
         expected_dtype = dtype_name(spec.dtype)
         if h.dtype != expected_dtype:
             raise TransferError(f"dtype {h.dtype[:32]!r} differs from the receiver's {expected_dtype!r}")
@@ -128,7 +140,9 @@ class KVStaging:
 
     # ---- filling ----------------------------------------------------------------------------------
     def _allocate(self) -> None:
-        if self.k is None:
+        if self.k is None and self._buffers is not None:
+            self.k, self.v = self._buffers()
+        elif self.k is None:
             shape = (self.spec.num_layers, self.num_blocks, *self.spec.block_shape)
             kw = dict(dtype=self.spec.dtype, device=self.device, pin_memory=self.pin_memory)
             self.k = torch.empty(shape, **kw)

@@ -3,13 +3,14 @@ protobuf's parser gives, the payload as a view into the message (no copy), malfo
 from __future__ import annotations
 
 import random
+import zlib
 
 import pytest
 import torch
 
 from engine.kv_transfer import KVSpec, TransferError
 from engine.kv_transfer.grpc_transport import HostKV, WireFrame, decode_frame, encode_frame
-from engine.kv_transfer.base import plan_frames
+from engine.kv_transfer.base import crc32, plan_frames
 from protos.pdserve.v1 import node_pb2
 
 
@@ -92,3 +93,14 @@ def test_random_bytes_never_crash_the_decoder():
             continue
         ref = node_pb2.KVFrame.FromString(raw)  # what decoded must be what protobuf reads
         _same(frame, ref)
+
+
+def test_frame_crc_is_zlibs_crc32_whichever_library_computes_it():
+    """Frames carry zlib's CRC32 (ISA-L computes it when installed): a sender and a receiver of
+    either kind agree, on bytes, on views into bytes and on tensors of any dtype."""
+    raw = bytes(range(256)) * 4099 + b"tail"
+    assert crc32(raw) == zlib.crc32(raw)
+    assert crc32(memoryview(raw)[7:-3]) == zlib.crc32(raw[7:-3])
+    assert crc32(b"") == 0
+    t = torch.arange(1000, dtype=torch.float32).to(torch.bfloat16)
+    assert crc32(t) == zlib.crc32(t.view(torch.uint8).numpy().tobytes())

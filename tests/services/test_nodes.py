@@ -143,7 +143,7 @@ def generate(prefill: Node, decode: Node, request_id: str, prompt_ids: list[int]
                                                 lease_ms=20_000, transport=transport), timeout=10)
         target = node_pb2.KVTarget(decode_address=decode.address, reservation_id=res.reservation_id,
                                    transport=transport, rendezvous=res.rendezvous, decode_node_id=res.node_id,
-                                   layout=res.layout)
+                                   layout=res.layout, kv_lanes=res.kv_lanes)  # gRPC: the prefill node's 2 lanes
         events, first = [], None
         transfer_bytes = 0
         for ev in p.Prefill(node_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,

@@ -108,20 +108,22 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., block_size: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class KVTarget(_message.Message):
-    __slots__ = ("decode_address", "reservation_id", "transport", "rendezvous", "decode_node_id", "layout")
+    __slots__ = ("decode_address", "reservation_id", "transport", "rendezvous", "decode_node_id", "layout", "kv_lanes")
     DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     DECODE_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    KV_LANES_FIELD_NUMBER: _ClassVar[int]
     decode_address: str
     reservation_id: str
     transport: KVTransport
     rendezvous: str
     decode_node_id: str
     layout: KVLayout
-    def __init__(self, decode_address: _Optional[str] = ..., reservation_id: _Optional[str] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., rendezvous: _Optional[str] = ..., decode_node_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    kv_lanes: int
+    def __init__(self, decode_address: _Optional[str] = ..., reservation_id: _Optional[str] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., rendezvous: _Optional[str] = ..., decode_node_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., kv_lanes: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params", "priority", "target")
@@ -264,20 +266,22 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_prompt_tokens: _Optional[int] = ..., lease_ms: _Optional[int] = ..., transport: _Optional[_Union[KVTransport, str]] = ..., num_output_tokens: _Optional[int] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("reservation_id", "num_blocks", "layout", "rendezvous", "node_id", "lease_ms")
+    __slots__ = ("reservation_id", "num_blocks", "layout", "rendezvous", "node_id", "lease_ms", "kv_lanes")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_LANES_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     num_blocks: int
     layout: KVLayout
     rendezvous: str
     node_id: str
     lease_ms: int
-    def __init__(self, reservation_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., rendezvous: _Optional[str] = ..., node_id: _Optional[str] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    kv_lanes: int
+    def __init__(self, reservation_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., rendezvous: _Optional[str] = ..., node_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., kv_lanes: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("kind", "layer", "block_start", "dtype", "shape", "crc32", "num_layers")
@@ -298,18 +302,22 @@ class TensorHeader(_message.Message):
     def __init__(self, kind: _Optional[int] = ..., layer: _Optional[int] = ..., block_start: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ...) -> None: ...
 
 class KVFrame(_message.Message):
-    __slots__ = ("reservation_id", "seq", "total_frames", "header", "data")
+    __slots__ = ("reservation_id", "seq", "total_frames", "header", "data", "lane", "lanes")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    LANES_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     seq: int
     total_frames: int
     header: TensorHeader
     data: bytes
-    def __init__(self, reservation_id: _Optional[str] = ..., seq: _Optional[int] = ..., total_frames: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    lane: int
+    lanes: int
+    def __init__(self, reservation_id: _Optional[str] = ..., seq: _Optional[int] = ..., total_frames: _Optional[int] = ..., header: _Optional[_Union[TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., lane: _Optional[int] = ..., lanes: _Optional[int] = ...) -> None: ...
 
 class PushKVResponse(_message.Message):
     __slots__ = ("bytes_received", "frames")
