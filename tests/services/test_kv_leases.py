@@ -132,7 +132,7 @@ def test_decode_node_dead_before_the_transfer(nodes, victim):
     decode.proc.send_signal(signal.SIGKILL)
     decode.proc.wait(10)
     target = node_pb2.KVTarget(decode_address=decode.address, reservation_id=res.reservation_id, layout=res.layout,
-                               transport=node_pb2.KV_TRANSPORT_GRPC)
+                               transport=node_pb2.KV_TRANSPORT_GRPC, kv_lanes=res.kv_lanes)  # both lanes fail
     events = []
     with prefill.channel() as pch, pytest.raises(grpc.RpcError) as err:
         for ev in node_pb2_grpc.PrefillNodeStub(pch).Prefill(node_pb2.PrefillRequest(
@@ -161,7 +161,7 @@ def test_prefill_node_dead_after_the_transfer(nodes, victim, model_dir):
         res = d.Reserve(node_pb2.ReserveRequest(request_id="after", num_prompt_tokens=len(ids), lease_ms=20_000),
                         timeout=5)
         target = node_pb2.KVTarget(decode_address=decode.address, reservation_id=res.reservation_id,
-                                   layout=res.layout, transport=node_pb2.KV_TRANSPORT_GRPC)
+                                   layout=res.layout, transport=node_pb2.KV_TRANSPORT_GRPC, kv_lanes=res.kv_lanes)
         events = list(node_pb2_grpc.PrefillNodeStub(pch).Prefill(node_pb2.PrefillRequest(
             request_id="after", prompt_token_ids=ids, params=greedy(8), target=target), timeout=30))
         assert [e.WhichOneof("event") for e in events] == ["first_token", "transfer_done"]

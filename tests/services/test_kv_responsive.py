@@ -18,8 +18,10 @@ from protos.pdserve.v1 import node_pb2, node_pb2_grpc
 from tests.services.test_nodes import start_node
 
 PROMPT_TOKENS = 8000
-# one layer, one head: the CPU reference attention makes an 8k-token step take a few seconds
-MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1,
+# two layers (its KV then moves over two gRPC lanes), one head: the CPU reference attention makes an
+# 8k-token step take a few seconds (0.7 s on an idle box with one layer: too short to sample through)
+LAYERS = 2
+MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=1,
              num_key_value_heads=1, max_position_embeddings=8704)
 ARGS = ("--max-model-len", "8704", "--num-gpu-blocks", "600", "--max-num-batched-tokens", "8192")
 P99_BUDGET_S = 0.050
@@ -71,7 +73,7 @@ def test_get_load_and_health_answer_while_an_8k_prompt_prefills_and_ships(make_t
             res = d.Reserve(node_pb2.ReserveRequest(request_id="long", num_prompt_tokens=PROMPT_TOKENS, lease_ms=1000),
                             timeout=10)
             target = node_pb2.KVTarget(decode_address=decode.address, reservation_id=res.reservation_id,
-                                       layout=res.layout, decode_node_id=res.node_id)
+                                       layout=res.layout, decode_node_id=res.node_id, kv_lanes=res.kv_lanes)
             for s in samplers:
                 s.start()
             t0 = time.monotonic()
@@ -89,7 +91,7 @@ def test_get_load_and_health_answer_while_an_8k_prompt_prefills_and_ships(make_t
         assert prefill_s > 1.0, f"the prefill took only {prefill_s:.1f} s: no long step to be responsive through"
         assert [e.WhichOneof("event") for e in events] == ["first_token", "transfer_done"]
         assert events[1].transfer_done.transport == node_pb2.KV_TRANSPORT_GRPC  # auto on CPU
-        assert events[1].transfer_done.bytes == 2 * -(-PROMPT_TOKENS // 16) * 16 * 64 * 4
+        assert events[1].transfer_done.bytes == LAYERS * 2 * -(-PROMPT_TOKENS // 16) * 16 * 64 * 4
         assert len(tokens) == 4
         for node, s in zip((prefill, decode), samplers):
             assert not s.errors, (node.role, s.errors[:5])
