@@ -100,7 +100,7 @@ class NodeProc:
                 self.proc.kill()
 
 
-def node_args(ns, shape: dict, dtype: str, device: str) -> list[str]:
+def node_args(ns, shape: dict, dtype: str, device: str, lanes: int = 0) -> list[str]:
     max_len = max(ns.sizes) + 64
     blocks = 2 * (-(-max_len // 16)) + 64
     budget = ns.chunk_tokens or max_len  # a prompt longer than the budget prefills (and streams its KV) in chunks
@@ -108,7 +108,7 @@ def node_args(ns, shape: dict, dtype: str, device: str) -> list[str]:
             "--max-num-seqs", "8", "--max-num-batched-tokens", str(budget), "--kv-transport", "auto",
             "--shutdown-grace", "2", "--no-enable-prefix-caching",  # each transport's run recomputes every prompt
             *(["--kv-stream-chunks"] if ns.chunk_tokens else []),
-            *(["--kv-grpc-lanes", str(ns.node_lanes)] if ns.node_lanes else [])]
+            *(["--kv-grpc-lanes", str(lanes)] if lanes else [])]
 
 
 # ---- one request through the nodes ----------------------------------------------------------------
@@ -264,7 +264,7 @@ async def run_model(ns, tag: str, shape: dict, dtype: str, device: str, sections
     ns.reference[tag] = offline_outputs(model_dir, dtype, device, prompts_for(shape["vocab_size"], lengths, seed=1),
                                         ns.eq_tokens, max_len)
     log(f"{tag}: in-process reference done")
-    args = node_args(ns, shape, dtype, device)
+    args = node_args(ns, shape, dtype, device, ns.node_lanes[0])
     decode_p = NodeProc("decode", model_dir, args, ns.log_dir)
     prefill_p = NodeProc("prefill", model_dir, args, ns.log_dir)
     try:
@@ -277,6 +277,15 @@ async def run_model(ns, tag: str, shape: dict, dtype: str, device: str, sections
                                          shape["vocab_size"], tag)
         if "node" in sections:
             out["node_path"] = await node_path(ns, prefill, decode, transports, shape["vocab_size"])
+            for lanes in ns.node_lanes[1:]:  # the same decode node; a prefill node with other lanes, grpc only
+                await prefill["channel"].close()
+                prefill_p.stop()
+                prefill_p = NodeProc("prefill", model_dir, node_args(ns, shape, dtype, device, lanes), ns.log_dir)
+                prefill_p.wait(400)
+                prefill = connect(prefill_p, "prefill")
+                rows = await node_path(ns, prefill, decode, ["grpc"], shape["vocab_size"])
+                out["node_path"].update({f"grpc-x{lanes}/{key.split('/')[1]}": dict(row, lanes=lanes)
+                                         for key, row in rows.items()})
         if "raw" in sections:
             spec = KVSpec(shape["num_hidden_layers"], 16, shape["num_key_value_heads"], shape["head_dim"], torch_dtype)
             channels = Channels()
@@ -383,7 +392,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", default="node,raw,ceiling")
     ap.add_argument("--skip-8b", action="store_true")
     ap.add_argument("--lanes", default="1,2", help="transport only: gRPC lane counts to time (PushKV streams)")
-    ap.add_argument("--node-lanes", type=int, default=0, help="the prefill node's --kv-grpc-lanes (default: its own)")
+    ap.add_argument("--node-lanes", default="0",
+                    help="node path: the prefill node's --kv-grpc-lanes, comma-separated (0 = its default); the "
+                         "first for every section, each further one a restarted prefill node timed over grpc")
     ap.add_argument("--cpu-wide", action="store_true",
                     help="CPU: a 16-layer model with 64 KiB of KV per token (the tiny one's is tiny) at --sizes")
     ap.add_argument("--chunk-tokens", type=int, default=0,
@@ -393,6 +404,7 @@ def main(argv=None) -> int:
     ns.sizes = [int(x) for x in ns.sizes.split(",")] if not ns.tiny else [64, 256]
     ns.frames_mib = [int(x) for x in ns.frames_mib.split(",")]
     ns.lanes = [int(x) for x in ns.lanes.split(",")]
+    ns.node_lanes = [int(x) for x in ns.node_lanes.split(",")]
     ns.reference = {}
     out_path = pathlib.Path(ns.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

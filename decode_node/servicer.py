@@ -224,6 +224,8 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
             res.pushing = False
             if write_part is not None and not res.writing.done():
                 res.writing.set_result(None)  # receive() returns only after its last write ended
+        if receiver.transport == T.KV_TRANSPORT_GRPC:
+            self.stats.kv_transfer_streams += 1
         self._transfer_done(res, got.bytes)
         return node_pb2.PushKVResponse(bytes_received=got.bytes, frames=got.frames)
 
@@ -262,6 +264,7 @@ class DecodeServicer(NodeServicerBase, node_pb2_grpc.DecodeNodeServicer):
                 res.writing.set_result(None)  # no lane is writing into the blocks now
             if lanes.ended and res.lanes is lanes:
                 res.lanes, res.pushing = None, False  # failed: a new transfer may start over
+        self.stats.kv_transfer_streams += 1
         if last:
             self._transfer_done(res, lanes.bytes)
         return node_pb2.PushKVResponse(bytes_received=got.bytes, frames=got.frames)

@@ -143,10 +143,11 @@ class NodeArgs:
         "prefill nodes, grpc transport: send each prefill chunk's KV while the next chunk computes (off by "
         "default: on an H200 it cut the 7k-token KV tail 950 -> 610 ms but slowed the prefill itself 3-4x, "
         "see docs/PERFORMANCE.md); decode nodes ignore it", negatable=True))
-    kv_grpc_lanes: int = field(default=2, metadata=flag(
+    kv_grpc_lanes: int = field(default=1, metadata=flag(
         "prefill nodes, grpc transport: concurrent PushKV streams per transfer, each on its own connection and "
-        "carrying a range of layers (fewer when the decode node takes fewer, at most 4); one connection "
-        "bounds a stream below what the host can move; decode nodes ignore it", type=int, choices=(1, 2, 3, 4)))
+        "carrying a range of layers (fewer when the decode node takes fewer; at most 4). 1 by default until "
+        "measured on a GPU host: on a 2-core box two lanes were 0.9-1.1x one (docs/PERFORMANCE.md); decode "
+        "nodes ignore it", type=int, choices=(1, 2, 3, 4)))
 
 
 @dataclass(frozen=True)

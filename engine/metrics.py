@@ -131,6 +131,8 @@ class Metrics:
         self.kv_transfer_early_bytes = counter(
             "kv_transfer_early_bytes", "KV cache bytes a prefill node handed to a transfer while the prompt was "
             "still being prefilled (chunks streamed ahead of the last one).")
+        self.kv_transfer_streams = counter(
+            "kv_transfer_streams", "PushKV streams a decode node landed over gRPC (a transfer over N lanes counts N).")
         self.aborts = counter("aborts", "Requests aborted (client cancel, disconnect, deadline).")
         self.kv_transfer_seconds = histogram(
             "kv_transfer_seconds", "Duration of one KV hand-off, seconds.", KV_TRANSFER_BUCKETS)
@@ -334,6 +336,7 @@ class NodeExporter:
 
     COUNTERS = (("aborts", "aborts"), ("kv_transfer_bytes", "kv_transfer_bytes"),
                 ("kv_transfer_early_bytes", "kv_transfer_early_bytes"),
+                ("kv_transfer_streams", "kv_transfer_streams"),
                 ("prompt_tokens", "prompt_tokens"), ("prompt_tokens", "prefix_cache_queries"),
                 ("cached_tokens", "prefix_cache_hits"), ("generation_tokens", "generation_tokens"))
 

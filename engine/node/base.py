@@ -30,6 +30,7 @@ class NodeStats:
     kv_transfer_failures: int = 0
     kv_transfer_bytes: int = 0
     kv_transfer_early_bytes: int = 0  # prefill: bytes sent while the prompt was still being prefilled
+    kv_transfer_streams: int = 0  # decode: PushKV streams landed over gRPC (a transfer over N lanes: N)
     kv_transfer_seconds: float = 0.0
     leases_expired: int = 0
     rejected_frames: int = 0

@@ -14,7 +14,7 @@ NODE = {
     "kv_free_blocks": "gauge", "kv_total_blocks": "gauge", "active_leases": "gauge",
     "prefix_cache_queries": "counter", "prefix_cache_hits": "counter",
     "prompt_tokens": "counter", "generation_tokens": "counter", "kv_transfer_bytes": "counter",
-    "kv_transfer_early_bytes": "counter",
+    "kv_transfer_early_bytes": "counter", "kv_transfer_streams": "counter",
     "aborts": "counter", "kv_transfer_seconds": "histogram",
     "num_preemptions": "counter", "iteration_tokens_total": "histogram",
 }

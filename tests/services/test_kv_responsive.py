@@ -23,7 +23,7 @@ PROMPT_TOKENS = 8000
 LAYERS = 2
 MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=1,
              num_key_value_heads=1, max_position_embeddings=8704)
-ARGS = ("--max-model-len", "8704", "--num-gpu-blocks", "600", "--max-num-batched-tokens", "8192")
+ARGS = ("--max-model-len", "8704", "--num-gpu-blocks", "600", "--max-num-batched-tokens", "8192", "--kv-grpc-lanes", "2")
 P99_BUDGET_S = 0.050
 
 

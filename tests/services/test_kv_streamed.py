@@ -1,6 +1,8 @@
 """A prompt of several prefill chunks sends its KV over gRPC chunk by chunk (issue 11 item 3): the
 prefill node hands each finished block range to the transfer while later chunks are still being
-computed, and the output stays token-identical to the in-process engine."""
+computed, over two lanes (concurrent PushKV streams, one per layer here; `pdserve serve` forwards
+the flag and the router the decode node's `kv_lanes`), and the output stays token-identical to the
+in-process engine."""
 from __future__ import annotations
 
 import re
@@ -55,7 +57,9 @@ def test_long_prompt_kv_streams_chunk_by_chunk_and_output_is_identical(make_tiny
                              SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)]
     del llm
     port = _free_port_pair()
-    with start_stack(model, extra_args=("--max-num-batched-tokens", str(CHUNK), "--kv-stream-chunks", "--metrics-port", str(port))) as stack:
+    args = ("--max-num-batched-tokens", str(CHUNK), "--kv-stream-chunks", "--kv-grpc-lanes", "2",  # each chunk over 2 lanes
+            "--metrics-port", str(port))
+    with start_stack(model, extra_args=args) as stack:
         stub = stack.stub()
         for ids, want in zip(prompts, expected):
             c = stub.Generate(g.GenerateRequest(token_ids=g.TokenIds(ids=ids), sampling=g.SamplingParameters(temperature=0.0),
@@ -72,4 +76,5 @@ def test_long_prompt_kv_streams_chunk_by_chunk_and_output_is_identical(make_tiny
         total = _counter(port + 1, "pdserve:kv_transfer_bytes_total")
         assert 0 < early < total  # most of each long prompt's KV left before its last chunk was computed
         assert _counter(port + 2, "pdserve:kv_transfer_early_bytes_total") == 0  # counted by the sender only
+        assert _counter(port + 2, "pdserve:kv_transfer_streams_total") == 2 * (len(prompts) + 1)  # two lanes each
         assert_idle(stub)

@@ -23,7 +23,7 @@ from protos.pdserve.v1 import generation_pb2, node_pb2, node_pb2_grpc
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NODE_ARGS = ("--num-gpu-blocks", "64", "--max-model-len", "256", "--max-num-seqs", "8", "--dtype", "float32",
-             "--device", "cpu", "--shutdown-grace", "2")
+             "--device", "cpu", "--shutdown-grace", "2", "--kv-grpc-lanes", "2")  # gRPC KV over two lanes
 TRANSPORTS = {"grpc": node_pb2.KV_TRANSPORT_GRPC, "torch_dist": node_pb2.KV_TRANSPORT_NCCL}
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18",
            "A long time ago in a galaxy far, far away, there lived a"]
@@ -143,7 +143,7 @@ def generate(prefill: Node, decode: Node, request_id: str, prompt_ids: list[int]
                                                 lease_ms=20_000, transport=transport), timeout=10)
         target = node_pb2.KVTarget(decode_address=decode.address, reservation_id=res.reservation_id,
                                    transport=transport, rendezvous=res.rendezvous, decode_node_id=res.node_id,
-                                   layout=res.layout, kv_lanes=res.kv_lanes)  # gRPC: the prefill node's 2 lanes
+                                   layout=res.layout, kv_lanes=res.kv_lanes)  # gRPC: NODE_ARGS' 2 lanes
         events, first = [], None
         transfer_bytes = 0
         for ev in p.Prefill(node_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_ids,
