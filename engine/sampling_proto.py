@@ -117,12 +117,12 @@ def _part(msg, part: str):
 
 # ---- the public request ----------------------------------------------------------------------------
 def from_request(request: generation_pb2.GenerateRequest, defaults: Mapping[str, Any],
-                 check_spec: Callable[[StructuredSpec], None] = StructuredSpec.check) -> SamplingParams:
+                 check_spec: Callable[[StructuredSpec], None] | None = StructuredSpec.check) -> SamplingParams:
     """The request's parameters; an unset field takes `defaults` (the model's generation defaults,
     for MODEL_DEFAULT_FIELDS). Raises ValueError naming a bad field. The output constraint's
     schema / regex / grammar is parsed here by `check_spec`, so a bad one is refused where the
-    request enters (the router passes a checker that parses in a child process: xgrammar loads
-    torch)."""
+    request enters; None leaves that to the caller (the router parses constraints in child
+    processes, off its tokenizer thread: xgrammar loads torch, and a parse may take seconds)."""
     kwargs = {}
     for f in FIELDS:
         value = f.kind.read(_part(request, f.part), f.name)
@@ -131,7 +131,7 @@ def from_request(request: generation_pb2.GenerateRequest, defaults: Mapping[str,
         if value is not _UNSET:
             kwargs[f.attr] = value
     params = SamplingParams(n=request.n or 1, **kwargs)
-    if params.structured is not None:
+    if params.structured is not None and check_spec is not None:
         check_spec(params.structured)
     return params
 

@@ -26,7 +26,7 @@ from engine.rpc import process
 from engine.rpc.convert import TRANSPORTS
 from engine.rpc.security import Security, add_security_args
 from engine.rpc.server import build_server, run
-from engine.structured.checker import GrammarChecker
+from engine.structured.checker import GrammarCheckerPool
 from protos.pdserve.v1 import generation_pb2_grpc, router_pb2_grpc
 from router.auth import Scopes, router_interceptor
 from router.pipeline import PipelineConfig
@@ -120,8 +120,11 @@ def build_router(ns) -> tuple[Router, NodeRegistry]:
     card = ModelCard(name=ns.served_model_name or source.name, max_model_len=max_len,
                      vocab_size=source.config.vocab_size, block_size=block_size,
                      eos_token_ids=list(source.eos_token_ids), dtype=ns.dtype)
+    # Output constraints parse in child processes (xgrammar loads torch), in Router.execute, off the
+    # tokenizer thread: the builder leaves them alone
     builder = PromptBuilder(source.tokenizer, ModelLimits(card.vocab_size, max_len), source.generation_defaults,
-                            GrammarChecker().check)  # xgrammar loads torch: it parses in a child
+                            check_spec=None)
+    checkers = GrammarCheckerPool()
     placement = Placement(block_size, ns.prefill_policy, ns.decode_policy, ns.local_prefill_tokens)
     config = PipelineConfig(block_size=block_size, transport=TRANSPORTS[ns.kv_transport],
                             lease_ms=ns.kv_lease_ms, admission_wait_s=ns.admission_wait_ms / 1000.0,
@@ -132,7 +135,8 @@ def build_router(ns) -> tuple[Router, NodeRegistry]:
         registry.add(address, "prefill")
     for address in _list_value(ns, "decode"):
         registry.add(address, "decode")
-    return Router(registry, builder, card, config, RouterLimits(max_stream_buffer=ns.max_stream_buffer)), registry
+    return Router(registry, builder, card, config, RouterLimits(max_stream_buffer=ns.max_stream_buffer),
+                  check_spec=checkers.check, check_threads=checkers.size), registry
 
 
 async def serve(ns) -> None:

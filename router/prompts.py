@@ -50,9 +50,9 @@ class PromptBuilder:
     """Tokenizes and validates the prompts of a request for one model."""
 
     def __init__(self, tokenizer, limits: ModelLimits, generation_defaults: dict | None = None,
-                 check_spec: Callable[[StructuredSpec], None] = StructuredSpec.check):
+                 check_spec: Callable[[StructuredSpec], None] | None = StructuredSpec.check):
         self.tokenizer = tokenizer
-        self.check_spec = check_spec  # parses an output constraint (the router: in a child process)
+        self.check_spec = check_spec  # parses an output constraint (None: the router's own step, `Router.execute`)
         self.defaults = {**OPENAI_DEFAULTS, **(generation_defaults or {})}
         self.set_limits(limits)
 

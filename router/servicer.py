@@ -57,7 +57,7 @@ class Router:
     """Request execution shared by Generate and GenerateStream."""
 
     def __init__(self, registry: NodeRegistry, builder: PromptBuilder, card: ModelCard, config: PipelineConfig,
-                 limits: RouterLimits = RouterLimits()):
+                 limits: RouterLimits = RouterLimits(), check_spec=None, check_threads: int = 1):
         self.registry, self.builder, self.card, self.config, self.limits = registry, builder, card, config, limits
         self.ledger = Ledger()
         registry.on_pool = self.adopt
@@ -67,6 +67,10 @@ class Router:
         # One tokenizer thread: the event loop never tokenizes, and a fast tokenizer is not safe to
         # reconfigure from two threads at once.
         self.tokenizer_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        # Output constraints parse apart from it (`check_spec`, e.g. a GrammarCheckerPool's check: a
+        # schema may take seconds), so a slow one never holds up other requests' tokenization.
+        self.check_spec = check_spec
+        self.check_threads = concurrent.futures.ThreadPoolExecutor(check_threads, thread_name_prefix="grammar-check")
 
     async def off_loop(self, fn, *args):
         """Runs tokenizer work on the tokenizer thread."""
@@ -116,6 +120,9 @@ class Router:
         arrival = time.monotonic()
         self.check_model(request.model)
         prompts = await self.off_loop(self.builder.build, request)
+        spec = prompts[0].params.structured  # one request: one parameter set for all its prompts
+        if spec is not None and self.check_spec is not None:
+            await asyncio.get_running_loop().run_in_executor(self.check_threads, self.check_spec, spec)
         self.check_blocks(prompts)
         limits = [NO_DEADLINE_S]
         if request.HasField("timeout_ms"):

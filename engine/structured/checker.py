@@ -11,6 +11,7 @@ UTF-8 text, empty when the constraint parses, else the reason (`StructuredSpec.c
 from __future__ import annotations
 
 import os
+import queue
 import select
 import struct
 import subprocess
@@ -24,6 +25,7 @@ from engine.structured.spec import StructuredSpec, spec_from_proto, spec_to_prot
 
 START_TIMEOUT_S = 120.0  # the first answer includes importing xgrammar (and torch) on a busy machine
 CHECK_TIMEOUT_S = 10.0  # one constraint; longer is refused
+CHECKERS = 2  # children (checks at once) of a GrammarCheckerPool
 MAX_FRAME = 1 << 24
 _LEN = struct.Struct(">I")
 
@@ -84,6 +86,34 @@ class GrammarChecker:
         for stream in (proc.stdin, proc.stdout):
             stream.close()
         return proc.returncode
+
+
+class GrammarCheckerPool:
+    """Up to `size` checks at once, each in its own `GrammarChecker` child (started when first
+    needed): a constraint that takes the whole timeout to parse holds one child, not every
+    structured request behind it. Thread-safe; a caller waits while every child is busy."""
+
+    def __init__(self, size: int = CHECKERS, **kwargs):
+        if size < 1:
+            raise ValueError(f"a checker pool needs at least one child, got {size}")
+        self.size = size
+        self._idle: queue.LifoQueue = queue.LifoQueue()  # the most recently used (warm) child first
+        for _ in range(size):
+            self._idle.put(GrammarChecker(**kwargs))
+
+    def check(self, spec: StructuredSpec) -> None:
+        checker = self._idle.get()
+        try:
+            checker.check(spec)
+        finally:
+            self._idle.put(checker)
+
+    def close(self) -> None:
+        """Ends every child (after the checks running now); a later check starts new ones."""
+        checkers = [self._idle.get() for _ in range(self.size)]
+        for checker in checkers:
+            checker.close()
+            self._idle.put(checker)
 
 
 def _read_exact(stream, n: int, deadline: float) -> bytes:

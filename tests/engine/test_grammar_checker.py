@@ -80,3 +80,64 @@ def test_a_child_that_dies_mid_check_is_unavailable_not_an_internal_error(monkey
         c.check(GOOD[1])
     finally:
         c.close()
+
+
+def test_a_pool_runs_checks_at_once_and_answers_like_one_child():
+    """Two threads check through a pool of two children at once; every answer is the in-process
+    one; a pool of one makes the second caller wait for the first."""
+    import threading
+    import time
+
+    from engine.structured.checker import GrammarCheckerPool
+
+    pool = GrammarCheckerPool(2)
+    try:
+        answers: dict[int, list] = {}
+
+        def run(i: int) -> None:
+            got = []
+            for spec in GOOD + BAD:
+                try:
+                    pool.check(spec)
+                    got.append("")
+                except ValueError as exc:
+                    got.append(str(exc))
+            answers[i] = got
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(300)
+        want = [_in_process(s) for s in GOOD + BAD]
+        assert answers == {0: want, 1: want}
+        assert sum(c._proc is not None for c in list(pool._idle.queue)) >= 1
+    finally:
+        pool.close()
+
+    class Slow:
+        def check(self, spec):
+            time.sleep(0.3)
+
+        def close(self):
+            pass
+
+    def two_checks(size: int) -> float:
+        p = GrammarCheckerPool(size)
+        for _ in range(size):
+            p._idle.get()
+        for _ in range(size):
+            p._idle.put(Slow())
+        done = []
+        threads = [threading.Thread(target=lambda: (p.check(GOOD[0]), done.append(time.monotonic())))
+                   for _ in range(2)]
+        t = time.monotonic()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(10)
+        assert len(done) == 2
+        return max(done) - t
+    assert two_checks(1) >= 0.6  # one after the other
+    assert two_checks(2) < 0.55  # at once
+    with pytest.raises(ValueError):
+        GrammarCheckerPool(0)

@@ -237,3 +237,49 @@ def test_the_router_reports_and_checks_prompts_with_the_pools_config(default_tok
             builder.build(g.GenerateRequest(token_ids=g.TokenIds(ids=list(range(1, 10)))))
         await registry.close()
     asyncio.run(main())
+
+
+def test_a_slow_output_constraint_holds_up_no_other_requests_tokenization(default_tokenizer):
+    """The router parses constraints on their own threads (`Router.check_spec`, children of a
+    GrammarCheckerPool in the router process), not on its one tokenizer thread: while one
+    request's constraint takes seconds, another request is tokenized at once; the slow one's
+    verdict (here: refused) still reaches its caller, before any node is involved."""
+    import threading
+
+    from router.policy import Placement
+    from router.prompts import ModelLimits, PromptBuilder
+    from router.servicer import ModelCard, Router
+
+    release = threading.Event()
+    checked = []
+
+    def slow_check(spec):
+        checked.append(spec.kind)
+        release.wait(10)
+        raise ValueError("invalid structured regex: too slow to be true")
+
+    async def main():
+        registry = NodeRegistry()
+        card = ModelCard(name="m", max_model_len=4096, vocab_size=len(default_tokenizer), block_size=16,
+                         eos_token_ids=[0], dtype="auto")
+        builder = PromptBuilder(default_tokenizer, ModelLimits(card.vocab_size, card.max_model_len), check_spec=None)
+        router = Router(registry, builder, card, PipelineConfig(block_size=16, placement=Placement(16)),
+                        check_spec=slow_check, check_threads=2)
+
+        async def structured():
+            request = g.GenerateRequest(text="hello", structured=g.StructuredOutput(regex="[ab]+"))
+            async for _ in router.execute(request, None):
+                pass
+        slow = asyncio.ensure_future(structured())
+        while not checked:
+            await asyncio.sleep(0.01)
+        t = time.monotonic()
+        prompts = await router.off_loop(builder.build, g.GenerateRequest(text="a plain request"))
+        assert time.monotonic() - t < 2.0 and prompts[0].token_ids
+        assert not slow.done()
+        release.set()
+        with pytest.raises(ValueError, match="too slow to be true"):
+            await slow
+        assert checked == ["regex"]
+        await registry.close()
+    asyncio.run(main())
