@@ -16,9 +16,11 @@ on loopback). Run a node under an account of its own on shared machines.
 """
 from __future__ import annotations
 
-import datetime
+from datetime import timedelta
+import glob
 import os
 import shutil
+import stat
 import tempfile
 
 import torch
@@ -31,10 +33,7 @@ OP_TIMEOUT_S = 24 * 3600.0
 RENDEZVOUS_TIMEOUT_S = 120.0  # every rank imports torch and connects (not the weight load)
 LOOPBACK = "127.0.0.1"  # gloo's data sockets
 STORE_DIR_PREFIX = "pdserve-tp-"
-
-
-def _timedelta(seconds: float) -> datetime.timedelta:
-    return datetime.timedelta(seconds=seconds)
+OWNER_FILE = "owner"  # "<pid> <start time>" of the rank 0 that made the directory
 
 
 class TPGroup:
@@ -90,14 +89,54 @@ class TPGroup:
             pass
 
 
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (Linux /proc, clock ticks since boot), None if there is none:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def sweep_stale_stores(tmp_dir: str | None = None) -> list[str]:
+    """Removes the store directories of this user whose rank 0 is gone (killed with SIGKILL, it
+    could not remove its own); returns them. A directory without an owner file yet (being made
+    now) or of another user is left alone; so is everything where /proc is missing."""
+    if _process_start(os.getpid()) is None:
+        return []
+    removed = []
+    for path in glob.glob(os.path.join(tmp_dir or tempfile.gettempdir(), STORE_DIR_PREFIX + "*")):
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                pid, start = f.read().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            continue
+        if _process_start(pid) != start:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 class HostedStore:
     """Rank 0's rendezvous: a FileStore at `.path`, in a directory of its own that only this user
-    can open; `close()` removes the directory (idempotent), so nothing is left in the temp dir."""
+    can open; `close()` removes the directory (idempotent), so nothing is left in the temp dir.
+    The directory names its maker (`OWNER_FILE`), so a later rank 0 removes it if its maker died
+    without closing (`sweep_stale_stores`)."""
 
     def __init__(self, world_size: int):
+        sweep_stale_stores()
         self.dir = tempfile.mkdtemp(prefix=STORE_DIR_PREFIX)  # a fresh name, created 0700
         try:
             os.chmod(self.dir, 0o700)  # whatever the umask
+            start = _process_start(os.getpid())
+            if start is not None:
+                with open(os.path.join(self.dir, OWNER_FILE), "w") as f:
+                    f.write(f"{os.getpid()} {start}")
             self.path = os.path.join(self.dir, "store")
             self.store = _file_store(self.path, world_size)
         except BaseException:
@@ -110,7 +149,7 @@ class HostedStore:
         monitor polls the store about once a second while the group lives) fails within about a
         second instead of retrying the open of the missing file for the whole rendezvous timeout
         (0 would mean no timeout at all)."""
-        self.store.set_timeout(_timedelta(0.001))
+        self.store.set_timeout(timedelta(seconds=0.001))
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -126,7 +165,7 @@ def join_store(path: str) -> dist.FileStore:
 
 def _file_store(path: str, world_size: int) -> dist.FileStore:
     store = dist.FileStore(path, world_size)
-    store.set_timeout(_timedelta(RENDEZVOUS_TIMEOUT_S))
+    store.set_timeout(timedelta(seconds=RENDEZVOUS_TIMEOUT_S))
     return store
 
 
@@ -136,11 +175,11 @@ def make_group(store, rank: int, size: int, device: torch.device) -> TPGroup:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = _timedelta(OP_TIMEOUT_S)
+        opts._timeout = timedelta(seconds=OP_TIMEOUT_S)
         pg = dist.ProcessGroupNCCL(store, rank, size, opts)
     else:
         opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = _timedelta(OP_TIMEOUT_S)
+        opts._timeout = timedelta(seconds=OP_TIMEOUT_S)
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname=LOOPBACK)]
         pg = dist.ProcessGroupGloo(store, rank, size, opts)
     return TPGroup(pg, rank, size, device)

@@ -421,3 +421,40 @@ def _own_listening_sockets() -> set[int]:
                 if fields[3] == "0A":  # LISTEN
                     listening.add(int(fields[9]))
     return mine & listening
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs Linux /proc")
+def test_a_store_directory_whose_rank_0_died_is_removed_by_the_next_one(tmp_path):
+    """A rank 0 killed with SIGKILL cannot remove its store directory; the next rank 0 does
+    (its owner file names a process that is gone). A live owner's directory, one whose owner
+    file is not written yet and a same-pid owner of another start time (a reused pid) are told apart."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+
+    def made(name: str, owner: str | None) -> str:
+        d = tmp_path / (tp_group.STORE_DIR_PREFIX + name)
+        d.mkdir(mode=0o700)
+        (d / "store").write_bytes(b"x")
+        if owner is not None:
+            (d / tp_group.OWNER_FILE).write_text(owner)
+        return str(d)
+    me = f"{os.getpid()} {tp_group._process_start(os.getpid())}"
+    gone = made("gone", f"{dead_pid} 12345")
+    reused = made("reused", f"{os.getpid()} 1")  # our pid, another process's start time
+    live = made("live", me)
+    unborn = made("unborn", None)
+    other = str(tmp_path / "unrelated")
+    os.mkdir(other)
+    removed = tp_group.sweep_stale_stores(str(tmp_path))
+    assert sorted(removed) == sorted([gone, reused])
+    assert not os.path.exists(gone) and not os.path.exists(reused)
+    assert os.path.isdir(live) and os.path.isdir(unborn) and os.path.isdir(other)
+    hosted = tp_group.host_store(2)  # a real one names its maker
+    try:
+        with open(os.path.join(hosted.dir, tp_group.OWNER_FILE)) as f:
+            assert f.read() == me
+    finally:
+        hosted.close()
