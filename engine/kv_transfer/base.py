@@ -103,6 +103,29 @@ def crc32(t_or_bytes) -> int:
     return _crc32(t_or_bytes) & 0xFFFFFFFF
 
 
+_SUM_ROW = 1 << 14  # terms summed per row: a row's sum of terms below 2^49 stays below 2^63
+
+
+def sum64(t: torch.Tensor) -> int:
+    """The torch.distributed frames' checksum (`TensorHeader.sum64`), computed on the tensor's own
+    device: its raw bytes as little-endian int32 words w[i] (zero-padded to whole words), S1 =
+    sum w[i] and S2 = sum (i + 1) * w[i], each mod 2^32, as S1 + 2^32 * S2. Every partial sum is
+    exact in int64 (no overflow), so a GPU and a CPU agree; a flipped bit changes S1, two swapped
+    words change S2."""
+    raw = t.detach().contiguous().view(torch.uint8).reshape(-1)
+    pad = -raw.numel() % (4 * _SUM_ROW)
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros(pad)])
+    words = (raw.view(torch.int32).to(torch.int64) & 0xFFFFFFFF).view(-1, _SUM_ROW)  # w < 2^32
+    position = torch.arange(1, words.numel() + 1, device=words.device, dtype=torch.int64).view_as(words) & 0xFFFFFFFF
+    # w * p mod 2^32 = w * p_lo + 2^16 * (w * p_hi mod 2^16), p = p_lo + 2^16 p_hi: terms below 2^49
+    terms = words * (position & 0xFFFF) + (((words * (position >> 16)) & 0xFFFF) << 16)
+    mask = 0xFFFFFFFF
+    s1 = int(((words.sum(dim=1) & mask).sum()) & mask)
+    s2 = int(((terms.sum(dim=1) & mask).sum()) & mask)
+    return s1 | (s2 << 32)
+
+
 @dataclass(frozen=True)
 class FramePlan:
     """One frame: `layers` layers from `layer` of K or V, blocks [start, start + n)."""

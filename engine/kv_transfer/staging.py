@@ -8,6 +8,7 @@ Every header is checked before anything is allocated or copied:
     block_start + n <= reserved blocks, and those blocks not already filled (no replays); a frame of
                        several layers covers every block of them (block_start 0, n == reserved)
     payload length  == layers * product * element size              CRC32 == header.crc32
+                                                   (torch.distributed: sum64 == header.sum64)
 A transfer is complete only when the last frame arrived and every block of every layer of K and V
 is filled exactly once. Anything else leaves `complete` False: decode never runs on partial KV.
 
@@ -22,7 +23,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from engine.kv_transfer.base import K, V, KVSpec, crc32, dtype_name
+from engine.kv_transfer.base import K, V, KVSpec, crc32, dtype_name, sum64
 from protos.pdserve.v1 import node_pb2
 
 
@@ -208,8 +209,13 @@ class KVStaging:
         return buf, (frame, slot)
 
     def add_received(self, buf: torch.Tensor, token: tuple) -> None:
+        """The payload received for a header-only frame: its checksum (`sum64` on the buffer's own
+        device; a sender of CRC32 is checked on the host), then into the staging."""
         frame, slot = token
-        if crc32(buf) != frame.header.crc32:
+        if frame.header.HasField("sum64"):
+            if sum64(buf) != frame.header.sum64:
+                raise TransferError(f"checksum (sum64) mismatch in frame {frame.seq}")
+        elif crc32(buf) != frame.header.crc32:
             raise TransferError(f"CRC32 mismatch in frame {frame.seq}")
         self._slot(slot).view(torch.uint8).reshape(-1).copy_(buf)
         self._accept_header(frame, slot)

@@ -42,7 +42,7 @@ import grpc
 import torch
 import torch.distributed as dist
 
-from engine.kv_transfer.base import K, T, V, KVLanding, KVReceiver, KVSender, KVSpec, Received, crc32, make_header
+from engine.kv_transfer.base import K, T, V, KVLanding, KVReceiver, KVSender, KVSpec, Received, crc32, make_header, sum64
 from engine.kv_transfer.grpc_transport import Channels, call_failure
 from engine.kv_transfer.rendezvous import (PAIR_METADATA_KEY, PAIR_SECRET_BYTES, RENDEZVOUS_GRPC,  # noqa: F401
                                            GrpcPairStore, LocalPairStore, PairStores, new_pair_key, pair_instance,
@@ -98,10 +98,14 @@ class _Pair:
     store: object  # the Python store must outlive the group: c10d's C++ side does not keep it alive
 
 
-def _payload(t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, int]:
-    """Worker thread: one layer's K or V as raw bytes on the pair's device, and their CRC32."""
+def _payload(t: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, node_pb2.TensorHeader]:
+    """Worker thread: one layer's K or V as raw bytes on the pair's device, and a header field of
+    their checksum: on a GPU `sum64`, computed there (no payload byte goes to host memory for it);
+    on the host (gloo) the CRC32, which is faster there."""
     payload = t.to(device).contiguous().view(torch.uint8).reshape(-1)
-    return payload, crc32(payload)
+    if payload.is_cuda:
+        return payload, node_pb2.TensorHeader(sum64=sum64(payload))
+    return payload, node_pb2.TensorHeader(crc32=crc32(payload))
 
 
 class TorchDistKVSender(KVSender):
@@ -153,9 +157,10 @@ class TorchDistKVSender(KVSender):
             answer = asyncio.ensure_future(_finish(call))  # completes early if the decode side refuses
             try:
                 for seq, (kind, layer) in enumerate(plan):
-                    payload, crc = await loop.run_in_executor(None, _payload, (k if kind == K else v)[layer],
-                                                              self.device)
-                    header = make_header(spec, kind, layer, 0, num_blocks, crc)
+                    payload, checksum = await loop.run_in_executor(None, _payload, (k if kind == K else v)[layer],
+                                                                   self.device)
+                    header = make_header(spec, kind, layer, 0, num_blocks, 0)
+                    header.MergeFrom(checksum)
                     await call.write(node_pb2.KVFrame(reservation_id=target.reservation_id, seq=seq,
                                                       total_frames=len(plan), header=header))
                     if pair is None:  # the decode side joins when it sees the first header

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.kv_transfer import KVSpec, KVStaging, TransferError, plan_frames
-from engine.kv_transfer.base import MAX_FRAME_BYTES, FramePlan
+from engine.kv_transfer.base import MAX_FRAME_BYTES, FramePlan, sum64
 from engine.kv_transfer.grpc_transport import grpc_frames
 from protos.pdserve.v1 import node_pb2, node_pb2_grpc
 from tests.services.test_nodes import start_node
@@ -256,6 +256,27 @@ def test_header_only_frame_checks_crc_of_received_payload():
     with pytest.raises(TransferError, match="no payload"):
         staging.receive_buffer(node_pb2.KVFrame(reservation_id="r", seq=0, total_frames=6, header=header, data=b"x"))
 
+
+
+def test_header_only_frame_checks_sum64_when_the_sender_set_it():
+    """torch.distributed frames from a GPU carry `sum64` (computed on the device) instead of a
+    CRC32: the receiver checks that one, and a flipped bit is caught."""
+    staging = KVStaging("r", SPEC, 2)
+    k, _ = random_kv(SPEC, 2)
+    payload = k[0].contiguous().view(torch.uint8).reshape(-1)
+    header = node_pb2.TensorHeader(kind=0, layer=0, block_start=0, dtype="float32", shape=[2, 16, 2, 8],
+                                   sum64=sum64(payload))
+    frame = node_pb2.KVFrame(reservation_id="r", seq=0, total_frames=6, header=header)
+    buf, token = staging.receive_buffer(frame)
+    buf.copy_(payload)
+    buf[5] ^= 4
+    with pytest.raises(TransferError, match="sum64"):
+        staging.add_received(buf, token)
+    staging = KVStaging("r", SPEC, 2)
+    buf, token = staging.receive_buffer(frame)
+    buf.copy_(payload)
+    staging.add_received(buf, token)  # intact: accepted although crc32 is 0
+    assert staging.frames == 1
 
 # ---- a real decode node ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from engine.kv_transfer import KVSpec, TransferError
 from engine.kv_transfer.grpc_transport import HostKV, WireFrame, decode_frame, encode_frame
-from engine.kv_transfer.base import crc32, plan_frames
+from engine.kv_transfer.base import crc32, plan_frames, sum64
 from protos.pdserve.v1 import node_pb2
 
 
@@ -104,3 +104,57 @@ def test_frame_crc_is_zlibs_crc32_whichever_library_computes_it():
     assert crc32(b"") == 0
     t = torch.arange(1000, dtype=torch.float32).to(torch.bfloat16)
     assert crc32(t) == zlib.crc32(t.view(torch.uint8).numpy().tobytes())
+
+
+def _sum64_reference(raw: bytes) -> int:
+    """sum64 by its definition, in plain Python integers."""
+    raw = raw + bytes(-len(raw) % 4)
+    words = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4)]
+    s1 = sum(words) % 2**32
+    s2 = sum((i + 1) * w for i, w in enumerate(words)) % 2**32
+    return s1 + (s2 << 32)
+
+
+@pytest.mark.parametrize("n", [0, 3, 4, 4097, 70001])
+def test_sum64_is_its_definition_and_catches_a_flipped_bit(n):
+    """The torch.distributed frames' device-side checksum equals its documented formula (so any
+    device and the host agree), on lengths that are and are not whole words or rows, with words
+    near 2^32 (the sums must not overflow int64)."""
+    g = torch.Generator().manual_seed(n)
+    t = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+    if n >= 8:
+        t[:8] = 255  # words of 2^32 - 1
+    raw = t.numpy().tobytes()
+    assert sum64(t) == _sum64_reference(raw)
+    if n >= 8:
+        flipped = t.clone()
+        flipped[n // 2] ^= 0x10
+        assert sum64(flipped) != sum64(t)
+
+
+def test_sum64_swapped_words_change_it():
+    a = torch.tensor([1, 2, 3, 4], dtype=torch.int32)
+    b = torch.tensor([2, 1, 3, 4], dtype=torch.int32)
+    assert sum64(a) & 0xFFFFFFFF == sum64(b) & 0xFFFFFFFF  # same words: S1 agrees
+    assert sum64(a) != sum64(b)  # order differs: S2 does not
+    assert sum64(torch.tensor([1.5], dtype=torch.bfloat16)) == _sum64_reference(
+        torch.tensor([1.5], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sum64_on_the_gpu_equals_the_host():
+    t = torch.randint(0, 256, (3 * 2**20 + 5,), dtype=torch.uint8)
+    assert sum64(t.cuda()) == sum64(t) == _sum64_reference(t.numpy().tobytes())
+
+
+def test_torch_dist_payload_checksums_where_the_payload_lies():
+    """A host payload (gloo) carries the CRC32; a GPU payload the device-side sum64 (no copy to
+    the host for it)."""
+    from engine.kv_transfer.torch_dist import _payload
+    t = torch.arange(4096, dtype=torch.float32).view(16, 256)
+    payload, header = _payload(t, torch.device("cpu"))
+    assert not header.HasField("sum64") and header.crc32 == zlib.crc32(payload.numpy().tobytes())
+    if torch.cuda.is_available():
+        payload, header = _payload(t, torch.device("cuda"))
+        assert header.HasField("sum64") and header.sum64 == sum64(t)

@@ -284,7 +284,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., num_blocks: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., rendezvous: _Optional[str] = ..., node_id: _Optional[str] = ..., lease_ms: _Optional[int] = ..., kv_lanes: _Optional[int] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
-    __slots__ = ("kind", "layer", "block_start", "dtype", "shape", "crc32", "num_layers")
+    __slots__ = ("kind", "layer", "block_start", "dtype", "shape", "crc32", "num_layers", "sum64")
     KIND_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     BLOCK_START_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,7 @@ class TensorHeader(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SUM64_FIELD_NUMBER: _ClassVar[int]
     kind: int
     layer: int
     block_start: int
@@ -299,7 +300,8 @@ class TensorHeader(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     crc32: int
     num_layers: int
-    def __init__(self, kind: _Optional[int] = ..., layer: _Optional[int] = ..., block_start: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    sum64: int
+    def __init__(self, kind: _Optional[int] = ..., layer: _Optional[int] = ..., block_start: _Optional[int] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., crc32: _Optional[int] = ..., num_layers: _Optional[int] = ..., sum64: _Optional[int] = ...) -> None: ...
 
 class KVFrame(_message.Message):
     __slots__ = ("reservation_id", "seq", "total_frames", "header", "data", "lane", "lanes")
