@@ -224,7 +224,10 @@ class Gateway:
         grpc_req = P.sampling_proto(req, max_tokens, req.logprobs, inputs, constraint[1] if constraint else None,
                                     prompt_logprobs=P.prompt_logprobs_count(req, echo))
         self.label(request, grpc_req)
-        return await self.generate(request, grpc_req, req, chat=False, num_prompts=len(inputs), echo=echo)
+        try:
+            return await self.generate(request, grpc_req, req, chat=False, num_prompts=len(inputs), echo=echo)
+        except APIError as exc:
+            raise P.constraint_refusal(exc, constraint[0] if constraint else None) from None
 
     @staticmethod
     def label(request: Request, grpc_req: pb.GenerateRequest) -> None:
@@ -261,7 +264,8 @@ class Gateway:
             return await self.generate(request, grpc_req, req, chat=True, num_prompts=1, plan=plan)
         except APIError as exc:  # the router names the engine's parameter; the chat body's may differ
             exc.param = P.renamed_params(req).get(exc.param, exc.param)
-            raise
+            field = constraint[0] if constraint else "tool_choice" if plan.structured is not None else None
+            raise P.constraint_refusal(exc, field) from None
 
     async def legacy_generate(self, request: Request):
         req = P.parse(P.LegacyGenerateRequest, await read_json(request, self.settings))

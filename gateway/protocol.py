@@ -349,12 +349,30 @@ def structured_output(req: _Sampling) -> tuple[str, pb.StructuredOutput] | None:
 
 
 def check_structured(field: str, msg: pb.StructuredOutput) -> None:
+    """The cheap checks of a constraint (its shape, limits, a schema's JSON), on the event loop.
+    The grammar itself is parsed by the router, on its checker processes (a schema can take
+    seconds to parse, which here would hold up every other request); its refusal comes back as
+    INVALID_ARGUMENT and `constraint_refusal` names this field in the 400."""
     try:
         spec = spec_from_proto(msg)
-        if spec is not None:
-            spec.check()
+        if spec is not None and spec.kind == "json_schema":
+            try:
+                schema = json.loads(spec.value)
+            except ValueError as exc:
+                raise ValueError(f"structured json_schema is not valid JSON: {exc}") from None
+            if not isinstance(schema, dict):
+                raise ValueError("a JSON schema must be a JSON object")
     except ValueError as exc:
         raise APIError(400, f"{field}: {exc}", param=field) from None
+
+
+def constraint_refusal(err: APIError, field: str | None) -> APIError:
+    """The router's refusal of a constraint's grammar ("invalid structured regex: ...") as the 400
+    naming the request field that gave it; any other error as it is."""
+    if (field is None or err.status != 400 or err.param is not None
+            or not err.message.startswith(("invalid structured ", "structured "))):
+        return err
+    return APIError(400, f"{field}: {err.message}", param=field, code=err.code)
 
 
 def _schema_text(schema) -> str:
