@@ -63,7 +63,10 @@ def run_mode(quantization: str | None, tokens: int) -> dict:
         t0 = time.perf_counter()
         llm.generate(batch_prompts, params)
         speed[batch] = batch * tokens / (time.perf_counter() - t0)
-    return {"quantization": quantization or "none (fp32)", "load_s": load_s, "param_mib": param_bytes / 2**20,
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    return {"quantization": quantization or "none (dense)", "param_dtypes": dtypes,
+            "dtype": str(llm.engine.runner.dtype).removeprefix("torch.") if hasattr(llm.engine.runner, "dtype") else None,
+            "load_s": load_s, "param_mib": param_bytes / 2**20,
             "rss_mib": rss, "tok_s_bs1": speed[1], "tok_s_bs32": speed[32], "parity_tokens": parity}
 
 
