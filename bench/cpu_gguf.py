@@ -1,9 +1,9 @@
 """The default model (SmolLM2-135M Q4_1 gguf) on CPU: weights kept packed (--quantization gguf)
-vs dequantized to fp32. Memory (parameter bytes, process RSS after load), decode tok/s at batch 1
+vs dequantized to dense fp32 and bf16. Memory (parameter bytes, process RSS after load), decode tok/s at batch 1
 and 32, greedy agreement over the parity prompts (tests/engine/test_parity.py) and perplexity on
 a fixed text. Each mode runs in its own process (clean RSS); prints a table, writes JSON.
 
-    .venv/bin/python -m bench.cpu_gguf [--out results.json] [--tokens 32]
+    .venv/bin/python -m bench.cpu_gguf [--out results.json] [--tokens 32] [--modes fp32,bf16,gguf]
 """
 from __future__ import annotations
 
@@ -39,14 +39,17 @@ def rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def run_mode(quantization: str | None, tokens: int) -> dict:
+MODES = {"fp32": (None, "float32"), "bf16": (None, "bfloat16"), "gguf": ("gguf", "auto")}  # (quantization, dtype)
+
+
+def run_mode(quantization: str | None, tokens: int, dtype: str = "auto") -> dict:
     import torch
 
     from engine import LLM, SamplingParams
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    llm = LLM(quantization=quantization, max_num_seqs=32, num_gpu_blocks=1024)
+    llm = LLM(quantization=quantization, dtype=dtype, max_num_seqs=32, num_gpu_blocks=1024)
     load_s = time.perf_counter() - t0
     model = llm.engine.runner.model
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -64,8 +67,7 @@ def run_mode(quantization: str | None, tokens: int) -> dict:
         llm.generate(batch_prompts, params)
         speed[batch] = batch * tokens / (time.perf_counter() - t0)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
-    return {"quantization": quantization or "none (dense)", "param_dtypes": dtypes,
-            "dtype": str(llm.engine.runner.dtype).removeprefix("torch.") if hasattr(llm.engine.runner, "dtype") else None,
+    return {"quantization": quantization or "none (dense)", "dtype_arg": dtype, "param_dtypes": dtypes,
             "load_s": load_s, "param_mib": param_bytes / 2**20,
             "rss_mib": rss, "tok_s_bs1": speed[1], "tok_s_bs32": speed[32], "parity_tokens": parity}
 
@@ -126,29 +128,38 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per sequence in the speed runs")
-    parser.add_argument("--mode", choices=["fp32", "gguf"], help=argparse.SUPPRESS)  # one child process
+    parser.add_argument("--modes", default="fp32,bf16,gguf",
+                        help="fp32 and bf16: dense (dequantized at load) in that dtype; gguf: kept packed, --dtype "
+                             "auto (bf16 activations for the packed layers either way); agreement is against the first")
+    parser.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)  # one child process
     args = parser.parse_args()
     if args.mode:
-        result = run_mode(None if args.mode == "fp32" else "gguf", args.tokens)
-        result["perplexity"] = perplexity(None if args.mode == "fp32" else "gguf")
+        quantization, dtype = MODES[args.mode]
+        result = run_mode(quantization, args.tokens, dtype)
+        result["perplexity"] = perplexity(quantization)
         print(json.dumps(result))
         return
     results = {}
-    for mode in ("fp32", "gguf"):
+    modes = args.modes.split(",")
+    for mode in modes:
         out = subprocess.run([sys.executable, "-m", "bench.cpu_gguf", "--mode", mode, "--tokens", str(args.tokens)],
                              capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": "."})
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-    ref, got = results["fp32"]["parity_tokens"], results["gguf"]["parity_tokens"]
-    same_seq = sum(a == b for a, b in zip(ref, got))
-    same_tok = sum(x == y for a, b in zip(ref, got) for x, y in zip(a, b))
-    first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(ref, got)]
-    summary = {"identical_sequences": f"{same_seq}/{len(ref)}", "token_agreement": same_tok / sum(map(len, ref)),
-               "mean_tokens_before_first_difference": sum(first_diff) / len(first_diff)}
+    ref = results[modes[0]]["parity_tokens"]
+    summary = {}
+    for mode in modes[1:]:
+        got = results[mode]["parity_tokens"]
+        same_seq = sum(a == b for a, b in zip(ref, got))
+        same_tok = sum(x == y for a, b in zip(ref, got) for x, y in zip(a, b))
+        first_diff = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(ref, got)]
+        summary[mode] = {"identical_sequences": f"{same_seq}/{len(ref)}", "token_agreement": same_tok / sum(map(len, ref)),
+                         "mean_tokens_before_first_difference": sum(first_diff) / len(first_diff)}
     print(f"{'mode':<14} {'params MiB':>10} {'RSS MiB':>8} {'bs1 tok/s':>9} {'bs32 tok/s':>10} {'ppl':>7}")
     for mode, r in results.items():
         print(f"{mode:<14} {r['param_mib']:10.1f} {r['rss_mib']:8.0f} {r['tok_s_bs1']:9.1f} {r['tok_s_bs32']:10.1f} "
               f"{r['perplexity']:7.3f}")
-    print(f"greedy vs fp32 over {len(ref)} parity prompts x 24 tokens: {summary}")
+    for mode, agreement in summary.items():
+        print(f"greedy {mode} vs {modes[0]} over {len(ref)} parity prompts x 24 tokens: {agreement}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"results": results, "agreement": summary, "load_average": os.getloadavg()}, f, indent=2)
