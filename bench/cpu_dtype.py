@@ -61,7 +61,9 @@ def run(model: str | None, dtype: str, args) -> dict:
     from engine import LLM, SamplingParams
 
     t0 = time.perf_counter()
-    llm = LLM(model, device="cpu", dtype=dtype, max_num_seqs=max(args.batch, 16), enable_prefix_caching=False,
+    # dense in both dtypes (a .gguf would otherwise stay packed in bf16): this compares dtypes
+    llm = LLM(model, device="cpu", dtype=dtype, quantization="none", max_num_seqs=max(args.batch, 16),
+              enable_prefix_caching=False,
               max_num_batched_tokens=max(2048, args.prefill_tokens))
     load_s = time.perf_counter() - t0
     tok = llm.get_tokenizer()

@@ -39,7 +39,7 @@ def rss_mib() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-MODES = {"fp32": (None, "float32"), "bf16": (None, "bfloat16"), "gguf": ("gguf", "auto")}  # (quantization, dtype)
+MODES = {"fp32": ("none", "float32"), "bf16": ("none", "bfloat16"), "gguf": ("gguf", "auto")}  # (quantization, dtype)
 
 
 def run_mode(quantization: str | None, tokens: int, dtype: str = "auto") -> dict:

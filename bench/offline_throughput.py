@@ -31,7 +31,7 @@ def make_prompts(tokenizer, n: int) -> list[list[int]]:
 def bench_pdserve(model: str, prompts, new_tokens: int, device: str, dtype: str) -> dict:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model, device=device, dtype=dtype, max_num_seqs=256)
+    llm = LLM(model, device=device, dtype=dtype, quantization="none", max_num_seqs=256)  # dense, as HF's
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], SamplingParams(max_tokens=4), use_tqdm=False)
     t = time.perf_counter()

@@ -10,7 +10,7 @@ from typing import Callable, Literal
 
 Role = Literal["both", "prefill", "decode"]
 ROLES = ("both", "prefill", "decode")
-QUANTIZATIONS = (None, "fp8", "awq", "gptq", "gguf")
+QUANTIZATIONS = (None, "none", "fp8", "awq", "gptq", "gguf")
 KV_CACHE_DTYPES = ("auto", "fp8")
 
 
@@ -81,11 +81,13 @@ class EngineArgs:
     # Ranks the model is split across (Megatron-style): one process per rank, rank 0 schedules.
     tensor_parallel_size: int = field(default=1, metadata=flag(
         "split the model across this many ranks (one process per rank; CUDA: one GPU each)", type=int))
-    # Weight quantization (vLLM's names): fp8 | awq | gptq | gguf; None = as the checkpoint says.
+    # Weight quantization (vLLM's names): fp8 | awq | gptq | gguf | none; None = as the checkpoint
+    # says (a .gguf: packed on CPU in bf16, engine/quant/config.py).
     quantization: str | None = field(default=None, metadata=flag(
         "weight quantization: fp8 (e4m3, quantized at load or a pre-quantized fp8 checkpoint), awq / gptq "
-        "(4-bit checkpoints), gguf (keep a .gguf's quantized weights packed); default: as the checkpoint's "
-        "quantization_config says", choices=QUANTIZATIONS[1:]))
+        "(4-bit checkpoints), gguf (keep a .gguf's quantized weights packed), none (dense: a .gguf "
+        "dequantized at load); default: as the checkpoint's quantization_config says, and a .gguf kept "
+        "packed on CPU when the model runs in bf16", choices=QUANTIZATIONS[1:]))
     # auto = the model dtype; fp8 = float8 e4m3 with one static scale for K and one for V (1.0, as
     # vLLM's default without checkpoint scales), writes saturate at +-448 (docs/PERFORMANCE.md).
     kv_cache_dtype: str = field(default="auto", metadata=flag(

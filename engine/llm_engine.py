@@ -25,6 +25,7 @@ from engine.model_info import resolve_max_model_len
 from engine.model_runner import ModelRunner, PendingStep
 from engine.models import get_model_class
 from engine.quant import QuantConfig, load_checkpoint, resolve_quant_config
+from engine.quant.config import gguf_packed_by_default
 from engine.parallel.group import TPGroup
 from engine.parallel.ranks import RankProcesses, rank_devices
 from engine.parallel.sharding import check_tp_size, make_shard
@@ -104,7 +105,11 @@ def build_runner(args: EngineArgs, source: ModelSource, device: torch.device, ma
     KV cache is allocated later."""
     dtype = resolve_dtype(args.dtype, device)
     kv_dtype = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device)
-    model = build_model(source, device, dtype, max_model_len, tp, resolve_quant_config(args.quantization, source))
+    packed = gguf_packed_by_default(device.type, dtype, 1 if tp is None else tp.size)
+    quant = resolve_quant_config(args.quantization, source, gguf_packed=packed)
+    if args.quantization is None and quant is not None and quant.method == "gguf" and (tp is None or tp.rank == 0):
+        logger.info("GGUF weights kept packed (the default on CPU in bf16; --quantization none dequantizes them)")
+    model = build_model(source, device, dtype, max_model_len, tp, quant)
     shard = model.shard
     shape = dataclasses.replace(model_shape(source.config, max_model_len), num_heads=shard.num_heads,
                                 num_kv_heads=shard.num_kv_heads)

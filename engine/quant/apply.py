@@ -24,9 +24,11 @@ from engine.quant.int4 import Int4Linear
 FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def resolve_quant_config(requested: str | None, source) -> QuantConfig | None:
-    """The quantization to run `source` (a ModelSource) with; `requested` is --quantization."""
-    return resolve(requested, source.config, is_gguf=getattr(source, "packed_weights", None) is not None)
+def resolve_quant_config(requested: str | None, source, gguf_packed: bool = False) -> QuantConfig | None:
+    """The quantization to run `source` (a ModelSource) with; `requested` is --quantization;
+    `gguf_packed`: keep a .gguf checkpoint packed when it is unset (`gguf_packed_by_default`)."""
+    return resolve(requested, source.config, is_gguf=getattr(source, "packed_weights", None) is not None,
+                   gguf_packed=gguf_packed)
 
 
 def load_checkpoint(model: nn.Module, source, quant: QuantConfig | None) -> None:

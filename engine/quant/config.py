@@ -7,6 +7,12 @@ checkpoint's `quantization_config`.
     awq   4-bit, AutoAWQ "gemm" packing (qweight/qzeros/scales), zero points.
     gptq  4-bit, AutoGPTQ v1 packing (qweight/qzeros/scales/g_idx), desc_act false or true.
     gguf  a .gguf checkpoint's quantized tensors kept packed (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K).
+    none  run dense: a .gguf's tensors dequantized at load (the default on CUDA, on CPUs without
+          native bf16 and under tensor parallelism).
+
+Unset (None), a .gguf checkpoint is kept packed where `gguf_packed_by_default` says so: on CPU
+when the model runs in bf16 (the packed layers' CPU kernels take bf16 activations; with fp32 ones
+torch's int4 kernel has no fast path), one rank.
 """
 from __future__ import annotations
 
@@ -50,15 +56,29 @@ class QuantConfig:
         return any(name == i.removeprefix("model.") or name.endswith("." + i) for i in self.ignore)
 
 
-def resolve(requested: str | None, hf_config, *, is_gguf: bool = False) -> QuantConfig | None:
+def gguf_packed_by_default(device_type: str, dtype, tp_size: int = 1) -> bool:
+    """Whether a .gguf checkpoint stays packed when --quantization is not given."""
+    import torch
+
+    return device_type == "cpu" and dtype == torch.bfloat16 and tp_size == 1
+
+
+def resolve(requested: str | None, hf_config, *, is_gguf: bool = False,
+            gguf_packed: bool = False) -> QuantConfig | None:
     """`requested` (the --quantization flag, None = as the checkpoint says) against the checkpoint's
-    `quantization_config`. None: run unquantized."""
+    `quantization_config`. None: run unquantized. `gguf_packed`: what None means for a .gguf
+    checkpoint (`gguf_packed_by_default`)."""
     found = checkpoint_quant_config(hf_config)
-    if requested is not None and requested not in METHODS:
-        raise ValueError(f"unknown quantization {requested!r}; choose one of {', '.join(METHODS)}")
+    if requested is not None and requested not in METHODS + ("none",):
+        raise ValueError(f"unknown quantization {requested!r}; choose one of {', '.join(METHODS + ('none',))}")
+    if requested == "none":
+        if found is not None:
+            raise ValueError(f"--quantization none: the checkpoint is quantized ({found.method}, {found.layout}) "
+                             "and cannot run dense; leave --quantization unset")
+        return None
     if requested == "gguf" and not is_gguf:
         raise ValueError("--quantization gguf needs a .gguf checkpoint")
-    if requested == "gguf":
+    if requested == "gguf" or (requested is None and is_gguf and gguf_packed):
         return QuantConfig("gguf", "gguf")
     if found is None:
         if requested in ("awq", "gptq"):

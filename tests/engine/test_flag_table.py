@@ -35,7 +35,7 @@ def test_flag_names_defaults_env_twins_and_help_are_the_ones_users_know():
     assert _parse([]).device == "auto" and EngineArgs().device == "auto"
     assert actions["block_size"].choices == [8, 16, 32, 64, 128]
     assert actions["dtype"].choices == ["auto", "float32", "bfloat16", "float16"]
-    assert actions["quantization"].choices == ["fp8", "awq", "gptq", "gguf"]
+    assert actions["quantization"].choices == ["none", "fp8", "awq", "gptq", "gguf"]
     help_text = parser.format_help()
     for option in ("--model", "--served-model-name", "--max-model-len", "--gpu-memory-utilization",
                    "--cpu-kv-cache-gb", "--max-num-seqs", "--max-num-batched-tokens", "--num-gpu-blocks",
