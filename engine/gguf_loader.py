@@ -1,10 +1,11 @@
 """Read llama.cpp gguf files: HF config, tokenizer and dequantized weights with HF names.
 
-Opening a gguf with ``gguf.GGUFReader`` takes ~2 s (it parses the whole vocabulary) and
+Opening a gguf with ``gguf.GGUFReader`` takes 2-5 s (it parses the whole vocabulary) and
 building the tokenizer with transformers takes ~5 s, so the first load writes a *sidecar*
-directory (config.json, generation_config.json, tokenizer files) under the pdserve cache,
-keyed by the file's name, size and mtime. Later loads read the sidecar and only open the
-gguf when the weights are iterated.
+directory (config.json, generation_config.json, tokenizer files, and tensors.json: each tensor's
+name, type, shape and byte offset) under the pdserve cache, keyed by the file's name, size and
+mtime. Later loads read the sidecar and memory-map the tensors they iterate straight from the
+offsets: no later load parses the gguf's metadata again.
 """
 
 from __future__ import annotations
@@ -72,6 +73,43 @@ class GGUFFile:
 
         return gguf.GGUFReader(self.path)
 
+    @functools.cached_property
+    def tensors(self) -> list:
+        """The file's tensors (as GGUFReader's: name, tensor_type, shape, n_bytes, data_offset,
+        data), from the sidecar's tensors.json when present (no metadata parse), else from the
+        reader, writing tensors.json when the sidecar exists."""
+        table = self._tensor_table()
+        if table is None:
+            table = [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
+                      "offset": int(t.data_offset)} for t in self.reader.tensors]
+            self._write_tensor_table(table)
+        return _tensors_from_table(self.path, table)
+
+    def _tensor_table(self) -> list | None:
+        path = self.sidecar_dir / _TENSORS_FILE
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(doc, dict) or doc.get("version") != _TENSORS_VERSION or not isinstance(doc.get("tensors"), list):
+            return None
+        if isinstance(doc.get("arch"), str):
+            self.__dict__.setdefault("_arch", doc["arch"])
+        return doc["tensors"]
+
+    def _write_tensor_table(self, table: list) -> None:
+        side = self.sidecar_dir
+        if not (side / "config.json").is_file():
+            return
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_TENSORS_FILE + ".", dir=side)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": _TENSORS_VERSION, "arch": self.field("general.architecture"),
+                           "tensors": table}, f)
+            os.replace(tmp, side / _TENSORS_FILE)
+        except OSError:  # a read-only cache: the next load parses the file again
+            pass
+
     @property
     def sidecar_dir(self) -> pathlib.Path:
         st = self.path.stat()
@@ -97,6 +135,10 @@ class GGUFFile:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 str(self.path.parent), gguf_file=self.path.name)
             tokenizer.save_pretrained(tmp)
+            (tmp / _TENSORS_FILE).write_text(json.dumps({
+                "version": _TENSORS_VERSION, "arch": self.arch,
+                "tensors": [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
+                             "offset": int(t.data_offset)} for t in self.reader.tensors]}))
             try:
                 os.replace(tmp, final)  # atomic; fails if another process got there first
             except OSError:
@@ -129,14 +171,18 @@ class GGUFFile:
 
     @property
     def arch(self) -> str:
-        arch = self.field("general.architecture")
+        arch = self.__dict__.get("_arch")
+        if arch is None:
+            self._tensor_table()  # a sidecar's tensors.json names the architecture
+            arch = self.__dict__.get("_arch") or self.field("general.architecture")
+            self.__dict__["_arch"] = arch
         if arch not in SUPPORTED_GGUF_ARCHS:
             raise ValueError(f"{self.path}: unsupported gguf architecture {arch!r}; "
                              f"supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
         return arch
 
     def tensor_names(self) -> set[str]:
-        return {t.name for t in self.reader.tensors}
+        return {t.name for t in self.tensors}
 
     def build_config(self) -> transformers.PretrainedConfig:
         arch = self.arch
@@ -150,7 +196,7 @@ class GGUFFile:
 
         hidden = int(meta("embedding_length"))
         heads = int(meta("attention.head_count"))
-        embd = next(t for t in self.reader.tensors if t.name == "token_embd.weight")
+        embd = next(t for t in self.tensors if t.name == "token_embd.weight")
         kwargs = dict(
             vocab_size=int(embd.shape[-1]),  # gguf dims are reversed: [hidden, vocab]
             hidden_size=hidden,
@@ -193,7 +239,7 @@ class GGUFFile:
 
     def iter_weights(self, config: transformers.PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, fp32 CPU tensor) per gguf tensor, dequantized one at a time."""
-        for t in self.reader.tensors:
+        for t in self.tensors:
             yield hf_name(t.name), self._dense(t, config)
 
     def iter_packed(self, config: transformers.PretrainedConfig) -> Iterator[tuple[str, object]]:
@@ -201,7 +247,7 @@ class GGUFFile:
         (engine.quant.gguf.PackedTensor, rows in HF order); other tensors as iter_weights gives them."""
         from engine.quant.gguf import BLOCKS, PackedTensor
 
-        for t in self.reader.tensors:
+        for t in self.tensors:
             name = hf_name(t.name)
             if t.tensor_type.name not in BLOCKS or len(t.shape) != 2:
                 yield name, self._dense(t, config)
@@ -224,6 +270,44 @@ class GGUFFile:
         if self.arch == "llama" and ".self_attn.k_proj." in name:
             return _unpermute(rows, config.num_key_value_heads)
         return rows
+
+
+_TENSORS_FILE = "tensors.json"
+_TENSORS_VERSION = 1
+
+
+def _tensors_from_table(path: pathlib.Path, table: list) -> list:
+    """GGUFReader-like tensors (`gguf.gguf_reader.ReaderTensor`, field None) over a read-only
+    memory map of the file, from a tensor table; data shaped as GGUFReader shapes it (typed
+    elements for float/int types, rows of bytes for quantized ones)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.gguf_reader import ReaderTensor
+    from gguf.quants import quant_shape_to_byte_shape
+
+    typed = {GGMLQuantizationType.F16: np.float16, GGMLQuantizationType.F32: np.float32,
+             GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
+             GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
+             GGMLQuantizationType.I64: np.int64}
+    data = np.memmap(path, mode="r")
+    out = []
+    for entry in table:
+        qtype = GGMLQuantizationType(int(entry["type"]))
+        dims = np.array(entry["shape"], dtype=np.uint64)
+        n_elems = int(np.prod(dims))
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        n_bytes = n_elems * type_size // block_size
+        offset = int(entry["offset"])
+        np_dims = tuple(reversed([int(d) for d in entry["shape"]]))
+        if offset < 0 or offset + n_bytes > data.size:
+            raise ValueError(f"{path}: tensor {entry['name']!r} lies outside the file (stale tensors.json?)")
+        raw = data[offset:offset + n_bytes]
+        if qtype in typed:
+            array = raw.view(typed[qtype]).reshape(np_dims)
+        else:
+            array = raw.reshape(quant_shape_to_byte_shape(np_dims, qtype))
+        out.append(ReaderTensor(name=entry["name"], tensor_type=qtype, shape=dims, n_elements=n_elems,
+                                n_bytes=n_bytes, data_offset=offset, data=array, field=None))
+    return out
 
 
 def _torch():

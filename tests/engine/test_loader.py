@@ -270,6 +270,80 @@ def test_default_gguf_second_load_uses_the_sidecar(default_source, default_model
     assert again.tokenizer(SAMPLE).input_ids == default_source.tokenizer(SAMPLE).input_ids
 
 
+def _same_tensors(ours, ref):
+    import numpy as np
+
+    assert [t.name for t in ours] == [t.name for t in ref]
+    for a, b in zip(ours, ref):
+        assert (a.tensor_type, list(a.shape), a.n_bytes, a.data_offset) == (b.tensor_type, list(b.shape), b.n_bytes,
+                                                                             b.data_offset), a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape and np.array_equal(a.data, b.data), a.name
+
+
+def test_default_gguf_tensors_come_from_the_sidecar_without_parsing_the_file(default_source, default_model_path,
+                                                                              monkeypatch):
+    """The sidecar's tensors.json gives every tensor as GGUFReader does, and a later load reads
+    the weights without opening a GGUFReader (which parses the whole vocabulary: 2-5 s)."""
+    import gguf
+
+    ref = GGUFFile(default_model_path).reader.tensors
+    assert (GGUFFile(default_model_path).sidecar_dir / "tensors.json").is_file()
+
+    def no_reader(*args, **kwargs):
+        raise AssertionError("the gguf was parsed again")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_reader)
+    again = GGUFFile(default_model_path)
+    _same_tensors(again.tensors, ref)
+    assert again.arch == "llama"
+    start = time.perf_counter()
+    name, first = next(again.iter_packed(default_source.config))
+    assert name == "model.embed_tokens.weight" and time.perf_counter() - start < 2.0
+
+
+def _write_small_gguf(path):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((8, 64), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    writer.add_tensor("output.weight", rng.standard_normal((8, 64), dtype=np.float32).astype(np.float16))
+    q = gguf.GGMLQuantizationType.Q4_1
+    writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(rng.standard_normal((64, 64), dtype=np.float32), q),
+                      raw_dtype=q)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_tensor_table_is_written_once_the_sidecar_exists_and_a_bad_one_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "small.gguf"
+    _write_small_gguf(path)
+    ref = GGUFFile(path).reader.tensors
+    no_sidecar = GGUFFile(path)
+    _same_tensors(no_sidecar.tensors, ref)  # from the reader; nowhere to write the table yet
+    table = no_sidecar.sidecar_dir / "tensors.json"
+    assert not table.exists()
+    no_sidecar.sidecar_dir.mkdir(parents=True)
+    (no_sidecar.sidecar_dir / "config.json").write_text("{}")
+    _same_tensors(GGUFFile(path).tensors, ref)
+    assert json.loads(table.read_text())["arch"] == "llama"  # written on that load
+    _same_tensors(GGUFFile(path).tensors, ref)  # read back
+    for bad in ("{not json", json.dumps({"version": 999, "tensors": []}), json.dumps([1, 2])):
+        table.write_text(bad)
+        _same_tensors(GGUFFile(path).tensors, ref)  # ignored: read from the file again, and rewritten
+        assert json.loads(table.read_text())["version"] == 1
+    doc = json.loads(table.read_text())
+    doc["tensors"][0]["offset"] = path.stat().st_size  # stale: points past the end of the file
+    table.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="outside the file"):
+        GGUFFile(path).tensors
+
+
 def test_gguf_sidecar_is_keyed_by_file_identity(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"GGUF")
