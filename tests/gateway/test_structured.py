@@ -134,6 +134,11 @@ BAD = [
                                                   "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
      "response_format"),
     ("/v1/completions", {"structured_outputs": {"regex": "(ab"}}, "structured_outputs.regex"),
+    ("/v1/completions", {"stream": True, "guided_regex": "(ab"}, "guided_regex"),  # the router's parse, streamed
+    ("/v1/chat/completions", {"stream": True, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, "response_format"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "bogus"}}}], "tool_choice": "required"}, "tool_choice"),
     ("/v1/completions", {"guided_choice": []}, "guided_choice"),
     ("/v1/completions", {"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
     ("/v1/completions", {"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs.grammar"),
