@@ -289,7 +289,9 @@ class Gateway:
             options = req.stream_options
             usage_mode = ("every" if options and options.continuous_usage_stats else
                           "last" if options and options.include_usage else None)
-            return await self.stream(request, grpc_req, chat, num_prompts, req.n, usage_mode, plan)
+            prompt_logprobs = None if chat else req.prompt_logprobs
+            return await self.stream(request, grpc_req, chat, num_prompts, req.n, usage_mode, plan,
+                                     echo=echo, prompt_logprobs=prompt_logprobs)
         reply = await self.unary(request, grpc_req)
         shape = R.Shape(chat, reply.request_id, self.info.model)
         prompts = {c.prompt_index: c for c in reply.completions if c.prompt_token_ids}  # index 0 carries them
@@ -373,7 +375,8 @@ class Gateway:
         return reply
 
     async def stream(self, request: Request, grpc_req: pb.GenerateRequest, chat: bool,
-                     num_prompts: int, n: int, usage_mode: str | None, plan: P.ToolPlan):
+                     num_prompts: int, n: int, usage_mode: str | None, plan: P.ToolPlan,
+                     echo: P.Echo | None = None, prompt_logprobs: int | None = None):
         """Opens one GenerateStream per prompt and waits for each one's first chunk, so that
         errors the router reports at once still become plain HTTP errors (400, 404, 429, ...)."""
         if num_prompts == 1:
@@ -402,8 +405,15 @@ class Gateway:
                 c.cancel()
             self.metrics.num_requests_running.dec()
             raise APIError(500, "the router closed the stream without output (internal error)")
+        try:
+            echoed = await until_disconnect(request, self.echo_texts(echo)) if echo is not None else None
+        except BaseException:
+            for c in calls:
+                c.cancel()
+            self.metrics.num_requests_running.dec()
+            raise
         body = SSEStream(self, calls, firsts, chat, n, usage_mode, start,
-                         grpc_req.HasField("logprobs"), plan)
+                         grpc_req.HasField("logprobs"), plan, echo=echo, echoed=echoed, prompt_logprobs=prompt_logprobs)
         return GuardedStreamingResponse(body.events(), request.app.state.sse, media_type="text/event-stream",
                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -464,8 +474,16 @@ class SSEStream:
     """The body of one streamed response: chunks of every prompt's stream, in arrival order."""
 
     def __init__(self, gw: Gateway, calls, firsts, chat: bool, n: int, usage_mode: str | None,
-                 start: float, logprobs: bool, plan: P.ToolPlan):
+                 start: float, logprobs: bool, plan: P.ToolPlan, echo: P.Echo | None = None,
+                 echoed: list[str] | None = None, prompt_logprobs: int | None = None):
         self.gw, self.calls, self.firsts = gw, calls, firsts
+        # completions: `echo` puts each prompt's text (`echoed`) and, with logprobs, its tokens'
+        # logprobs before the first chunk of each choice; vLLM's `prompt_logprobs` rides on that
+        # chunk too. Both read the prompt's logprobs from its stream's first chunk of index 0
+        # (n = 1 when they are needed: protocol.echo_plan).
+        self.echo, self.echoed, self.prompt_logprobs = echo, echoed, prompt_logprobs
+        self.prompt_data: dict[int, tuple[list[int], list]] = {}  # prompt index -> (token ids, prompt logprobs)
+        self.started: set[int] = set()
         self.chat, self.n, self.start = chat, n, start
         self.include_usage, self.usage_every_chunk = usage_mode is not None, usage_mode == "every"
         self.logprobs, self.plan = logprobs, plan
@@ -571,23 +589,58 @@ class SSEStream:
         if finish == "error":
             raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, None, None,
                                        details="internal error: generation failed on a node")
+        if msg.prompt_token_ids:
+            self.prompt_data[prompt_index] = (list(msg.prompt_token_ids), list(msg.prompt_logprobs))
+        first = index not in self.started
+        self.started.add(index)
+        echo = self.echo
+        prompt_only = echo is not None and echo.prompt_only
+        if prompt_only:  # max_tokens 0: the one generated token is dropped
+            self.completion_tokens[index] = 0
+            finish = "length" if finish is not None else None
+        if echo is not None and first:
+            self.text_offset[index] = len(self.echoed[prompt_index])
         logprobs = None
-        if self.logprobs:
+        if self.logprobs and not prompt_only:
             strings = await self.gw.client.token_strings(R.token_ids_of(msg.logprobs))
             if self.chat:
                 logprobs = R.chat_logprobs(msg.logprobs, strings)
             else:
                 offset = self.text_offset.get(index, 0)
                 logprobs = R.completion_logprobs(msg.logprobs, strings, offset)
-        self.text_offset[index] = self.text_offset.get(index, 0) + len(msg.text)
-        text, calls = msg.text, None
+        text, calls = ("" if prompt_only else msg.text), None
+        self.text_offset[index] = self.text_offset.get(index, 0) + len(text)
         if self.plan.parser is not None:
             text, calls, finish = self._tool_delta(index, msg.text, finish)
-        out = self.shape.chunk(index, text, finish, R.stop_reason(msg), logprobs,
+        extra = {}
+        if first and (echo is not None or self.prompt_logprobs is not None):
+            text, logprobs, extra = await self._prompt_part(prompt_index, text, logprobs)
+        out = self.shape.chunk(index, text, finish, None if prompt_only else R.stop_reason(msg), logprobs,
                                with_usage=self.include_usage, tool_calls=calls)
+        out["choices"][0].update(extra)
         if self.usage_every_chunk:
             out["usage"] = self._usage()
         return out
+
+    async def _prompt_part(self, prompt_index: int, text: str, logprobs: dict | None):
+        """A choice's first chunk with the prompt put in front (echo) and vLLM's prompt_logprobs."""
+        echo, extra = self.echo, {}
+        needs_logprobs = self.prompt_logprobs is not None or (echo is not None and echo.logprobs is not None)
+        ids, entries = self.prompt_data.get(prompt_index, ([], []))
+        if needs_logprobs and not ids:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, None, None,
+                                       details="internal error: the stream carried no prompt logprobs")
+        strings = {}
+        if needs_logprobs:
+            strings = await self.gw.client.token_strings(set(ids) | R.token_ids_of(entries))
+        if echo is not None:
+            text = self.echoed[prompt_index] + text
+            if echo.logprobs is not None:
+                head = R.echo_logprobs(ids, entries, strings, echo.logprobs)
+                logprobs = head if logprobs is None else R.join_logprobs(head, logprobs)
+        if self.prompt_logprobs is not None:
+            extra["prompt_logprobs"] = R.vllm_prompt_logprobs(entries, strings, self.prompt_logprobs)
+        return text, logprobs, extra
 
     def _tool_delta(self, index: int, text: str, finish: str | None):
         """(content delta, tool_call deltas, finish reason) of one chunk through the tool parser."""

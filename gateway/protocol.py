@@ -312,12 +312,9 @@ def echo_plan(req: CompletionRequest, max_tokens: int) -> Echo | None:
     """The echo of a completions request (None without echo); refuses what is not built."""
     if req.suffix is not None:
         raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported_field")
-    if req.stream and req.echo:
-        raise APIError(400, "echo is not supported with stream: true; send the request without stream",
-                       param="echo", code="unsupported_field")
-    if req.stream and req.prompt_logprobs is not None:
-        raise APIError(400, "prompt_logprobs is not supported with stream: true", param="prompt_logprobs",
-                       code="unsupported_field")
+    if req.stream and req.n > 1 and (req.prompt_logprobs is not None or (req.echo and req.logprobs is not None)):
+        raise APIError(400, "with stream: true, prompt_logprobs and echo with logprobs need n = 1, got "
+                       f"n = {req.n}", param="n", code="unsupported_field")
     if not req.echo:
         return None
     prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \

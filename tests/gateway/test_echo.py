@@ -4,6 +4,7 @@ tiny random Llama, fp32 on CPU), against HF's log-softmax on the same weights:
 - echo with generated tokens after the prompt; vLLM's `prompt_logprobs` on completions and chat;
 - gRPC `prompt_logprobs` through the router and the prefill + decode pair, unary and streamed,
   with n > 1 and a warm prefix cache on the prefill node;
+- the same, streamed (echo and prompt_logprobs in each choice's first chunk);
 - what is not built is refused with 400 naming the field."""
 from __future__ import annotations
 
@@ -111,9 +112,75 @@ def test_chat_prompt_logprobs(stack_sdk, stack_model, stack_http, hf):
     check_prompt_logprobs(vllm_entries(out.model_extra["prompt_logprobs"], ids, 1), ids, hf_prompt_logprobs(hf, ids), 1)
 
 
+def _streamed(stack_sdk, **kw) -> dict:
+    """A streamed completion joined back per choice: text, logprobs lists, finish, prompt_logprobs."""
+    choices: dict = {}
+    usage = None
+    for chunk in stack_sdk.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            got = choices.setdefault(c.index, {"text": "", "logprobs": None, "finish": None, "prompt_logprobs": None})
+            assert got["finish"] is None, "a chunk after the choice finished"
+            got["text"] += c.text
+            got["finish"] = c.finish_reason
+            if (c.model_extra or {}).get("prompt_logprobs") is not None:
+                assert got["prompt_logprobs"] is None, "prompt_logprobs twice"
+                got["prompt_logprobs"] = c.model_extra["prompt_logprobs"]
+            if c.logprobs is not None:
+                lp = got["logprobs"] = got["logprobs"] or {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                          "text_offset": []}
+                for key in lp:
+                    lp[key] += getattr(c.logprobs, key)
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
+
+
+def _logprobs_dict(lp) -> dict:
+    return {key: getattr(lp, key) for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def _same_logprobs(streamed: dict, unary: dict):
+    assert streamed["tokens"] == unary["tokens"] and streamed["text_offset"] == unary["text_offset"]
+    assert streamed["token_logprobs"] == pytest.approx(unary["token_logprobs"], abs=ATOL)
+    assert [None if t is None else sorted(t) for t in streamed["top_logprobs"]] == \
+        [None if t is None else sorted(t) for t in unary["top_logprobs"]]
+
+
+def test_streamed_echo_equals_the_unary_one(stack_sdk, stack_model, tok):
+    """echo with stream: the prompt (text, and its tokens' logprobs) comes in each choice's first
+    chunk; joined, the stream equals the unary response: lm-eval's loglikelihood request
+    (max_tokens 0), echo with generated tokens and logprobs, and echo without logprobs at n = 2."""
+    ids = tok.encode("The capital of France is Paris, of course.")
+    cases = [dict(prompt=[ids], echo=True, logprobs=1, max_tokens=0),
+             dict(prompt="Once upon a time there was", echo=True, logprobs=2, max_tokens=3,
+                  extra_body={"ignore_eos": True}),
+             dict(prompt=["A red", "The sea"], echo=True, max_tokens=2, n=2, extra_body={"ignore_eos": True})]
+    for kw in cases:
+        kw = dict(model=stack_model, temperature=0, **kw)
+        unary = stack_sdk.completions.create(**kw)
+        streamed = _streamed(stack_sdk, **kw)
+        assert len(streamed["choices"]) == len(unary.choices), kw
+        for got, want in zip(streamed["choices"], unary.choices):
+            assert got["text"] == want.text and got["finish"] == want.finish_reason, kw
+            if want.logprobs is None:
+                assert got["logprobs"] is None
+            else:
+                _same_logprobs(got["logprobs"], _logprobs_dict(want.logprobs))
+        assert streamed["usage"].completion_tokens == unary.usage.completion_tokens, kw
+        assert streamed["usage"].prompt_tokens == unary.usage.prompt_tokens, kw
+    assert unary.choices[0].text.startswith("A red") and unary.choices[2].text.startswith("The sea")
+
+
+def test_streamed_prompt_logprobs(stack_sdk, stack_model, tok, hf):
+    ids = tok.encode("A lazy dog sleeps under the old oak tree")
+    streamed = _streamed(stack_sdk, model=stack_model, prompt=ids, max_tokens=2, temperature=0,
+                         extra_body={"prompt_logprobs": 2})
+    (choice,) = streamed["choices"]
+    check_prompt_logprobs(vllm_entries(choice["prompt_logprobs"], ids, 2), ids, hf_prompt_logprobs(hf, ids), 2)
+
+
 @pytest.mark.parametrize("body, param", [
-    ({"prompt": "x", "echo": True, "stream": True}, "echo"),
-    ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ({"prompt": "x", "echo": True, "logprobs": 1, "stream": True, "n": 2}, "n"),
+    ({"prompt": "x", "prompt_logprobs": 1, "stream": True, "n": 2}, "n"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
@@ -128,8 +195,8 @@ def test_refused_with_400_naming_the_field(stack_http, stack_model, body, param)
 
 
 def test_openai_sdk_sees_the_refusal(stack_sdk, stack_model):
-    with pytest.raises(openai.BadRequestError, match="echo"):
-        stack_sdk.completions.create(model=stack_model, prompt="x", echo=True, stream=True)
+    with pytest.raises(openai.BadRequestError, match="need n = 1"):
+        stack_sdk.completions.create(model=stack_model, prompt="x", echo=True, logprobs=1, n=2, stream=True)
 
 
 def test_grpc_prompt_logprobs_through_prefill_and_decode(structured_stack, tok, hf):
