@@ -78,34 +78,36 @@ class GGUFFile:
         """The file's tensors (as GGUFReader's: name, tensor_type, shape, n_bytes, data_offset,
         data), from the sidecar's tensors.json when present (no metadata parse), else from the
         reader, writing tensors.json when the sidecar exists."""
-        table = self._tensor_table()
-        if table is None:
-            table = [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
-                      "offset": int(t.data_offset)} for t in self.reader.tensors]
-            self._write_tensor_table(table)
-        return _tensors_from_table(self.path, table)
+        doc = self._table_doc
+        if doc is None:
+            doc = self._table_from_reader()
+            self._write_table(doc)
+        return _tensors_from_table(self.path, doc["tensors"])
 
-    def _tensor_table(self) -> list | None:
-        path = self.sidecar_dir / _TENSORS_FILE
+    @functools.cached_property
+    def _table_doc(self) -> dict | None:
+        """The sidecar's tensors.json: {version, arch, tensors}; None when absent or unusable."""
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads((self.sidecar_dir / _TENSORS_FILE).read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(doc, dict) or doc.get("version") != _TENSORS_VERSION or not isinstance(doc.get("tensors"), list):
-            return None
-        if isinstance(doc.get("arch"), str):
-            self.__dict__.setdefault("_arch", doc["arch"])
-        return doc["tensors"]
+        usable = (isinstance(doc, dict) and doc.get("version") == _TENSORS_VERSION
+                  and isinstance(doc.get("arch"), str) and isinstance(doc.get("tensors"), list))
+        return doc if usable else None
 
-    def _write_tensor_table(self, table: list) -> None:
+    def _table_from_reader(self) -> dict:
+        return {"version": _TENSORS_VERSION, "arch": self.field("general.architecture"),
+                "tensors": [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
+                             "offset": int(t.data_offset)} for t in self.reader.tensors]}
+
+    def _write_table(self, doc: dict) -> None:
         side = self.sidecar_dir
         if not (side / "config.json").is_file():
             return
         try:
             fd, tmp = tempfile.mkstemp(prefix=_TENSORS_FILE + ".", dir=side)
             with os.fdopen(fd, "w") as f:
-                json.dump({"version": _TENSORS_VERSION, "arch": self.field("general.architecture"),
-                           "tensors": table}, f)
+                json.dump(doc, f)
             os.replace(tmp, side / _TENSORS_FILE)
         except OSError:  # a read-only cache: the next load parses the file again
             pass
@@ -135,15 +137,14 @@ class GGUFFile:
             tokenizer = transformers.AutoTokenizer.from_pretrained(
                 str(self.path.parent), gguf_file=self.path.name)
             tokenizer.save_pretrained(tmp)
-            (tmp / _TENSORS_FILE).write_text(json.dumps({
-                "version": _TENSORS_VERSION, "arch": self.arch,
-                "tensors": [{"name": t.name, "type": int(t.tensor_type), "shape": [int(d) for d in t.shape],
-                             "offset": int(t.data_offset)} for t in self.reader.tensors]}))
+            table = self._table_from_reader()
+            (tmp / _TENSORS_FILE).write_text(json.dumps(table))
             try:
                 os.replace(tmp, final)  # atomic; fails if another process got there first
             except OSError:
                 if not (final / "config.json").is_file():
                     raise
+            self._table_doc = table  # this load reads its tensors from it, not from a rewrite
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
@@ -171,11 +172,8 @@ class GGUFFile:
 
     @property
     def arch(self) -> str:
-        arch = self.__dict__.get("_arch")
-        if arch is None:
-            self._tensor_table()  # a sidecar's tensors.json names the architecture
-            arch = self.__dict__.get("_arch") or self.field("general.architecture")
-            self.__dict__["_arch"] = arch
+        doc = self._table_doc  # a sidecar's tensors.json names it: no metadata parse
+        arch = doc["arch"] if doc is not None else self.field("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHS:
             raise ValueError(f"{self.path}: unsupported gguf architecture {arch!r}; "
                              f"supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
