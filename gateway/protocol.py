@@ -353,12 +353,7 @@ def check_structured(field: str, msg: pb.StructuredOutput) -> None:
     try:
         spec = spec_from_proto(msg)
         if spec is not None and spec.kind == "json_schema":
-            try:
-                schema = json.loads(spec.value)
-            except ValueError as exc:
-                raise ValueError(f"structured json_schema is not valid JSON: {exc}") from None
-            if not isinstance(schema, dict):
-                raise ValueError("a JSON schema must be a JSON object")
+            spec.check_schema_json()
     except ValueError as exc:
         raise APIError(400, f"{field}: {exc}", param=field) from None
 

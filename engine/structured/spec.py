@@ -56,24 +56,30 @@ class StructuredSpec:
         """choice as an EBNF alternation of JSON-escaped literals (EBNF strings escape like JSON)."""
         return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in self.choices)
 
+    def check_schema_json(self) -> None:
+        """A json_schema / json_object spec's schema is a JSON object (cheap: no grammar is built);
+        raises ValueError naming what is wrong."""
+        try:
+            schema = json.loads(self.schema_text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"structured json_schema is not valid JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise ValueError("a JSON schema must be a JSON object")
+
     def grammar(self):
         """The xgrammar `Grammar`; raises ValueError naming what is wrong."""
         import xgrammar as xgr
 
         try:
             if self.kind in ("json_schema", "json_object"):
-                schema = self.schema_text
-                if not isinstance(json.loads(schema), dict):
-                    raise ValueError("a JSON schema must be a JSON object")
+                self.check_schema_json()
                 # compact output: no free whitespace, so a complete value leaves only end-of-sequence
-                return xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
+                return xgr.Grammar.from_json_schema(self.schema_text, any_whitespace=False, strict_mode=True)
             if self.kind == "regex":
                 return xgr.Grammar.from_regex(self.value)
             if self.kind == "choice":
                 return xgr.Grammar.from_ebnf(self.ebnf())
             return xgr.Grammar.from_ebnf(self.value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"structured json_schema is not valid JSON: {exc}") from None
         except RuntimeError as exc:  # xgrammar's parse errors
             raise ValueError(f"invalid structured {self.kind}: {_xgr_message(exc)}") from None
 
