@@ -379,6 +379,7 @@ class Gateway:
                      echo: P.Echo | None = None, prompt_logprobs: int | None = None):
         """Opens one GenerateStream per prompt and waits for each one's first chunk, so that
         errors the router reports at once still become plain HTTP errors (400, 404, 429, ...)."""
+        echoed = await until_disconnect(request, self.echo_texts(echo)) if echo is not None else None
         if num_prompts == 1:
             calls = [self.client.generate_stream(grpc_req)]
         else:
@@ -405,13 +406,6 @@ class Gateway:
                 c.cancel()
             self.metrics.num_requests_running.dec()
             raise APIError(500, "the router closed the stream without output (internal error)")
-        try:
-            echoed = await until_disconnect(request, self.echo_texts(echo)) if echo is not None else None
-        except BaseException:
-            for c in calls:
-                c.cancel()
-            self.metrics.num_requests_running.dec()
-            raise
         body = SSEStream(self, calls, firsts, chat, n, usage_mode, start,
                          grpc_req.HasField("logprobs"), plan, echo=echo, echoed=echoed, prompt_logprobs=prompt_logprobs)
         return GuardedStreamingResponse(body.events(), request.app.state.sse, media_type="text/event-stream",
@@ -483,7 +477,6 @@ class SSEStream:
         # (n = 1 when they are needed: protocol.echo_plan).
         self.echo, self.echoed, self.prompt_logprobs = echo, echoed, prompt_logprobs
         self.prompt_data: dict[int, tuple[list[int], list]] = {}  # prompt index -> (token ids, prompt logprobs)
-        self.started: set[int] = set()
         self.chat, self.n, self.start = chat, n, start
         self.include_usage, self.usage_every_chunk = usage_mode is not None, usage_mode == "every"
         self.logprobs, self.plan = logprobs, plan
@@ -591,8 +584,7 @@ class SSEStream:
                                        details="internal error: generation failed on a node")
         if msg.prompt_token_ids:
             self.prompt_data[prompt_index] = (list(msg.prompt_token_ids), list(msg.prompt_logprobs))
-        first = index not in self.started
-        self.started.add(index)
+        first = index not in self.text_offset  # every chunk of a choice sets its text offset
         echo = self.echo
         prompt_only = echo is not None and echo.prompt_only
         if prompt_only:  # max_tokens 0: the one generated token is dropped
