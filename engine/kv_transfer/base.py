@@ -111,19 +111,33 @@ def sum64(t: torch.Tensor) -> int:
     device: its raw bytes as little-endian int32 words w[i] (zero-padded to whole words), S1 =
     sum w[i] and S2 = sum (i + 1) * w[i], each mod 2^32, as S1 + 2^32 * S2. Every partial sum is
     exact in int64 (no overflow), so a GPU and a CPU agree; a flipped bit changes S1, two swapped
-    words change S2."""
+    words change S2. Whole rows of `_SUM_ROW` words are read in place; only the last partial row
+    is copied (zero-padded)."""
     raw = t.detach().contiguous().view(torch.uint8).reshape(-1)
-    pad = -raw.numel() % (4 * _SUM_ROW)
-    if pad:
-        raw = torch.cat([raw, raw.new_zeros(pad)])
-    words = (raw.view(torch.int32).to(torch.int64) & 0xFFFFFFFF).view(-1, _SUM_ROW)  # w < 2^32
-    position = torch.arange(1, words.numel() + 1, device=words.device, dtype=torch.int64).view_as(words) & 0xFFFFFFFF
+    row_bytes = 4 * _SUM_ROW
+    body = raw.numel() - raw.numel() % row_bytes
+    s1 = s2 = 0
+    if body:
+        s1, s2 = _row_sums(raw[:body].view(torch.int32).view(-1, _SUM_ROW), 1)
+    if body < raw.numel():
+        tail = torch.cat([raw[body:], raw.new_zeros(row_bytes - (raw.numel() - body))])
+        t1, t2 = _row_sums(tail.view(torch.int32).view(1, _SUM_ROW), body // 4 + 1)
+        s1, s2 = s1 + t1, s2 + t2
+    mask = 0xFFFFFFFF
+    return (s1 & mask) | ((s2 & mask) << 32)
+
+
+def _row_sums(words32: torch.Tensor, first_position: int) -> tuple[int, int]:
+    """(sum w, sum p * w), each mod 2^32, of rows of int32 words whose first word has position
+    `first_position` (positions count on through the rows)."""
+    mask = 0xFFFFFFFF
+    words = words32.to(torch.int64) & mask  # w < 2^32
+    position = (torch.arange(first_position, first_position + words.numel(), device=words.device,
+                             dtype=torch.int64).view_as(words) & mask)
     # w * p mod 2^32 = w * p_lo + 2^16 * (w * p_hi mod 2^16), p = p_lo + 2^16 p_hi: terms below 2^49
     terms = words * (position & 0xFFFF) + (((words * (position >> 16)) & 0xFFFF) << 16)
-    mask = 0xFFFFFFFF
-    s1 = int(((words.sum(dim=1) & mask).sum()) & mask)
-    s2 = int(((terms.sum(dim=1) & mask).sum()) & mask)
-    return s1 | (s2 << 32)
+    return (int((words.sum(dim=1) & mask).sum()) & mask,
+            int((terms.sum(dim=1) & mask).sum()) & mask)
 
 
 @dataclass(frozen=True)

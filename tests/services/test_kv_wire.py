@@ -115,7 +115,7 @@ def _sum64_reference(raw: bytes) -> int:
     return s1 + (s2 << 32)
 
 
-@pytest.mark.parametrize("n", [0, 3, 4, 4097, 70001])
+@pytest.mark.parametrize("n", [0, 3, 4, 4097, 65536, 70001, 3 * 65536 + 8])
 def test_sum64_is_its_definition_and_catches_a_flipped_bit(n):
     """The torch.distributed frames' device-side checksum equals its documented formula (so any
     device and the host agree), on lengths that are and are not whole words or rows, with words
