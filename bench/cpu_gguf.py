@@ -42,7 +42,7 @@ def rss_mib() -> float:
 MODES = {"fp32": ("none", "float32"), "bf16": ("none", "bfloat16"), "gguf": ("gguf", "auto")}  # (quantization, dtype)
 
 
-def run_mode(quantization: str | None, tokens: int, dtype: str = "auto") -> dict:
+def run_mode(quantization: str, tokens: int, dtype: str) -> dict:
     import torch
 
     from engine import LLM, SamplingParams
@@ -67,7 +67,7 @@ def run_mode(quantization: str | None, tokens: int, dtype: str = "auto") -> dict
         llm.generate(batch_prompts, params)
         speed[batch] = batch * tokens / (time.perf_counter() - t0)
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
-    return {"quantization": quantization or "none (dense)", "dtype_arg": dtype, "param_dtypes": dtypes,
+    return {"quantization": quantization, "dtype_arg": dtype, "param_dtypes": dtypes,
             "load_s": load_s, "param_mib": param_bytes / 2**20,
             "rss_mib": rss, "tok_s_bs1": speed[1], "tok_s_bs32": speed[32], "parity_tokens": parity}
 
